@@ -1,0 +1,44 @@
+"""`mtlsgate` entry point: builds the argument parser from the command modules and runs one command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from control_plane.cli.common import CliError, UsageError
+
+# Each module defines `register(subparsers)`; its parsers set `func(args) -> int`.
+COMMAND_MODULES = [
+    "control_plane.cli.pki_cmd",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtlsgate",
+        description="Self-hosted mutual-TLS edge: control plane, proxy nodes and the tools to manage them.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"mtlsgate {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"mtlsgate {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
