@@ -11,6 +11,9 @@ from control_plane.cli.common import CliError, UsageError
 # Each module defines `register(subparsers)`; its parsers set `func(args) -> int`.
 COMMAND_MODULES = [
     "control_plane.cli.pki_cmd",
+    "control_plane.cli.echo_cmd",
+    "control_plane.cli.probe_cmd",
+    "control_plane.cli.demo_cmd",
 ]
 
 
