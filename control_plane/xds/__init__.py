@@ -1,0 +1,1 @@
+"""xDS distribution: snapshot building, per-group cache, the ADS stream protocol, fleet status, metrics."""

@@ -1,0 +1,345 @@
+"""The xDS server on grpc.aio: ADS (`StreamAggregatedResources`) and the FleetService, glued to the store.
+
+Store writes are debounced (quiet period, max delay), turned into snapshots by `SnapshotBuilder`, and
+handed to every open stream; each stream runs the pure `StreamProtocol` and writes what it says. Response
+bodies are encoded once per (type, version, names) and shared by all streams; only the per-stream nonce is
+appended (protobuf fields concatenate), so a push to 1,000 nodes serialises each body once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import struct_pb2
+from mtlsgate.v1 import api_pb2, api_pb2_grpc
+
+from control_plane.xds import metrics
+from control_plane.xds import resource_types as rt
+from control_plane.xds.fleet import Fleet, NodeRecord
+from control_plane.xds.protocol import ProtocolError, Push, RequestKind, StreamProtocol
+from control_plane.xds.snapshot import GroupSnapshot, SnapshotBuilder, StateSnapshots
+
+log = logging.getLogger("mtlsgate.xds")
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+FLEET_SERVICE = "mtlsgate.v1.FleetService"
+SERVICE_NAMES = (ADS_SERVICE, FLEET_SERVICE)
+
+MAX_NODE_FIELD = 256
+MAX_LABELS = 64
+
+
+@dataclass(frozen=True)
+class XdsOptions:
+    debounce_quiet: float = 0.1
+    debounce_max: float = 1.0
+
+
+class NodeRejected(Exception):
+    """The node's identity or metadata is unacceptable (the message says why)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def node_labels(metadata: struct_pb2.Struct) -> dict[str, str]:
+    """node.metadata → labels: string values only, bounded."""
+    if len(metadata.fields) > MAX_LABELS:
+        raise NodeRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"node.metadata has {len(metadata.fields)} fields; at most {MAX_LABELS} allowed")
+    labels = {}
+    for key, value in metadata.fields.items():
+        if value.WhichOneof("kind") != "string_value":
+            raise NodeRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"node.metadata.{key[:64]}: labels must be strings")
+        if len(key) > MAX_NODE_FIELD or len(value.string_value) > MAX_NODE_FIELD:
+            raise NodeRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"node.metadata.{key[:64]}: longer than {MAX_NODE_FIELD} characters")
+        labels[key] = value.string_value
+    return labels
+
+
+def peer_identities(auth_context: Mapping[str, Any]) -> set[str]:
+    """The SPIFFE URI SANs and CN of the peer's client certificate; empty when it presented none."""
+    pems = auth_context.get("x509_pem_cert") or []
+    if not pems:
+        return set()
+    cert = x509.load_pem_x509_certificate(pems[0])
+    identities = {a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
+    with contextlib.suppress(x509.ExtensionNotFound):
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        identities |= {u for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
+                       if u.startswith("spiffe://")}
+    return {str(i) for i in identities}
+
+
+def check_node(node_id: str, cluster: str, identities: set[str]) -> None:
+    if not node_id:
+        raise NodeRejected(grpc.StatusCode.INVALID_ARGUMENT, "node.id is required in the first request")
+    if len(node_id) > MAX_NODE_FIELD or len(cluster) > MAX_NODE_FIELD:
+        raise NodeRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"node.id and node.cluster are limited to {MAX_NODE_FIELD} characters")
+    # With xDS mTLS the node id is bound to its certificate, so a node cannot ask for another group's keys.
+    if identities and node_id not in identities:
+        raise NodeRejected(grpc.StatusCode.PERMISSION_DENIED,
+                           f"node.id {node_id!r} does not match the client certificate "
+                           f"(SPIFFE ID / CN: {', '.join(sorted(identities))})")
+
+
+class _Stream:
+    """One open ADS stream: its node, its protocol state and its inbox."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.id = stream_id
+        self.inbox: asyncio.Queue[object] = asyncio.Queue()
+        self.protocol = StreamProtocol()
+        self.labels: dict[str, str] | None = None
+        self.node_id = ""
+
+
+_END = object()
+
+
+class XdsServer(api_pb2_grpc.FleetServiceServicer):
+    """Owns the snapshot cache, the fleet and the streams. `register(server)` adds ADS and FleetService."""
+
+    def __init__(self, store: Any, options: XdsOptions | None = None) -> None:
+        self.store = store
+        self.options = options or XdsOptions()
+        self.builder = SnapshotBuilder()
+        self.fleet = Fleet()
+        self.snapshots: StateSnapshots | None = None
+        self._streams: dict[int, _Stream] = {}
+        self._stream_ids = itertools.count(1)
+        self._bodies: dict[tuple[str, str, frozenset[str] | None], bytes] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+        self._fleet_changed: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = False
+
+    # ------------------------------------------------------------ wiring
+
+    def register(self, server: grpc.aio.Server) -> None:
+        handler = grpc.method_handlers_generic_handler(ADS_SERVICE, {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self._stream_aggregated_resources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=bytes,  # bodies are pre-encoded (see module docstring)
+            ),
+        })
+        server.add_generic_rpc_handlers((handler,))
+        api_pb2_grpc.add_FleetServiceServicer_to_server(self, server)
+        with contextlib.suppress(RuntimeError):  # no running loop yet: started by the first stream
+            self._ensure_started()
+
+    def _ensure_started(self) -> None:
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
+        self._fleet_changed = asyncio.Event()
+        if not self._subscribed:
+            self.store.subscribe(self._on_store_write)
+            self._subscribed = True
+        self._rebuild()
+        self._task = self._loop.create_task(self._debounce_loop(), name="xds-debounce")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for stream in list(self._streams.values()):
+            stream.inbox.put_nowait(_END)
+
+    def _on_store_write(self, revision: int) -> None:
+        # Called in the writing thread or loop.
+        loop, changed = self._loop, self._changed
+        if loop is None or changed is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            changed.set()
+        else:
+            loop.call_soon_threadsafe(changed.set)
+
+    # ------------------------------------------------------------ snapshots
+
+    async def _debounce_loop(self) -> None:
+        assert self._changed is not None
+        quiet, most = self.options.debounce_quiet, self.options.debounce_max
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            first = time.monotonic()
+            while True:
+                remaining = first + most - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=min(quiet, remaining))
+                except TimeoutError:
+                    break
+                self._changed.clear()
+            try:
+                self._rebuild()
+            except Exception:
+                log.exception("snapshot build failed; nodes keep the previous snapshot")
+
+    def _rebuild(self) -> None:
+        state = self.store.state()
+        if self.snapshots is not None and state.revision == self.snapshots.revision:
+            return
+        self.snapshots = self.builder.build(state)
+        self._bodies.clear()
+        metrics.SNAPSHOT_BUILDS.inc()
+        metrics.SNAPSHOT_REVISION.set(state.revision)
+        for stream in self._streams.values():
+            if stream.labels is not None:
+                stream.inbox.put_nowait(self.snapshots.for_labels(stream.labels))
+        self._notify_fleet()
+
+    def _snapshot_for(self, labels: Mapping[str, str]) -> GroupSnapshot | None:
+        return self.snapshots.for_labels(labels) if self.snapshots is not None else None
+
+    def _encode(self, push: Push, names: frozenset[str] | None) -> bytes:
+        key = (push.type_url, push.version, names)
+        body = self._bodies.get(key)
+        if body is None:
+            body = discovery_pb2.DiscoveryResponse(
+                version_info=push.version, type_url=push.type_url, resources=push.resources
+            ).SerializeToString()
+            self._bodies[key] = body
+        metrics.PUSHES.labels(rt.short_type(push.type_url)).inc()
+        return body + discovery_pb2.DiscoveryResponse(nonce=push.nonce).SerializeToString()
+
+    # ------------------------------------------------------------ ADS
+
+    async def _stream_aggregated_resources(
+        self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        self._ensure_started()
+        stream = _Stream(next(self._stream_ids))
+        reader = asyncio.create_task(self._read(request_iterator, stream))
+        self._streams[stream.id] = stream
+        try:
+            while True:
+                event = await stream.inbox.get()
+                if event is _END:
+                    return
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, GroupSnapshot):
+                    for push in stream.protocol.on_snapshot(event):
+                        ts = stream.protocol.types[push.type_url]
+                        yield self._encode(push, ts.sent_names)
+                    self._notify_fleet()
+                    continue
+                assert isinstance(event, discovery_pb2.DiscoveryRequest)
+                if stream.labels is None:
+                    await self._admit(stream, event, context)
+                try:
+                    outcome = stream.protocol.on_request(event)
+                except ProtocolError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                self._account(stream, outcome)
+                if outcome.push is not None:
+                    ts = stream.protocol.types[outcome.push.type_url]
+                    yield self._encode(outcome.push, ts.sent_names)
+                self._notify_fleet()
+        finally:
+            reader.cancel()
+            self._streams.pop(stream.id, None)
+            if stream.node_id and self.fleet.disconnect(stream.node_id, stream.id):
+                metrics.CONNECTED_NODES.set(self.fleet.connected_count())
+                self._notify_fleet()
+
+    async def _read(self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], stream: _Stream) -> None:
+        try:
+            async for request in request_iterator:
+                stream.inbox.put_nowait(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("xds stream %d read error: %r", stream.id, exc)
+        stream.inbox.put_nowait(_END)
+
+    async def _admit(self, stream: _Stream, first: discovery_pb2.DiscoveryRequest,
+                     context: grpc.aio.ServicerContext) -> None:
+        node = first.node
+        try:
+            labels = node_labels(node.metadata)
+            check_node(node.id, node.cluster, peer_identities(context.auth_context() or {}))
+        except NodeRejected as exc:
+            log.warning("xds stream refused: %s", exc)
+            await context.abort(exc.code, str(exc))
+        stream.labels = labels
+        stream.node_id = node.id
+        stream.protocol.snapshot = self._snapshot_for(labels)
+        self.fleet.connect(NodeRecord(node.id, node.cluster, labels, context.peer() or "", time.time(),
+                                      stream.protocol, stream.id))
+        metrics.CONNECTED_NODES.set(self.fleet.connected_count())
+        log.info("node %s (cluster %s) connected from %s", node.id, node.cluster, context.peer())
+
+    def _account(self, stream: _Stream, outcome: Any) -> None:
+        short = rt.short_type(outcome.type_url)
+        if outcome.kind is RequestKind.NACK:
+            metrics.REJECTS.labels(short).inc()
+            log.warning("node %s rejected %s version %s: %s", stream.node_id, short, outcome.version, outcome.error)
+        elif outcome.kind is RequestKind.STALE:
+            metrics.STALE_NONCES.labels(short).inc()
+        elif outcome.kind is RequestKind.ACK and outcome.acked_push is not None:
+            pushed = outcome.acked_push
+            convergence = self.fleet.record_ack(stream.node_id, stream.id, outcome.type_url, pushed.revision,
+                                                pushed.written_at, time.time())
+            metrics.CONVERGENCE.observe(convergence)
+
+    # ------------------------------------------------------------ FleetService
+
+    def _notify_fleet(self) -> None:
+        # A fresh event per change, so every watcher sees it (one shared event cleared by one watcher
+        # would hide the change from the others).
+        if self._fleet_changed is not None:
+            self._fleet_changed.set()
+            self._fleet_changed = asyncio.Event()
+
+    def _list(self, cluster: str) -> api_pb2.ListNodesResponse:
+        revision = self.snapshots.revision if self.snapshots is not None else 0
+        return api_pb2.ListNodesResponse(nodes=self.fleet.list(cluster), revision=revision)
+
+    async def ListNodes(self, request: api_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+                        ) -> api_pb2.ListNodesResponse:
+        self._ensure_started()
+        return self._list(request.cluster)
+
+    async def WatchNodes(self, request: api_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[api_pb2.ListNodesResponse]:
+        self._ensure_started()
+        assert self._fleet_changed is not None
+        last = None
+        while True:
+            changed = self._fleet_changed
+            current = self._list(request.cluster)
+            if current != last:
+                yield current
+                last = current
+            # Wait for a change, then coalesce bursts (1,000 nodes ACKing) into one update per 100 ms.
+            await changed.wait()
+            await asyncio.sleep(0.1)

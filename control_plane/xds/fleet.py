@@ -1,0 +1,139 @@
+"""Fleet status: what the control plane knows about every node's xDS stream, and the sync state per type.
+
+States follow istioctl proxy-status: NOT_SENT (nothing sent for the type), STALE (sent, not yet
+acknowledged), SYNCED (the last thing sent was ACKed), ERROR (the last thing sent was NACKed). A node's
+overall state is the worst of its types (ERROR > STALE > SYNCED > NOT_SENT). Pure bookkeeping: the ADS
+glue feeds it events, the FleetService and metrics read it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from google.protobuf import timestamp_pb2
+from mtlsgate.v1 import api_pb2
+
+from control_plane.xds import resource_types as rt
+from control_plane.xds.protocol import StreamProtocol, TypeState
+
+# Disconnected nodes are kept for `status` (connected = false) up to this many, oldest dropped first.
+MAX_DISCONNECTED = 10_000
+
+_ORDER = {api_pb2.ERROR: 3, api_pb2.STALE: 2, api_pb2.SYNCED: 1, api_pb2.NOT_SENT: 0}
+
+
+def type_state(ts: TypeState | None) -> int:
+    if ts is None or (ts.last_push is None and not ts.acked_version):
+        return api_pb2.NOT_SENT
+    if ts.last_push is None:
+        return api_pb2.SYNCED  # reconnected already holding the current version
+    if ts.nacked_version and ts.nacked_version == ts.last_push.version:
+        return api_pb2.ERROR
+    if ts.acked_nonce == ts.last_push.nonce:
+        return api_pb2.SYNCED
+    return api_pb2.STALE
+
+
+def overall_state(states: list[int]) -> int:
+    return max(states, key=lambda s: _ORDER[s]) if states else api_pb2.NOT_SENT
+
+
+def _timestamp(t: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+@dataclass
+class TypeTiming:
+    last_ack_time: float = 0.0
+    convergence_seconds: float = 0.0
+    acked_revision: int = 0
+
+
+@dataclass
+class NodeRecord:
+    id: str
+    cluster: str
+    labels: Mapping[str, str]
+    peer: str
+    connected_since: float
+    protocol: StreamProtocol
+    stream_id: int
+    connected: bool = True
+    disconnected_at: float = 0.0
+    timings: dict[str, TypeTiming] = field(default_factory=dict)
+
+    def to_proto(self) -> api_pb2.NodeStatus:
+        out = api_pb2.NodeStatus(id=self.id, cluster=self.cluster, labels=dict(self.labels),
+                                 connected=self.connected, peer=self.peer)
+        out.connected_since.CopyFrom(_timestamp(self.connected_since))
+        states = []
+        latest_revision = max((t.acked_revision for t in self.timings.values()), default=0)
+        worst_convergence = 0.0
+        for type_url in rt.ALL_TYPES:
+            ts = self.protocol.types.get(type_url)
+            state = type_state(ts)
+            states.append(state)
+            timing = self.timings.get(type_url, TypeTiming())
+            entry = out.types.add(type_url=type_url, state=state)
+            if ts is not None:
+                entry.acked_version = ts.acked_version
+                entry.error = ts.last_error
+                if ts.last_push is not None:
+                    entry.sent_version = ts.last_push.version
+                    entry.sent_nonce = ts.last_push.nonce
+            if timing.last_ack_time:
+                entry.last_ack_time.CopyFrom(_timestamp(timing.last_ack_time))
+                entry.convergence_seconds = timing.convergence_seconds
+                if timing.acked_revision == latest_revision:
+                    worst_convergence = max(worst_convergence, timing.convergence_seconds)
+        out.state = overall_state(states)
+        out.convergence_seconds = worst_convergence
+        return out
+
+
+@dataclass
+class Fleet:
+    """Every node seen, by node id. A node id reconnecting replaces its old record."""
+
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+
+    def connect(self, record: NodeRecord) -> None:
+        self.nodes[record.id] = record
+        self._trim()
+
+    def disconnect(self, node_id: str, stream_id: int, now: float | None = None) -> bool:
+        """Mark the node disconnected if `stream_id` is still its current stream (a newer stream of the
+        same node id must not be marked by the old one ending)."""
+        record = self.nodes.get(node_id)
+        if record is None or record.stream_id != stream_id:
+            return False
+        record.connected = False
+        record.disconnected_at = now if now is not None else time.time()
+        return True
+
+    def record_ack(self, node_id: str, stream_id: int, type_url: str, revision: int, written_at: float,
+                   now: float) -> float:
+        """Returns the convergence time (store write → this ACK)."""
+        convergence = max(0.0, now - written_at) if written_at else 0.0
+        record = self.nodes.get(node_id)
+        if record is not None and record.stream_id == stream_id:
+            record.timings[type_url] = TypeTiming(now, convergence, revision)
+        return convergence
+
+    def connected_count(self) -> int:
+        return sum(1 for r in self.nodes.values() if r.connected)
+
+    def list(self, cluster: str = "") -> list[api_pb2.NodeStatus]:
+        return [r.to_proto() for _, r in sorted(self.nodes.items())
+                if not cluster or r.cluster == cluster]
+
+    def _trim(self) -> None:
+        gone = [r for r in self.nodes.values() if not r.connected]
+        if len(gone) > MAX_DISCONNECTED:
+            gone.sort(key=lambda r: r.disconnected_at)
+            for r in gone[: len(gone) - MAX_DISCONNECTED]:
+                del self.nodes[r.id]

@@ -1,0 +1,18 @@
+"""The xDS type URLs mtlsgate distributes (SPEC §6) and which of them are subscribed by name."""
+
+from __future__ import annotations
+
+_PREFIX = "type.googleapis.com/"
+
+LISTENER = _PREFIX + "mtlsgate.v1.Listener"
+TRUST_BUNDLE = _PREFIX + "mtlsgate.v1.TrustBundle"
+SERVER_CERTIFICATE = _PREFIX + "mtlsgate.v1.ServerCertificate"
+
+ALL_TYPES = (LISTENER, TRUST_BUNDLE, SERVER_CERTIFICATE)
+# Listener is a wildcard subscription (full state every time); the others are requested by name, like SDS.
+WILDCARD_TYPES = frozenset({LISTENER})
+
+
+def short_type(type_url: str) -> str:
+    """`type.googleapis.com/mtlsgate.v1.Listener` → `Listener` (metric labels, tables)."""
+    return type_url.rsplit(".", 1)[-1]

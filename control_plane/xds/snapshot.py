@@ -1,0 +1,207 @@
+"""Snapshot building (pure): from one store revision to the xDS resources each node group receives.
+
+A node's group is decided by which listeners its labels select (`nodeSelector`), because that set alone
+determines every resource the node gets (the listeners, the certificates they name, the trust bundles their
+policies name). Nodes of the same `node.cluster` normally share labels and therefore one snapshot; nodes
+whose labels select the same listeners share a snapshot even across clusters, which is harmless since the
+resources are identical. Versions are content hashes, so the same state gives the same version across
+restarts and replicas. Every resource is encoded (packed into an `Any`) once per build and shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any as TypingAny
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from mtlsgate.v1 import resources_pb2, xds_pb2
+
+from control_plane.xds import resource_types as rt
+
+# A group key: the sorted names of the listeners a node's labels select.
+GroupKey = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TypeSnapshot:
+    """All resources of one type for one group, with the content-hash version of the whole set."""
+
+    type_url: str
+    version: str
+    resources: Mapping[str, any_pb2.Any]
+
+    def select(self, names: Iterable[str] | None) -> list[any_pb2.Any]:
+        """The resources to send for a subscription: all of them for a wildcard (`names` None), else the
+        requested names this group has (names of other groups are never answered)."""
+        if names is None:
+            return [self.resources[n] for n in sorted(self.resources)]
+        return [self.resources[n] for n in sorted(set(names)) if n in self.resources]
+
+
+@dataclass(frozen=True)
+class GroupSnapshot:
+    key: GroupKey
+    revision: int
+    written_at: float
+    types: Mapping[str, TypeSnapshot]
+
+    def versions(self) -> dict[str, str]:
+        return {t: s.version for t, s in self.types.items()}
+
+
+def short_name(name: str) -> str:
+    """`projects/P/locations/global/trustConfigs/ID` → `trustConfigs/ID` (already-short names unchanged)."""
+    parts = name.strip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) >= 2 else name
+
+
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """A listener's nodeSelector matches when every key=value is among the node's labels (empty: all)."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def content_version(resources: Mapping[str, any_pb2.Any]) -> str:
+    """Hash of the (name, encoded bytes) set: identical content ⇒ identical version, anywhere."""
+    digest = hashlib.sha256()
+    for name in sorted(resources):
+        value = resources[name].value
+        digest.update(f"{name}\0{len(value)}\0".encode())
+        digest.update(value)
+    return digest.hexdigest()[:16]
+
+
+def _pack(message: Message, type_url: str) -> any_pb2.Any:
+    return any_pb2.Any(type_url=type_url, value=message.SerializeToString(deterministic=True))
+
+
+def default_bundle_converter(tc: resources_pb2.TrustConfig) -> xds_pb2.TrustBundle:
+    # E3's conversion (PEM → DER, the same parsing the node validates with).
+    from data_plane.validation.bundle import trust_bundle_from_trust_config
+
+    return trust_bundle_from_trust_config(tc)
+
+
+def server_certificate(cert: resources_pb2.Certificate, name: str) -> xds_pb2.ServerCertificate:
+    return xds_pb2.ServerCertificate(
+        name=name, pem_certificate_chain=cert.pem_certificate, pem_private_key=cert.pem_private_key
+    )
+
+
+@dataclass
+class SnapshotBuilder:
+    """Builds group snapshots from store states. Pure apart from a memo of encoded resources, which lets
+    unchanged resources keep their encoding from one revision to the next."""
+
+    bundle_converter: Callable[[resources_pb2.TrustConfig], xds_pb2.TrustBundle] = default_bundle_converter
+    _encoded: dict[tuple[str, str, bytes], any_pb2.Any] = field(default_factory=dict)
+
+    def build(self, state: TypingAny) -> StateSnapshots:
+        """`state`: a `control_plane.store.base.StoreState` (revision, written_at, the four kinds)."""
+        encoded_now: dict[tuple[str, str, bytes], any_pb2.Any] = {}
+
+        def encode(type_url: str, name: str, source: Iterable[Message], make: Callable[[], Message]) -> any_pb2.Any:
+            digest = hashlib.sha256()
+            for part in source:
+                digest.update(part.SerializeToString(deterministic=True))
+                digest.update(b"\0")
+            key = (type_url, name, digest.digest())
+            packed = encoded_now.get(key) or self._encoded.get(key)
+            if packed is None:
+                packed = _pack(make(), type_url)
+            encoded_now[key] = packed
+            return packed
+
+        policies = {short_name(n): p for n, p in state.server_tls_policies.items()}
+        trust_configs = {short_name(n): t for n, t in state.trust_configs.items()}
+        certificates = {short_name(n): c for n, c in state.certificates.items()}
+
+        listeners: dict[str, tuple[resources_pb2.Listener, any_pb2.Any, str | None, str | None]] = {}
+        for raw_name, listener in state.listeners.items():
+            name = short_name(raw_name)
+            policy_name = short_name(listener.server_tls_policy) if listener.server_tls_policy else ""
+            policy = policies.get(policy_name)
+            trust_name: str | None = None
+            if policy is not None and policy.HasField("mtls_policy") and policy.mtls_policy.client_validation_trust_config:
+                trust_name = short_name(policy.mtls_policy.client_validation_trust_config)
+
+            def make_listener(listener: resources_pb2.Listener = listener,
+                              policy: resources_pb2.ServerTlsPolicy | None = policy,
+                              name: str = name, policy_name: str = policy_name,
+                              trust_name: str | None = trust_name) -> Message:
+                out = resources_pb2.Listener()
+                out.CopyFrom(listener)
+                out.name = name
+                if listener.certificate:
+                    out.certificate = short_name(listener.certificate)
+                if policy is not None:
+                    out.server_tls_policy = policy_name
+                    out.resolved_server_tls_policy.CopyFrom(policy)
+                    if trust_name:
+                        out.resolved_server_tls_policy.mtls_policy.client_validation_trust_config = trust_name
+                # Write metadata (times, etags) would make identical content hash differently.
+                for message in (out, out.resolved_server_tls_policy):
+                    for meta in ("create_time", "update_time", "etag"):
+                        message.ClearField(meta)
+                return out
+
+            sources: list[Message] = [listener] + ([policy] if policy is not None else [])
+            packed = encode(rt.LISTENER, name, sources, make_listener)
+            cert_name = short_name(listener.certificate) if listener.certificate else None
+            listeners[name] = (listener, packed, cert_name, trust_name)
+
+        bundles: dict[str, any_pb2.Any] = {}
+        for name, tc in trust_configs.items():
+            def make_bundle(tc: resources_pb2.TrustConfig = tc, name: str = name) -> Message:
+                bundle = self.bundle_converter(tc)
+                bundle.name = name
+                return bundle
+
+            bundles[name] = encode(rt.TRUST_BUNDLE, name, [tc], make_bundle)
+        certs: dict[str, any_pb2.Any] = {}
+        for name, cert in certificates.items():
+            certs[name] = encode(rt.SERVER_CERTIFICATE, name, [cert],
+                                 lambda cert=cert, name=name: server_certificate(cert, name))
+
+        self._encoded = encoded_now
+        return StateSnapshots(state.revision, state.written_at, listeners, bundles, certs)
+
+
+@dataclass
+class StateSnapshots:
+    """The encoded resources of one store revision, and the group snapshots cut from them (memoised: one
+    `GroupSnapshot` object per group, shared by all of its nodes' streams)."""
+
+    revision: int
+    written_at: float
+    listeners: Mapping[str, tuple[resources_pb2.Listener, any_pb2.Any, str | None, str | None]]
+    bundles: Mapping[str, any_pb2.Any]
+    certificates: Mapping[str, any_pb2.Any]
+    _groups: dict[GroupKey, GroupSnapshot] = field(default_factory=dict)
+
+    def group_key(self, labels: Mapping[str, str]) -> GroupKey:
+        return tuple(sorted(n for n, (lst, *_) in self.listeners.items() if selects(lst.node_selector, labels)))
+
+    def for_labels(self, labels: Mapping[str, str]) -> GroupSnapshot:
+        return self.for_group(self.group_key(labels))
+
+    def for_group(self, key: GroupKey) -> GroupSnapshot:
+        snap = self._groups.get(key)
+        if snap is not None:
+            return snap
+        listeners = {n: self.listeners[n][1] for n in key}
+        cert_names = {self.listeners[n][2] for n in key} - {None}
+        trust_names = {self.listeners[n][3] for n in key} - {None}
+        # A reference to a missing resource cannot happen through the API (references are checked on
+        # write); skipping it keeps a broken store from producing a half-encoded resource.
+        bundles = {n: self.bundles[n] for n in trust_names if n in self.bundles}
+        certs = {n: self.certificates[n] for n in cert_names if n in self.certificates}
+        types = {
+            t: TypeSnapshot(t, content_version(res), res)
+            for t, res in ((rt.LISTENER, listeners), (rt.TRUST_BUNDLE, bundles), (rt.SERVER_CERTIFICATE, certs))
+        }
+        snap = GroupSnapshot(key, self.revision, self.written_at, types)
+        self._groups[key] = snap
+        return snap
