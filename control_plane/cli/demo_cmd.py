@@ -1,17 +1,522 @@
-"""`mtlsgate demo [--dir DIR]`: the whole system as local processes, configured and ready to try."""
+"""`mtlsgate demo [--dir DIR]`: the whole system as local processes, configured and ready to try.
+
+Creates the demo PKI, starts a control plane (SQLite file in DIR), the echo backend and two proxy nodes of
+one group (127.0.0.2 and 127.0.0.3), applies a ready configuration with the CLI, waits until both nodes
+are SYNCED and serving, writes `DIR/endpoints.json` (SPEC §3), prints what to try, and stops everything on
+Ctrl-C / SIGTERM. `--prepare-only` writes the PKI and manifests without starting anything (compose uses
+it). The pure parts (manifests, endpoints, instructions) come first; process handling after.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import http.client
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-from control_plane.cli.common import CliError
+import yaml
+
+from control_plane.cli.common import CliError, UsageError
+
+CLUSTER = "demo"
+
+
+# ---------------------------------------------------------------- what the demo stack is (pure)
+
+
+@dataclass(frozen=True)
+class DemoNode:
+    node_id: str
+    listen_address: str  # where this node's listeners bind
+    admin: str  # HOST:PORT of its admin HTTP server
+
+
+@dataclass(frozen=True)
+class DemoLayout:
+    """Addresses and ports of one demo stack."""
+
+    control_plane: str
+    backend: str  # where the echo backend listens
+    backend_target: str  # what listeners forward to (differs from `backend` only in compose)
+    strict_port: int
+    permissive_port: int
+    nodes: tuple[DemoNode, ...]
+
+    def listener_urls(self, port: int) -> list[str]:
+        return [f"https://{_url_host(node.listen_address)}:{port}/" for node in self.nodes]
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _block(pem: str) -> str:
+    return pem.strip() + "\n"
+
+
+def demo_manifest(pki_dir: Path, layout: DemoLayout, crl_file: str = "crl.pem") -> list[dict]:
+    """The `apply`-able documents: TrustConfig `demo` (root anchor, intermediate, CRL), policies `strict`
+    (REJECT_INVALID) and `permissive` (ALLOW_INVALID_OR_MISSING_CLIENT_CERT), the server Certificate and
+    the two Listeners. Dependencies come before the resources that reference them."""
+
+    def read(name: str) -> str:
+        return (pki_dir / name).read_text()
+
+    trust_config = demo_trust_config(pki_dir, crl_file)
+    policies = [
+        {
+            "kind": "ServerTlsPolicy",
+            "name": name,
+            "description": description,
+            "mtlsPolicy": {"clientValidationMode": mode, "clientValidationTrustConfig": "trustConfigs/demo"},
+        }
+        for name, mode, description in (
+            ("strict", "REJECT_INVALID", "reject connections without a valid client certificate"),
+            ("permissive", "ALLOW_INVALID_OR_MISSING_CLIENT_CERT", "forward everyone; headers tell the backend"),
+        )
+    ]
+    certificate = {
+        "kind": "Certificate",
+        "name": "demo-server",
+        "description": "the demo server certificate (localhost, 127.0.0.1-3)",
+        "pemCertificate": _block(read("server.pem")),
+        "pemPrivateKey": _block(read("server-key.pem")),
+    }
+    listeners = [
+        {
+            "kind": "Listener",
+            "name": name,
+            "description": f"{name} mTLS in front of the echo backend",
+            "port": port,
+            "certificate": "certificates/demo-server",
+            "serverTlsPolicy": f"serverTlsPolicies/{name}",
+            "backend": layout.backend_target,
+        }
+        for name, port in (("strict", layout.strict_port), ("permissive", layout.permissive_port))
+    ]
+    return [trust_config, *policies, certificate, *listeners]
+
+
+def demo_trust_config(pki_dir: Path, crl_file: str) -> dict:
+    return {
+        "kind": "TrustConfig",
+        "name": "demo",
+        "description": f"demo root CA and intermediate; CRL from {crl_file}",
+        "trustStores": [
+            {
+                "trustAnchors": [{"pemCertificate": _block((pki_dir / "ca.pem").read_text())}],
+                "intermediateCas": [{"pemCertificate": _block((pki_dir / "intermediate.pem").read_text())}],
+                "crls": [{"pemCrl": _block((pki_dir / crl_file).read_text())}],
+            }
+        ],
+    }
+
+
+def dump_manifest(documents: Sequence[dict]) -> str:
+    class Literal(str):
+        pass
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    # PEM blocks as YAML literal blocks, so the manifest reads like the SPEC's example.
+    Dumper.add_representer(Literal, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|"))
+
+    def literal_pems(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: literal_pems(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [literal_pems(v) for v in value]
+        if isinstance(value, str) and value.startswith("-----BEGIN"):
+            return Literal(value)
+        return value
+
+    return yaml.dump_all([literal_pems(d) for d in documents], Dumper=Dumper, sort_keys=False)
+
+
+def endpoints_document(layout: DemoLayout, pki_dir: Path) -> dict:
+    """`DIR/endpoints.json`, exactly the keys SPEC §3 names; paths absolute."""
+    pki = pki_dir.resolve()
+    return {
+        "control_plane": layout.control_plane,
+        "listeners": {
+            "strict": layout.listener_urls(layout.strict_port),
+            "permissive": layout.listener_urls(layout.permissive_port),
+        },
+        "ca_cert": str(pki / "ca.pem"),
+        "client_cert": str(pki / "client.pem"),
+        "client_key": str(pki / "client-key.pem"),
+        "revoked_cert": str(pki / "revoked.pem"),
+        "revoked_key": str(pki / "revoked-key.pem"),
+    }
+
+
+def instructions(layout: DemoLayout, directory: Path, cli: str) -> str:
+    d = _display_path(directory)
+    strict = layout.listener_urls(layout.strict_port)
+    permissive = layout.listener_urls(layout.permissive_port)
+    ca = f"--cacert {d}/ca.pem"
+    valid = f"{ca} --cert {d}/client.pem --key {d}/client-key.pem"
+    revoked = f"{ca} --cert {d}/revoked.pem --key {d}/revoked-key.pem"
+    server = f"--server {layout.control_plane}"
+    nodes = "\n".join(
+        f"  proxy node {n.node_id:7} listeners on {n.listen_address}, admin http://{n.admin}/config_dump"
+        for n in layout.nodes
+    )
+    return f"""
+mtlsgate demo is running. Ctrl-C stops everything.
+
+  control plane        {layout.control_plane} (store {d}/mtlsgate.db)
+{nodes}
+  echo backend         http://{layout.backend}/
+  logs                 {d}/logs/
+  listeners            strict = REJECT_INVALID on port {layout.strict_port}, \
+permissive = ALLOW_INVALID_OR_MISSING_CLIENT_CERT on port {layout.permissive_port}
+
+Try it:
+  # valid client certificate: 200, the backend echoes the X-Client-Cert-* headers it received
+  curl {valid} {strict[0]}
+  # revoked certificate: the strict listener refuses the handshake (alert: certificate revoked) ...
+  curl {revoked} {strict[-1]}
+  # ... the permissive one forwards it with X-Client-Cert-Error: client_cert_revoked
+  curl {revoked} {permissive[0]}
+  # no certificate: refused by strict, forwarded with X-Client-Cert-Present: false by permissive
+  curl {ca} {strict[0]}
+  curl {ca} {permissive[-1]}
+
+Rotate the CRL (the new one revokes client-valid too); both nodes enforce it without a restart:
+  {cli} apply -f {d}/trust-config-rotated.yaml {server}
+  {cli} status {server}
+  curl {valid} {strict[-1]}     # now refused
+Put the original CRL back:
+  {cli} apply -f {d}/mtlsgate.yaml {server}
+See what a node runs:  curl http://{layout.nodes[0].admin}/config_dump
+Dry-run a certificate: {cli} check --cert {d}/revoked.pem --policy serverTlsPolicies/strict {server}
+"""
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path.resolve())
+
+
+# ---------------------------------------------------------------- preparing files
+
+
+def prepare(directory: Path, layout: DemoLayout) -> None:
+    """PKI (kept if DIR already has one, so a re-run keeps trusting the same CA), the demo manifest and
+    the CRL-rotation manifest."""
+    from control_plane.pki import Issued, crl_pem, init_demo_pki, make_crl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "pki.json").exists():
+        init_demo_pki(directory)
+    (directory / "mtlsgate.yaml").write_text(dump_manifest(demo_manifest(directory, layout)))
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    def load_cert(name: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((directory / name).read_bytes())
+
+    intermediate = Issued(
+        load_cert("intermediate.pem"),
+        load_pem_private_key((directory / "intermediate-key.pem").read_bytes(), password=None),  # type: ignore[arg-type]
+    )
+    serials = [load_cert("revoked.pem").serial_number, load_cert("client.pem").serial_number]
+    (directory / "crl-rotated.pem").write_text(crl_pem(make_crl(intermediate, serials)))
+    (directory / "trust-config-rotated.yaml").write_text(
+        "# The demo TrustConfig with a rotated CRL that also revokes client-valid (client.pem).\n"
+        + dump_manifest([demo_trust_config(directory, "crl-rotated.pem")])
+    )
+
+
+# ---------------------------------------------------------------- child processes
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM arrived: stop everything and exit 0."""
+
+
+def _die_with_parent() -> None:
+    # If the demo itself is killed (SIGKILL, a closed terminal), its children must not live on holding ports.
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class Child:
+    """One component of the stack: a `mtlsgate …` subprocess in its own process group, output in a log."""
+
+    def __init__(self, name: str, args: Sequence[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.command = [sys.executable, "-m", "control_plane.cli.main", *args]
+        with open(log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Own process group: Ctrl-C reaches only the demo, which then stops children in order.
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in text[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"demo: {self.name} did not stop within {timeout:.0f}s; killing it", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # and anything it forked (workers)
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(5)
+
+
+class Stack:
+    """The running children, started in dependency order and stopped in reverse."""
+
+    def __init__(self, log_dir: Path, stop_requested: threading.Event) -> None:
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+        self.stop_requested = stop_requested
+
+    def start(self, name: str, args: Sequence[str]) -> Child:
+        child = Child(name, args, self.log_dir / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    def check(self) -> None:
+        """Raise if a stop was requested or any component died."""
+        if self.stop_requested.is_set():
+            raise Interrupted
+        for child in self.children:
+            if not child.alive():
+                raise CliError(
+                    f"{child.name} exited with code {child.popen.returncode}; "
+                    f"last lines of {child.log_path}:\n{child.log_tail()}"
+                )
+
+    def wait_for(self, what: str, probe: Callable[[], str | None], timeout: float) -> None:
+        """Poll `probe` (None = ready, else the reason it is not) until ready, a child dies, or timeout."""
+        deadline = time.monotonic() + timeout
+        problem: str | None = "not checked yet"
+        while True:
+            self.check()
+            problem = probe()
+            if problem is None:
+                return
+            if time.monotonic() > deadline:
+                raise CliError(f"timed out after {timeout:.0f}s waiting for {what}: {problem} (logs: {self.log_dir})")
+            self.stop_requested.wait(0.2)
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+    def pids(self) -> dict[str, int]:
+        return {child.name: child.popen.pid for child in self.children}
+
+
+# ---------------------------------------------------------------- readiness probes
+
+
+def fleet_problem(control_plane: str, node_ids: Sequence[str]) -> str | None:
+    """None when every node is connected and SYNCED (FleetService.ListNodes), else what is missing."""
+    import grpc
+    from mtlsgate.v1 import api_pb2, api_pb2_grpc
+
+    with grpc.insecure_channel(control_plane) as channel:
+        try:
+            reply = api_pb2_grpc.FleetServiceStub(channel).ListNodes(api_pb2.ListNodesRequest(), timeout=2)
+        except grpc.RpcError as exc:
+            return f"FleetService.ListNodes: {exc.code().name}: {exc.details()}"
+    nodes = {node.id: node for node in reply.nodes}
+    for node_id in node_ids:
+        node = nodes.get(node_id)
+        if node is None:
+            return f"node {node_id} has not connected"
+        if not node.connected or node.state != api_pb2.SYNCED:
+            return f"node {node_id} is {api_pb2.SyncState.Name(node.state)} (connected={node.connected})"
+    return None
+
+
+def mtls_get(url: str, *, ca: Path, cert: Path | None, key: Path | None, timeout: float = 3.0) -> tuple[int, bytes]:
+    """One HTTPS GET presenting a client certificate (or none); raises OSError/ssl.SSLError when refused."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key) if key else None)
+    conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=context, timeout=timeout)
+    try:
+        conn.request("GET", parts.path or "/")
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
+
+
+def listener_problem(url: str, pki_dir: Path) -> str | None:
+    try:
+        status, _ = mtls_get(url, ca=pki_dir / "ca.pem", cert=pki_dir / "client.pem", key=pki_dir / "client-key.pem")
+    except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+        return f"{url}: {exc}"
+    return None if status == 200 else f"{url}: HTTP {status}"
+
+
+# ---------------------------------------------------------------- the command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="run the local demo stack (work in progress)")
-    parser.add_argument("--dir", default="demo", help="working directory (default %(default)s)")
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the whole system locally (control plane, echo backend, two proxy nodes), ready to try",
+        description="Creates a demo PKI in DIR, starts a control plane (SQLite in DIR), an echo backend and "
+        "two proxy nodes of one group on 127.0.0.2 and 127.0.0.3, applies a strict (REJECT_INVALID) and a "
+        "permissive (ALLOW_INVALID_OR_MISSING_CLIENT_CERT) listener with a CRL, waits until both nodes are "
+        "SYNCED, writes DIR/endpoints.json and prints what to try. Ctrl-C stops everything.",
+    )
+    parser.add_argument("--dir", default="demo", help="working directory: PKI, store, logs (default %(default)s)")
+    parser.add_argument("--control-plane", default="127.0.0.1:18000", metavar="HOST:PORT",
+                        help="control plane address (default %(default)s)")
+    parser.add_argument("--backend", default="127.0.0.1:9000", metavar="HOST:PORT",
+                        help="echo backend address (default %(default)s)")
+    parser.add_argument("--strict-port", type=int, default=8443, help="REJECT_INVALID listener port (default %(default)s)")
+    parser.add_argument("--permissive-port", type=int, default=8444,
+                        help="ALLOW_INVALID_OR_MISSING_CLIENT_CERT listener port (default %(default)s)")
+    parser.add_argument("--node-addresses", default="127.0.0.2,127.0.0.3", metavar="ADDR,ADDR",
+                        help="listen addresses of the two proxy nodes (default %(default)s)")
+    parser.add_argument("--admin-ports", default="9901,9902", metavar="PORT,PORT",
+                        help="admin ports of the two proxy nodes, on 127.0.0.1 (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per proxy node (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each step (default %(default)s)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write the PKI and manifests into DIR and exit (the compose stack's pki-init uses this)")
     parser.set_defaults(func=run)
 
 
+def layout_from_args(args: argparse.Namespace) -> DemoLayout:
+    addresses = [a.strip() for a in args.node_addresses.split(",") if a.strip()]
+    try:
+        admin_ports = [int(p) for p in args.admin_ports.split(",")]
+    except ValueError as exc:
+        raise UsageError(f"--admin-ports {args.admin_ports!r}: expected PORT,PORT") from exc
+    if len(addresses) != 2 or len(admin_ports) != 2:
+        raise UsageError("--node-addresses and --admin-ports need exactly two entries each (two proxy nodes)")
+    for flag, port in (("--strict-port", args.strict_port), ("--permissive-port", args.permissive_port),
+                       *(("--admin-ports", p) for p in admin_ports)):
+        if not 0 < port < 65536:
+            raise UsageError(f"{flag}: {port} is not a port (1-65535)")
+    if args.strict_port == args.permissive_port:
+        raise UsageError("--strict-port and --permissive-port must differ")
+    nodes = tuple(
+        DemoNode(f"demo-{letter}", address, f"127.0.0.1:{port}")
+        for letter, address, port in zip("ab", addresses, admin_ports, strict=True)
+    )
+    return DemoLayout(args.control_plane, args.backend, args.backend, args.strict_port, args.permissive_port, nodes)
+
+
+def _cli_display() -> str:
+    script = Path(sys.executable).parent / "mtlsgate"
+    return _display_path(script) if script.exists() else "mtlsgate"
+
+
 def run(args: argparse.Namespace) -> int:
-    raise CliError("not built yet")
+    layout = layout_from_args(args)
+    directory = Path(args.dir)
+    try:
+        prepare(directory, layout)
+    except OSError as exc:
+        raise UsageError(f"--dir {args.dir}: {exc}") from exc
+    if args.prepare_only:
+        print(f"wrote the demo PKI and manifests to {directory}/ (mtlsgate.yaml, trust-config-rotated.yaml)")
+        return 0
+
+    endpoints_path = directory / "endpoints.json"
+    endpoints_path.unlink(missing_ok=True)  # its presence means "ready"; never leave a stale one
+    log_dir = directory / "logs"
+    log_dir.mkdir(exist_ok=True)
+
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop_requested.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stack = Stack(log_dir, stop_requested)
+    from control_plane.cli.probe_cmd import grpc_serving, http_ok
+
+    try:
+        print(f"demo: starting the control plane on {layout.control_plane} …", flush=True)
+        stack.start("control-plane", ["control-plane", "--listen", layout.control_plane,
+                                      "--db", str(directory / "mtlsgate.db")])
+        stack.start("echo-backend", ["echo-backend", "--listen", layout.backend])
+        stack.wait_for("the control plane", lambda: grpc_serving(layout.control_plane), args.timeout)
+        stack.wait_for("the echo backend", lambda: http_ok(f"http://{layout.backend}/healthz"), args.timeout)
+
+        print("demo: applying mtlsgate.yaml (trust config with CRL, 2 policies, certificate, 2 listeners) …",
+              flush=True)
+        apply = subprocess.run(
+            [sys.executable, "-m", "control_plane.cli.main", "apply", "-f", str(directory / "mtlsgate.yaml"),
+             "--server", layout.control_plane],
+            capture_output=True, text=True, timeout=args.timeout,
+        )
+        if apply.returncode != 0:
+            raise CliError(f"mtlsgate apply failed (exit {apply.returncode}): {apply.stderr.strip() or apply.stdout.strip()}")
+
+        for node in layout.nodes:
+            print(f"demo: starting proxy node {node.node_id} on {node.listen_address} …", flush=True)
+            stack.start(node.node_id, [
+                "proxy", "--server", layout.control_plane, "--node-id", node.node_id, "--cluster", CLUSTER,
+                "--label", f"node={node.node_id}", "--workers", str(args.workers), "--admin", node.admin,
+                "--cache-dir", str(directory / "cache" / node.node_id), "--listen-address", node.listen_address,
+            ])
+        for node in layout.nodes:
+            stack.wait_for(f"{node.node_id} /ready", lambda n=node: http_ok(f"http://{n.admin}/ready"), args.timeout)
+        node_ids = [n.node_id for n in layout.nodes]
+        stack.wait_for("both nodes SYNCED", lambda: fleet_problem(layout.control_plane, node_ids), args.timeout)
+        for url in layout.listener_urls(layout.strict_port) + layout.listener_urls(layout.permissive_port):
+            stack.wait_for(f"{url} to serve", lambda u=url: listener_problem(u, directory), args.timeout)
+
+        (directory / "pids.json").write_text(json.dumps(stack.pids(), indent=2) + "\n")
+        tmp = endpoints_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(endpoints_document(layout, directory), indent=2) + "\n")
+        tmp.replace(endpoints_path)  # atomically: readers never see half a file
+        print(instructions(layout, directory, _cli_display()), flush=True)
+        print(f"endpoints: {_display_path(endpoints_path)}", flush=True)
+
+        while True:
+            stack.check()
+            stop_requested.wait(0.5)
+    except Interrupted:
+        print("\ndemo: stopping …", flush=True)
+        return 0
+    finally:
+        stack.stop_all()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        print("demo: everything stopped", flush=True)
