@@ -1,0 +1,183 @@
+"""The compose stack (compose.yaml) brought up for real on a Docker engine and driven from the host: mTLS
+through both proxy containers, a CRL rotation with `mtlsgate apply` that both running containers enforce
+(the docker SDK proves none restarted), `mtlsgate status` all SYNCED, and a clean `down`.
+
+Skipped with the reason when no engine is reachable; with CI=true that is a failure instead (.ci/run starts
+an engine). `COMPOSE_FILE` (colon-separated, as compose itself reads it) selects override files such as
+compose.ci.yaml.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.scenario import (
+    ClientIdentity,
+    accepted_and_verified,
+    all_synced,
+    apply,
+    forwarded_with_error,
+    rejected,
+    request,
+)
+from tests.support import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+LONG_RUNNING = ("control-plane", "backend", "proxy-a", "proxy-b")
+PORT_VARIABLES = (
+    "MTLSGATE_CONTROL_PLANE_PORT",
+    "MTLSGATE_PROXY_A_STRICT_PORT", "MTLSGATE_PROXY_A_PERMISSIVE_PORT", "MTLSGATE_PROXY_A_ADMIN_PORT",
+    "MTLSGATE_PROXY_B_STRICT_PORT", "MTLSGATE_PROXY_B_PERMISSIVE_PORT", "MTLSGATE_PROXY_B_ADMIN_PORT",
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.docker]
+
+
+def skip_or_fail(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the compose suite must run; .ci/run starts an engine)")
+    pytest.skip(reason)
+
+
+def compose_cli() -> list[str] | None:
+    """`docker compose` (v2) when the plugin is there, else Debian's `docker-compose` (v1)."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.fixture(scope="module")
+def docker_client():  # type: ignore[no-untyped-def]
+    try:
+        import docker
+
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:
+        skip_or_fail(f"no Docker engine reachable: {exc}")
+    if compose_cli() is None:
+        skip_or_fail("neither `docker compose` nor `docker-compose` is installed")
+    yield client
+    client.close()
+
+
+@dataclass
+class Stack:
+    cli: list[str]
+    env: dict[str, str]
+    client: object  # docker.DockerClient
+    project: str
+    pki: Path
+
+    def compose(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        files = [arg for f in self.env.get("COMPOSE_FILE", "compose.yaml").split(os.pathsep) for arg in ("-f", f)]
+        return subprocess.run([*self.cli, "-p", self.project, *files, *args], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def container(self, service: str):  # type: ignore[no-untyped-def]
+        found = self.client.containers.list(all=True, filters={  # type: ignore[attr-defined]
+            "label": [f"com.docker.compose.project={self.project}", f"com.docker.compose.service={service}"]})
+        assert len(found) == 1, f"{service}: {len(found)} containers"
+        return found[0]
+
+    def health(self, service: str) -> str:
+        container = self.container(service)
+        container.reload()
+        return container.attrs["State"].get("Health", {}).get("Status", container.status)
+
+    def port(self, variable: str) -> int:
+        return int(self.env[variable])
+
+    def url(self, variable: str) -> str:
+        return f"https://127.0.0.1:{self.port(variable)}/"
+
+
+@pytest.fixture
+def stack(docker_client, tmp_path: Path) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
+    cli = compose_cli()
+    assert cli is not None
+    env = {**os.environ, **{v: str(free_port()) for v in PORT_VARIABLES}}
+    env.setdefault("COMPOSE_FILE", "compose.yaml")
+    project = f"mtlsgate-e2e-{os.getpid()}"
+    running = Stack(cli, env, docker_client, project, tmp_path / "pki")
+    try:
+        up = running.compose("up", "-d", "--build", timeout=900)
+        assert up.returncode == 0, f"compose up failed:\n{up.stdout}\n{up.stderr}"
+        for service in LONG_RUNNING:
+            wait_until(lambda s=service: running.health(s) == "healthy", timeout=120, interval=0.5,
+                       message=f"{service} healthy")
+        configure = running.container("configure")
+        wait_until(lambda: (configure.reload(), configure.status)[1] == "exited", timeout=60,
+                   message="configure to finish")
+        assert configure.attrs["State"]["ExitCode"] == 0, configure.logs().decode()
+        # The PKI lives in the stack's `pki` volume: copy it out as a user would (`docker cp`).
+        stream, _ = running.container("control-plane").get_archive("/pki")
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            tar.extractall(tmp_path, filter="data")
+        yield running
+    finally:
+        logs = running.compose("logs", "--no-color", timeout=60)
+        (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr)
+        running.compose("down", "-v", "--remove-orphans", timeout=120)
+
+
+def test_compose_stack_end_to_end(stack: Stack) -> None:
+    ca = stack.pki / "ca.pem"
+    valid = ClientIdentity(stack.pki / "client.pem", stack.pki / "client-key.pem")
+    revoked = ClientIdentity(stack.pki / "revoked.pem", stack.pki / "revoked-key.pem")
+    strict = [stack.url("MTLSGATE_PROXY_A_STRICT_PORT"), stack.url("MTLSGATE_PROXY_B_STRICT_PORT")]
+    permissive = [stack.url("MTLSGATE_PROXY_A_PERMISSIVE_PORT"), stack.url("MTLSGATE_PROXY_B_PERMISSIVE_PORT")]
+    server = f"127.0.0.1:{stack.port('MTLSGATE_CONTROL_PLANE_PORT')}"
+
+    for url in strict:
+        assert accepted_and_verified(answer := request(url, ca, valid)), (url, answer)
+        assert rejected(answer := request(url, ca, revoked)), (url, answer)
+    for url in permissive:
+        assert forwarded_with_error(answer := request(url, ca, revoked), "client_cert_revoked"), (url, answer)
+    wait_until(lambda: all_synced(server, {"proxy-a", "proxy-b"}), timeout=20, message="status all SYNCED")
+
+    def incarnations() -> dict[str, tuple[str, int, str]]:
+        out = {}
+        for service in LONG_RUNNING:
+            container = stack.container(service)
+            container.reload()
+            out[service] = (container.id, container.attrs["RestartCount"], container.attrs["State"]["StartedAt"])
+        return out
+
+    before = incarnations()
+    # CRL rotation from the host with the CLI: the new CRL also revokes client-valid.
+    apply(stack.pki / "trust-config-rotated.yaml", server)
+    for url in strict:
+        wait_until(lambda u=url: rejected(request(u, ca, valid)), timeout=15,
+                   message=f"{url} to refuse the newly revoked client")
+    for url in permissive:
+        assert forwarded_with_error(answer := request(url, ca, valid), "client_cert_revoked"), (url, answer)
+    wait_until(lambda: all_synced(server, {"proxy-a", "proxy-b"}), timeout=15, message="status all SYNCED")
+    assert incarnations() == before, "a container restarted during the rotation"
+
+    # Clean shutdown: every process honours SIGTERM (no 10 s kill), then `down` removes everything.
+    started = time.monotonic()
+    stop = stack.compose("stop", timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    assert time.monotonic() - started < 15, "compose stop waited for the kill timeout"
+    for service in LONG_RUNNING:
+        container = stack.container(service)
+        container.reload()
+        assert container.attrs["State"]["ExitCode"] != 137, f"{service} had to be killed"
+    down = stack.compose("down", "-v", timeout=120)
+    assert down.returncode == 0, down.stderr
+    leftovers = stack.client.containers.list(  # type: ignore[attr-defined]
+        all=True, filters={"label": f"com.docker.compose.project={stack.project}"})
+    assert leftovers == []

@@ -1,0 +1,185 @@
+"""`mtlsgate demo` as a user runs it: one command brings up control plane, echo backend and two proxy nodes;
+mTLS through both nodes, a CRL rotation with `mtlsgate apply` enforced without restarts, `status` SYNCED,
+Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.scenario import (
+    ClientIdentity,
+    accepted_and_verified,
+    all_synced,
+    apply,
+    forwarded_with_error,
+    rejected,
+    request,
+)
+from tests.support import Proc, free_port, port_open, wait_until
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (a proxy supervisor's workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()
+
+
+@dataclass
+class RunningDemo:
+    proc: Proc
+    directory: Path
+    endpoints: dict
+    pids: dict[str, int]
+
+    def identity(self, who: str) -> ClientIdentity:
+        return ClientIdentity(Path(self.endpoints[f"{who}_cert"]), Path(self.endpoints[f"{who}_key"]))
+
+    @property
+    def ca(self) -> Path:
+        return Path(self.endpoints["ca_cert"])
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Iterator[RunningDemo]:
+    directory = tmp_path / "demo"
+    control_plane = f"127.0.0.1:{free_port()}"
+    args = [
+        "demo", "--dir", str(directory), "--control-plane", control_plane,
+        "--backend", f"127.0.0.1:{free_port()}",
+        "--strict-port", str(free_port("127.0.0.2")), "--permissive-port", str(free_port("127.0.0.2")),
+        "--admin-ports", f"{free_port()},{free_port()}", "--timeout", "60",
+    ]
+    proc = Proc(args, tmp_path / "demo.log")
+    try:
+        endpoints_file = directory / "endpoints.json"
+        wait_until(lambda: endpoints_file.exists() or not proc.alive(), timeout=90, interval=0.2,
+                   message="the demo to write endpoints.json")
+        assert proc.alive(), f"demo exited early:\n{proc.log()}"
+        yield RunningDemo(proc, directory, json.loads(endpoints_file.read_text()),
+                          json.loads((directory / "pids.json").read_text()))
+    finally:
+        proc.stop(timeout=30)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(demo: RunningDemo) -> None:
+    endpoints = demo.endpoints
+    assert set(endpoints) == {"control_plane", "listeners", "ca_cert", "client_cert", "client_key",
+                              "revoked_cert", "revoked_key"}
+    strict, permissive = endpoints["listeners"]["strict"], endpoints["listeners"]["permissive"]
+    assert len(strict) == len(permissive) == 2, "one URL per proxy node"
+    valid, revoked = demo.identity("client"), demo.identity("revoked")
+    server = endpoints["control_plane"]
+
+    # Through both nodes: valid accepted with verified headers, revoked and missing refused by strict,
+    # forwarded with the error by permissive.
+    for url in strict:
+        assert accepted_and_verified(answer := request(url, demo.ca, valid)), (url, answer)
+        assert rejected(answer := request(url, demo.ca, revoked)), (url, answer)
+        assert rejected(answer := request(url, demo.ca, ClientIdentity(None, None))), (url, answer)
+    for url in permissive:
+        assert accepted_and_verified(answer := request(url, demo.ca, valid)), (url, answer)
+        assert forwarded_with_error(answer := request(url, demo.ca, revoked), "client_cert_revoked"), answer
+        no_cert = request(url, demo.ca, ClientIdentity(None, None))
+        assert no_cert.status == 200 and no_cert.backend_headers["x-client-cert-present"] == "false", no_cert
+
+    assert all_synced(server, {"demo-a", "demo-b"})
+    proxies = {name: demo.pids[name] for name in ("demo-a", "demo-b")}
+    workers_before = {name: descendants(pid) for name, pid in proxies.items()}
+
+    # CRL rotation with the CLI: the new CRL revokes client-valid too. Both running nodes enforce it.
+    apply(demo.directory / "trust-config-rotated.yaml", server)
+    for url in strict:
+        wait_until(lambda u=url: rejected(request(u, demo.ca, valid)), timeout=10,
+                   message=f"{url} to refuse the newly revoked client")
+    for url in permissive:
+        assert forwarded_with_error(answer := request(url, demo.ca, valid), "client_cert_revoked"), answer
+    wait_until(lambda: all_synced(server, {"demo-a", "demo-b"}), timeout=10, message="status all SYNCED")
+
+    # No restart: same supervisors, same workers.
+    for name, pid in proxies.items():
+        assert pid_alive(pid), f"{name} supervisor (pid {pid}) is gone"
+        assert descendants(pid) == workers_before[name], f"{name}'s worker processes changed"
+
+    # And back: the original CRL makes client-valid valid again, still without restarts.
+    apply(demo.directory / "mtlsgate.yaml", server)
+    for url in strict:
+        wait_until(lambda u=url: accepted_and_verified(request(u, demo.ca, valid)), timeout=10,
+                   message=f"{url} to accept client-valid again")
+
+    # Ctrl-C: everything stops, ports are released.
+    everything = set(demo.pids.values()) | set().union(*workers_before.values())
+    demo.proc.popen.send_signal(signal.SIGINT)
+    assert demo.proc.popen.wait(30) == 0, demo.proc.log()
+    wait_until(lambda: not any(pid_alive(p) for p in everything), timeout=10,
+               message="every demo process to exit")
+    host, port = server.rsplit(":", 1)
+    assert not port_open(host, int(port))
+    assert "everything stopped" in demo.proc.log()
+
+
+def test_demo_refuses_bad_arguments(tmp_path: Path) -> None:
+    proc = Proc(["demo", "--dir", str(tmp_path / "d"), "--admin-ports", "9901"], tmp_path / "demo.log")
+    wait_until(lambda: not proc.alive(), message="demo to exit")
+    assert proc.stop() == 2
+    assert "--admin-ports" in proc.log()
+    assert not (tmp_path / "d").exists(), "a refused command must not leave files behind"
+
+
+def test_demo_prepare_only_writes_apply_ready_manifests(tmp_path: Path) -> None:
+    import yaml
+
+    proc = Proc(["demo", "--dir", str(tmp_path), "--prepare-only", "--backend", "backend:9000"], tmp_path / "log")
+    wait_until(lambda: not proc.alive(), message="demo --prepare-only to exit")
+    assert proc.stop() == 0, proc.log()
+    documents = list(yaml.safe_load_all((tmp_path / "mtlsgate.yaml").read_text()))
+    kinds = [(d["kind"], d["name"]) for d in documents]
+    assert kinds == [("TrustConfig", "demo"), ("ServerTlsPolicy", "strict"), ("ServerTlsPolicy", "permissive"),
+                     ("Certificate", "demo-server"), ("Listener", "strict"), ("Listener", "permissive")]
+    modes = {d["name"]: d["mtlsPolicy"]["clientValidationMode"] for d in documents if d["kind"] == "ServerTlsPolicy"}
+    assert modes == {"strict": "REJECT_INVALID", "permissive": "ALLOW_INVALID_OR_MISSING_CLIENT_CERT"}
+    assert {d["backend"] for d in documents if d["kind"] == "Listener"} == {"backend:9000"}
+
+    from cryptography import x509
+
+    rotated = yaml.safe_load((tmp_path / "trust-config-rotated.yaml").read_text())
+    crl = x509.load_pem_x509_crl(rotated["trustStores"][0]["crls"][0]["pemCrl"].encode())
+    for holder in ("client.pem", "revoked.pem"):
+        serial = x509.load_pem_x509_certificate((tmp_path / holder).read_bytes()).serial_number
+        assert crl.get_revoked_certificate_by_serial_number(serial) is not None, holder
+    # A second run keeps the PKI (the store may already trust this CA).
+    ca_before = (tmp_path / "ca.pem").read_bytes()
+    again = Proc(["demo", "--dir", str(tmp_path), "--prepare-only"], tmp_path / "log2")
+    wait_until(lambda: not again.alive(), message="second prepare to exit")
+    assert again.stop() == 0
+    assert (tmp_path / "ca.pem").read_bytes() == ca_before
