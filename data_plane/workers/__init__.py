@@ -1,0 +1,1 @@
+"""Proxy node workers: TLS termination enforcing ServerTlsPolicy, HTTP forwarding, hot reload (issue 5)."""

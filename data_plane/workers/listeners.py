@@ -1,0 +1,167 @@
+"""What a worker runs per listener: a node configuration (listeners, trust bundles, server certificates as
+protobufs) compiled once per version into TLS contexts, validation closures and header sets.
+
+The wire form between the pool and its workers is `WireConfig` (serialized protobufs, so it pickles
+cheaply and identically everywhere); `compile_listeners` turns it into `ListenerRuntime`s.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mtlsgate.v1 import resources_pb2, xds_pb2
+
+from data_plane.validation import bundle as bundle_mod
+from data_plane.validation import engine, headers, policy
+from data_plane.workers.tls import ClientAuth, ServerTls
+
+MTLS = resources_pb2.MTLSPolicy
+XFCC = resources_pb2.Listener.ForwardClientCertDetails
+
+class ListenerConfigError(ValueError):
+    """A listener cannot be compiled; the message names the listener and the problem."""
+
+
+@dataclass(frozen=True)
+class WireConfig:
+    """A NodeConfig as serialized protobufs: what the pool sends each worker."""
+
+    version: str
+    versions: Mapping[str, str]
+    listeners: Mapping[str, bytes]
+    bundles: Mapping[str, bytes]
+    certificates: Mapping[str, bytes]
+
+    @classmethod
+    def from_node_config(cls, config: Any) -> WireConfig:
+        listeners = {k: v.SerializeToString(deterministic=True) for k, v in config.listeners.items()}
+        bundles = {k: v.SerializeToString(deterministic=True) for k, v in config.bundles.items()}
+        certificates = {k: v.SerializeToString(deterministic=True) for k, v in config.certificates.items()}
+        # The version names the content, so a re-sent identical configuration is recognisably the same.
+        digest = hashlib.sha256()
+        for part in (listeners, bundles, certificates):
+            for name, raw in sorted(part.items()):
+                digest.update(name.encode() + b"\0" + len(raw).to_bytes(8, "big") + raw)
+        return cls(version=digest.hexdigest()[:16], versions=dict(config.versions), listeners=listeners,
+                   bundles=bundles, certificates=certificates)
+
+
+@dataclass
+class ListenerRuntime:
+    """One listener as a worker runs it for one configuration version."""
+
+    name: str
+    port: int
+    backend: tuple[str, int]
+    tls: ServerTls
+    header_set: Any
+    xfcc_mode: int
+    mtls: bool
+    reject_at_http: bool
+    revalidate_on_update: bool
+    compiled_bundle: Any
+    client_policy: Any
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spoofable_names(self) -> frozenset[bytes]:
+        """Lowercase names of the headers we set: removed from every incoming request (SPEC §5)."""
+        return frozenset(n.encode() for n in self.header_set.names)
+
+    def validate(self, chain: Sequence[bytes]) -> Any:
+        """The engine's verdict now (it memoises successful verdicts per bundle, inside their validity)."""
+        return engine.validate(chain, self.compiled_bundle, self.client_policy, dt.datetime.now(dt.UTC))
+
+    def http_status(self, verdict: Any) -> int:
+        return int(engine.http_status(verdict))
+
+
+def parse_backend(backend: str) -> tuple[str, int]:
+    host, sep, port = backend.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ListenerConfigError(f"backend {backend!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def compile_listeners(wire: WireConfig) -> dict[str, ListenerRuntime]:
+    """Compile every listener of `wire`; raises ListenerConfigError naming the first bad one."""
+    out: dict[str, ListenerRuntime] = {}
+    for name, raw in sorted(wire.listeners.items()):
+        listener = resources_pb2.Listener.FromString(raw)
+        try:
+            out[name] = _compile_listener(listener, wire)
+        except ListenerConfigError:
+            raise
+        except Exception as exc:
+            raise ListenerConfigError(f"{name}: {exc}") from exc
+    return out
+
+
+def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> ListenerRuntime:
+    name = listener.name
+    cert_raw = wire.certificates.get(listener.certificate)
+    if cert_raw is None:
+        raise ListenerConfigError(f"{name}: certificate {listener.certificate!r} was not received")
+    certificate = xds_pb2.ServerCertificate.FromString(cert_raw)
+    tls_policy = listener.resolved_server_tls_policy if listener.HasField("resolved_server_tls_policy") else None
+    mtls_policy = tls_policy.mtls_policy if tls_policy is not None and tls_policy.HasField("mtls_policy") else None
+
+    compiled_bundle = None
+    bundle_name = ""
+    if mtls_policy is not None and mtls_policy.client_validation_trust_config:
+        bundle_name = _short_name(mtls_policy.client_validation_trust_config)
+        bundle_raw = wire.bundles.get(bundle_name)
+        if bundle_raw is None:
+            raise ListenerConfigError(f"{name}: trust bundle {bundle_name!r} was not received")
+        compiled_bundle = bundle_mod.compile_bundle(xds_pb2.TrustBundle.FromString(bundle_raw))
+    client_policy = policy.compile_policy(tls_policy if mtls_policy is not None else None)
+    header_set = headers.compile_headers(list(listener.custom_request_headers))
+
+    reject = mtls_policy is not None and mtls_policy.client_validation_mode == MTLS.REJECT_INVALID
+    reject_at_http = reject and mtls_policy is not None and mtls_policy.reject_at == MTLS.HTTP
+    runtime_box: list[ListenerRuntime] = []
+    client_auth = None
+    if mtls_policy is not None:
+        client_auth = ClientAuth(
+            validate=lambda chain: runtime_box[0].validate(chain),
+            tls_alert=engine.tls_alert,
+            reject_at_tls=reject and not reject_at_http,
+        )
+    tls = ServerTls(certificate.pem_certificate_chain, certificate.pem_private_key, client_auth)
+    runtime = ListenerRuntime(
+        name=name,
+        port=int(listener.port),
+        backend=parse_backend(listener.backend),
+        tls=tls,
+        header_set=header_set,
+        xfcc_mode=int(listener.forward_client_cert_details) or XFCC.SANITIZE,
+        mtls=mtls_policy is not None,
+        reject_at_http=reject_at_http,
+        revalidate_on_update=bool(mtls_policy is not None and mtls_policy.revalidate_on_update),
+        compiled_bundle=compiled_bundle,
+        client_policy=client_policy,
+        summary={
+            "port": int(listener.port),
+            "backend": listener.backend,
+            "certificate": listener.certificate,
+            "server_tls_policy": listener.server_tls_policy,
+            "trust_bundle": bundle_name,
+            "mode": MTLS.ClientValidationMode.Name(mtls_policy.client_validation_mode) if mtls_policy else "PLAIN_TLS",
+            "reject_at": "HTTP" if reject_at_http else ("TLS" if reject else ""),
+            "revalidate_on_update": bool(mtls_policy is not None and mtls_policy.revalidate_on_update),
+            "bundle_sha256": hashlib.sha256(wire.bundles.get(bundle_name, b"")).hexdigest()[:16] if bundle_name else "",
+        },
+    )
+    runtime_box.append(runtime)
+    return runtime
+
+
+def _short_name(name: str) -> str:
+    """`projects/P/locations/L/trustConfigs/ID` → `trustConfigs/ID` (the control plane normalises names;
+    this keeps a worker tolerant of either form)."""
+    parts = name.split("/")
+    return "/".join(parts[-2:]) if len(parts) >= 2 else name

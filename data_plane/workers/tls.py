@@ -1,0 +1,241 @@
+"""TLS termination for one listener configuration: an OpenSSL context whose verify callback hands the
+client's chain to the validation engine, and a memory-BIO connection that the event loop drives.
+
+Why pyOpenSSL with our own verify callback (see docs/tls-design.md): stdlib `ssl` cannot accept an
+untrusted chain (ALLOW_INVALID_OR_MISSING_CLIENT_CERT), and pyOpenSSL's public `set_verify` wrapper cannot
+choose the alert a rejection sends. Installing the callback with `SSL_CTX_set_verify` through pyOpenSSL's
+own cffi bindings gives us the `X509_STORE_CTX`: the chain OpenSSL built from what the client sent, and
+`X509_STORE_CTX_set_error`, whose value OpenSSL turns into the TLS alert. The OpenSSL trust store stays
+empty on purpose: OpenSSL only builds the chain and checks proof of possession; the engine decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+
+log = logging.getLogger(__name__)
+
+# OpenSSL builds at most this many certificates into the chain it hands us; the engine then applies the
+# policy's own limits (10 intermediates) so that an overlong chain gets `client_cert_chain_exceeded_limit`.
+OPENSSL_VERIFY_DEPTH = 32
+# Handshake bytes accepted from a client before the handshake completes: bounds the client chain size
+# (OpenSSL's own limit is 100 KiB of certificate list; ours is checked before OpenSSL parses anything).
+MAX_HANDSHAKE_BYTES = 128 * 1024
+_READ_CHUNK = 256 * 1024
+
+# X509_V_ERR_* codes whose mapping in OpenSSL's ssl_x509err2alert() gives the alert we want to send.
+# OpenSSL has no X509 error that maps to access_denied; handshake_failure is the closest it can send.
+_X509_ERROR_FOR_ALERT: dict[str, int] = {
+    "certificate_expired": 10,  # X509_V_ERR_CERT_HAS_EXPIRED
+    "certificate_revoked": 23,  # X509_V_ERR_CERT_REVOKED
+    "unknown_ca": 20,  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    "unsupported_certificate": 26,  # X509_V_ERR_INVALID_PURPOSE
+    "bad_certificate": 28,  # X509_V_ERR_CERT_REJECTED
+    "decrypt_error": 7,  # X509_V_ERR_CERT_SIGNATURE_FAILURE
+    "handshake_failure": 50,  # X509_V_ERR_APPLICATION_VERIFICATION
+    "access_denied": 50,
+    "certificate_required": 50,
+}
+_TLS_ALERT_NAMES = {
+    40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certificate",
+    44: "certificate_revoked", 45: "certificate_expired", 46: "certificate_unknown", 48: "unknown_ca",
+    49: "access_denied", 51: "decrypt_error", 116: "certificate_required",
+}
+
+
+def x509_error_for_alert(alert: object) -> int:
+    """The X509_V_ERR code that makes OpenSSL send `alert` (a name such as `unknown_ca`, an enum with a
+    `.name`, or an alert number)."""
+    if isinstance(alert, int):
+        name = _TLS_ALERT_NAMES.get(alert, "bad_certificate")
+    else:
+        name = str(getattr(alert, "name", alert)).lower()
+    return _X509_ERROR_FOR_ALERT.get(name, _X509_ERROR_FOR_ALERT["bad_certificate"])
+
+
+class TlsFailed(Exception):
+    """The TLS handshake or record layer failed; the connection is to be closed."""
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """What a listener's ServerTlsPolicy asks of the handshake.
+
+    `validate(chain)` runs the validation engine on DER certificates (leaf first) and returns its verdict;
+    `reject_at_tls` makes a verdict that is not `accepted` fail the handshake with the verdict's alert."""
+
+    validate: Callable[[Sequence[bytes]], Any]
+    tls_alert: Callable[[Any], object]
+    reject_at_tls: bool
+
+
+class ServerTls:
+    """One listener's TLS settings for one configuration version (OpenSSL contexts are immutable once
+    used, so a new configuration builds a new ServerTls; connections keep the one they started with)."""
+
+    def __init__(self, cert_chain_pem: str, key_pem: str, client_auth: ClientAuth | None) -> None:
+        self.client_auth = client_auth
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        # No resumption: a resumed session would skip the verify callback, so a revoked certificate
+        # could come back through a ticket after a CRL update.
+        ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        _load_identity(ctx, cert_chain_pem, key_pem)
+        if client_auth is not None:
+            mode = SSL.VERIFY_PEER
+            if client_auth.reject_at_tls:
+                mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+            self._verify_callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", self._verify)
+            _lib.SSL_CTX_set_verify(ctx._context, mode, self._verify_callback)
+            ctx.set_verify_depth(OPENSSL_VERIFY_DEPTH)
+        self.context = ctx
+
+    def connection(self) -> TlsConnection:
+        return TlsConnection(self)
+
+    def _verify(self, ok: int, store_ctx: Any) -> int:
+        """OpenSSL's verify callback. The first call comes after chain building, so the whole chain is
+        there; we decide once and answer every later call (one per depth/error) the same way."""
+        try:
+            index = _lib.SSL_get_ex_data_X509_STORE_CTX_idx()
+            ssl_ptr = _lib.X509_STORE_CTX_get_ex_data(store_ctx, index)
+            conn: TlsConnection = SSL.Connection._reverse_mapping[ssl_ptr].get_app_data()
+            if conn.verdict is None:
+                conn.chain = _chain_der(store_ctx)
+                assert self.client_auth is not None
+                conn.verdict = self.client_auth.validate(conn.chain)
+            verdict = conn.verdict
+            assert self.client_auth is not None
+            if self.client_auth.reject_at_tls and not verdict.accepted:
+                _lib.X509_STORE_CTX_set_error(store_ctx, x509_error_for_alert(self.client_auth.tls_alert(verdict)))
+                return 0
+            _lib.X509_STORE_CTX_set_error(store_ctx, 0)
+            return 1
+        except Exception:
+            log.exception("verify callback failed")
+            _lib.X509_STORE_CTX_set_error(store_ctx, _X509_ERROR_FOR_ALERT["handshake_failure"])
+            return 0
+
+
+def _load_identity(ctx: SSL.Context, cert_chain_pem: str, key_pem: str) -> None:
+    certs = x509.load_pem_x509_certificates(cert_chain_pem.encode())
+    ctx.use_certificate(certs[0])
+    for extra in certs[1:]:
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(serialization.load_pem_private_key(key_pem.encode(), password=None))  # type: ignore[arg-type]
+    ctx.check_privatekey()
+
+
+def _chain_der(store_ctx: Any) -> tuple[bytes, ...]:
+    stack = _lib.X509_STORE_CTX_get1_chain(store_ctx)
+    if stack == _ffi.NULL:
+        return ()
+    try:
+        out = []
+        for i in range(_lib.sk_X509_num(stack)):
+            # get1_chain took a reference on each certificate; the wrapper releases it when collected.
+            cert = crypto.X509._from_raw_x509_ptr(_lib.sk_X509_value(stack, i))
+            out.append(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
+        return tuple(out)
+    finally:
+        _lib.sk_X509_free(stack)
+
+
+class TlsConnection:
+    """Server side of one TLS connection over memory BIOs: bytes in from the socket, bytes out to it,
+    plaintext in between. No I/O here; the caller moves the bytes."""
+
+    def __init__(self, server: ServerTls) -> None:
+        self.server = server
+        self.verdict: Any = None
+        self.chain: tuple[bytes, ...] = ()
+        self.handshake_done = False
+        self.closed_by_peer = False
+        self._handshake_bytes = 0
+        self._ssl = SSL.Connection(server.context, None)
+        self._ssl.set_accept_state()
+        self._ssl.set_app_data(self)
+
+    def receive(self, data: bytes) -> None:
+        """Bytes read from the socket."""
+        if not self.handshake_done:
+            self._handshake_bytes += len(data)
+            if self._handshake_bytes > MAX_HANDSHAKE_BYTES:
+                raise TlsFailed(f"handshake exceeded {MAX_HANDSHAKE_BYTES} bytes")
+        self._ssl.bio_write(data)
+
+    def do_handshake(self) -> bool:
+        """Advance the handshake; True once it completed. Raises TlsFailed when it failed."""
+        if self.handshake_done:
+            return True
+        try:
+            self._ssl.do_handshake()
+        except SSL.WantReadError:
+            return False
+        except SSL.Error as exc:
+            raise TlsFailed(_describe(exc)) from None
+        self.handshake_done = True
+        if self.verdict is None and self.server.client_auth is not None:
+            # No certificate was presented (the verify callback only runs for one).
+            self.verdict = self.server.client_auth.validate(())
+        return True
+
+    def read(self) -> bytes:
+        """All plaintext available. Sets `closed_by_peer` on close_notify."""
+        parts = []
+        while True:
+            try:
+                parts.append(self._ssl.recv(_READ_CHUNK))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self.closed_by_peer = True
+                break
+            except SSL.Error as exc:
+                raise TlsFailed(_describe(exc)) from None
+        return b"".join(parts)
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._ssl.sendall(data)
+        except SSL.Error as exc:
+            raise TlsFailed(_describe(exc)) from None
+
+    def outgoing(self) -> bytes:
+        """Bytes to send to the socket (records, alerts)."""
+        parts = []
+        while True:
+            try:
+                parts.append(self._ssl.bio_read(_READ_CHUNK))
+            except SSL.WantReadError:
+                break
+        return b"".join(parts)
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(SSL.Error):
+            self._ssl.shutdown()
+
+    @property
+    def version(self) -> str:
+        return self._ssl.get_protocol_version_name()
+
+
+def _describe(exc: SSL.Error) -> str:
+    if isinstance(exc, SSL.SysCallError):
+        return "connection reset during TLS"
+    args = exc.args[0] if exc.args else []
+    if isinstance(args, list) and args:
+        return "; ".join(str(item[-1]) for item in args if isinstance(item, tuple)) or str(exc)
+    return str(exc) or type(exc).__name__
