@@ -167,6 +167,8 @@ def make_crl(
         .issuer_name(issuer.cert.subject)
         .last_update(start)
         .next_update(next_update or start + dt.timedelta(days=7))
+        # RFC 5280 §5.2.3: cRLNumber is mandatory (validation refuses CRLs without it); increasing with time.
+        .add_extension(x509.CRLNumber(int(start.timestamp() * 1000)), critical=False)
     )
     for serial in revoked_serials:
         builder = builder.add_revoked_certificate(

@@ -164,7 +164,7 @@ def _require_ca(cert: x509.Certificate, where: str) -> None:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         raise InvalidBundle(f"{where}: not a CA certificate (no basicConstraints extension)") from None
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise InvalidBundle(f"{where}: malformed extensions ({exc})") from None
     if not constraints.ca:
         raise InvalidBundle(f"{where}: not a CA certificate (basicConstraints cA is false)")
@@ -190,6 +190,8 @@ def _compile_crl(der: bytes, where: str, cas: Sequence[x509.Certificate]) -> tup
             raise InvalidBundle(f"{where}: the cRLNumber extension must not be critical (RFC 5280 §5.2.3)")
         if ext.critical and ext.oid not in (ExtensionOID.CRL_NUMBER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER):
             raise InvalidBundle(f"{where}: unsupported critical CRL extension {ext.oid.dotted_string}")
+    if not any(ext.oid == ExtensionOID.CRL_NUMBER for ext in extensions):
+        raise InvalidBundle(f"{where}: no cRLNumber extension (RFC 5280 §5.2.3 requires one)")
     issuer_der = crl.issuer.public_bytes()
     same_name = [ca for ca in cas if ca.subject.public_bytes() == issuer_der]
     if not same_name:
@@ -214,6 +216,8 @@ def _compile_crl(der: bytes, where: str, cas: Sequence[x509.Certificate]) -> tup
 def _require_crl_sign(ca: x509.Certificate, where: str) -> None:
     try:
         usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+    except (ValueError, TypeError):
+        raise InvalidBundle(f"{where}: issuer {_subject_label(ca.subject)} has a malformed keyUsage") from None
     except x509.ExtensionNotFound:
         return  # RFC 5280 §6.3.3(f): no keyUsage extension = every usage allowed
     if not usage.crl_sign:

@@ -57,17 +57,53 @@ CACHE_ENTRIES = 4096
 _ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 _WEAK_HASHES = (hashes.MD5, hashes.SHA1)
 
-# GCP does not require a SAN or an authorityKeyIdentifier on the client certificate, and we check EKUs
-# ourselves so that a wrong one gets its own error string; everything else stays at webpki defaults.
+# GCP does not require a SAN on the client certificate, and we check EKUs ourselves so that a wrong
+# one gets its own error string; everything else stays at cryptography's webpki defaults, plus the
+# RFC 5280 rules those leave out (critical nameConstraints/policyConstraints, AKI and SKI on CAs).
 _C = verification.Criticality
+
+
+def _san_rules(_policy: verification.Policy, cert: x509.Certificate, san: x509.ExtensionType | None) -> None:
+    """RFC 5280 §4.2.1.6: with an empty subject the SAN carries the identity and must be critical;
+    with a subject it must not be (CABF)."""
+    if san is None:
+        return
+    critical = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).critical
+    if not list(cert.subject) and not critical:
+        raise ValueError("subjectAltName must be critical when the subject is empty")
+    if list(cert.subject) and critical:
+        raise ValueError("subjectAltName must not be critical when the subject is not empty")
+
+
+def _ca_aki_rule(_policy: verification.Policy, cert: x509.Certificate, aki: x509.ExtensionType | None) -> None:
+    if aki is None and cert.issuer != cert.subject:
+        raise ValueError("authorityKeyIdentifier is required on a CA certificate that is not self-issued")
+
+
+def _ca_ski_rule(_policy: verification.Policy, cert: x509.Certificate, ski: x509.ExtensionType | None) -> None:
+    if ski is None:
+        raise ValueError("subjectKeyIdentifier is required on CA certificates (RFC 5280 4.2.1.2)")
+
+
+def _ca_key_usage_rule(_policy: verification.Policy, cert: x509.Certificate, usage: x509.ExtensionType | None) -> None:
+    # RFC 5280 §4.2.1.3 / §6.1.4(n): no keyUsage = every usage; with one, keyCertSign must be set.
+    if isinstance(usage, x509.KeyUsage) and not usage.key_cert_sign:
+        raise ValueError("keyUsage of a CA certificate must include keyCertSign")
+
+
 _EE_POLICY = (
     verification.ExtensionPolicy.webpki_defaults_ee()
-    .may_be_present(x509.SubjectAlternativeName, _C.AGNOSTIC, None)
-    .may_be_present(x509.AuthorityKeyIdentifier, _C.AGNOSTIC, None)
-    .may_be_present(x509.ExtendedKeyUsage, _C.AGNOSTIC, None)
+    .may_be_present(x509.SubjectAlternativeName, _C.AGNOSTIC, _san_rules)
+    .may_be_present(x509.ExtendedKeyUsage, _C.NON_CRITICAL, None)
 )
-_CA_POLICY = verification.ExtensionPolicy.webpki_defaults_ca().may_be_present(
-    x509.ExtendedKeyUsage, _C.AGNOSTIC, None
+_CA_POLICY = (
+    verification.ExtensionPolicy.webpki_defaults_ca()
+    .may_be_present(x509.ExtendedKeyUsage, _C.NON_CRITICAL, None)
+    .may_be_present(x509.AuthorityKeyIdentifier, _C.NON_CRITICAL, _ca_aki_rule)
+    .may_be_present(x509.SubjectKeyIdentifier, _C.NON_CRITICAL, _ca_ski_rule)
+    .may_be_present(x509.NameConstraints, _C.CRITICAL, None)
+    .may_be_present(x509.PolicyConstraints, _C.CRITICAL, None)
+    .may_be_present(x509.KeyUsage, _C.AGNOSTIC, _ca_key_usage_rule)
 )
 
 
@@ -117,8 +153,10 @@ def _check_key(cert: x509.Certificate, role: str) -> None:
     except (ValueError, UnsupportedAlgorithm):
         raise _Failure(UNSUPPORTED_KEY_ALGORITHM, "unsupported_key_algorithm", f"{role}: unreadable public key") from None
     if isinstance(key, rsa.RSAPublicKey):
-        if not 2048 <= key.key_size <= 4096:
-            raise _Failure(INVALID_RSA_KEY_SIZE, "rsa_key_size", f"{role}: RSA-{key.key_size} (2048..4096 allowed)")
+        if not 2048 <= key.key_size <= 4096 or key.key_size % 8:
+            raise _Failure(
+                INVALID_RSA_KEY_SIZE, "rsa_key_size", f"{role}: RSA-{key.key_size} (2048..4096, whole bytes)"
+            )
     elif isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, _ALLOWED_CURVES):
             raise _Failure(UNSUPPORTED_ELLIPTIC_CURVE_KEY, "unsupported_curve", f"{role}: curve {key.curve.name}")
@@ -129,7 +167,9 @@ def _check_key(cert: x509.Certificate, role: str) -> None:
 def _name_constraint_count(cert: x509.Certificate) -> int:
     try:
         nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
-    except (x509.ExtensionNotFound, ValueError):
+    except x509.ExtensionNotFound:
+        return 0
+    except (ValueError, TypeError):  # malformed: the verifier rejects it with its own message
         return 0
     return len(nc.permitted_subtrees or ()) + len(nc.excluded_subtrees or ())
 
@@ -200,26 +240,42 @@ def _check_candidate_limits(candidates: Sequence[x509.Certificate]) -> None:
                     raise _Failure(PKI_TOO_LARGE, "same_subject_and_key", cert.subject.rfc4514_string())
 
 
-def _has_eku(cert: x509.Certificate, *, required: bool) -> bool:
+def _has_eku(cert: x509.Certificate, wanted: x509.ObjectIdentifier, *, leaf: bool) -> bool:
+    """The leaf must name `wanted` itself; an issuer without EKU allows all, with one it must name
+    `wanted` or anyExtendedKeyUsage."""
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
-        return not required
-    return ExtendedKeyUsageOID.CLIENT_AUTH in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku
+        return not leaf
+    return wanted in eku or (not leaf and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku)
 
 
-def _check_ekus(path: Sequence[x509.Certificate]) -> None:
+def _check_ekus(path: Sequence[x509.Certificate], wanted: x509.ObjectIdentifier) -> None:
+    """GCP: the leaf must carry clientAuth; an issuer that restricts its EKUs must allow clientAuth."""
     try:
-        leaf_ok = _has_eku(path[0], required=True)
-    except ValueError as exc:
+        if not _has_eku(path[0], wanted, leaf=True):
+            raise _Failure(CHAIN_INVALID_EKU, "leaf_eku", f"leaf has no {wanted._name} extended key usage")
+        for depth, issuer in enumerate(path[1:], start=1):
+            if not _has_eku(issuer, wanted, leaf=False):
+                raise _Failure(
+                    CHAIN_INVALID_EKU, "issuer_eku",
+                    f"chain[{depth}] {issuer.subject.rfc4514_string()}: extended key usage without {wanted._name}",
+                )
+    except (ValueError, TypeError) as exc:  # a malformed EKU extension
         raise _Failure(CHAIN_INVALID_EKU, "malformed_eku", str(exc)) from None
-    if not leaf_ok:
-        raise _Failure(CHAIN_INVALID_EKU, "leaf_eku", "leaf has no clientAuth extended key usage")
-    for depth, issuer in enumerate(path[1:], start=1):
-        if not _has_eku(issuer, required=False):
+
+
+def _check_path(path: Sequence[x509.Certificate]) -> None:
+    """What the verifier leaves out: positive serials (RFC 5280 §4.1.2.2) and GCP's name-constraint
+    limit, which we apply to every CA of the path, anchor included (a huge constraint set on a root is
+    the same quadratic cost)."""
+    for depth, cert in enumerate(path):
+        if depth < len(path) - 1 and cert.serial_number <= 0:  # the anchor is trusted as configured
+            raise _Failure(VALIDATION_FAILED, "invalid_serial", f"chain[{depth}]: serial number is not positive")
+        if depth and _name_constraint_count(cert) > MAX_NAME_CONSTRAINTS:
             raise _Failure(
-                CHAIN_INVALID_EKU, "issuer_eku",
-                f"chain[{depth}] {issuer.subject.rfc4514_string()}: extended key usage without clientAuth",
+                MAX_NAME_CONSTRAINTS_EXCEEDED, "name_constraints",
+                f"chain[{depth}] {cert.subject.rfc4514_string()}: over {MAX_NAME_CONSTRAINTS}",
             )
 
 
@@ -237,6 +293,8 @@ def _diagnose(
     and report the first broken link; fall back to the verifier's own message."""
     if "exceeds max depth" in message:
         return _Failure(SEARCH_LIMIT_EXCEEDED, "max_depth", "chain is deeper than the policy allows")
+    if "signature check limit" in message:
+        return _Failure(SEARCH_LIMIT_EXCEEDED, "too_many_candidates", message)
     pool = list(bundle.anchors) + list(candidates)
     anchors = {a.fingerprint(hashes.SHA256()) for a in bundle.anchors}
     cert = leaf
@@ -280,6 +338,7 @@ def _reason_from_message(message: str) -> str:
         ("pathlen", "path_length"),
         ("keyusage", "key_usage"),
         ("key usage", "key_usage"),
+        ("signature check limit", "too_many_candidates"),
         ("signature", "bad_signature"),
         ("no interior errors", "unknown_issuer"),
     ):
@@ -360,9 +419,12 @@ def validate(
     now: datetime,
     *,
     time_budget: float = DEFAULT_TIME_BUDGET,
+    leaf_eku: x509.ObjectIdentifier = ExtendedKeyUsageOID.CLIENT_AUTH,
 ) -> Verdict:
     """Decide SPEC §4 for `chain` (DER certificates, leaf first, as the client sent them).
 
+    `leaf_eku` exists for conformance vectors written for server certificates; the product always
+    uses clientAuth.
     Pure: the only state touched is the bundle's memo of successful verdicts, which is keyed by
     everything the verdict depends on and only answers inside the interval where it holds."""
     now = _utc(now)
@@ -370,7 +432,7 @@ def validate(
         return Verdict(False, False, NOT_PROVIDED, "no_certificate", _accepted(policy, NOT_PROVIDED))
     leaf_der = bytes(chain[0])
     try:
-        return _validate_presented(chain, leaf_der, bundle, policy, now, time_budget)
+        return _validate_presented(chain, leaf_der, bundle, policy, now, time_budget, leaf_eku)
     except _Failure as failure:
         return Verdict(True, False, failure.error, failure.reason, _accepted(policy, failure.error), leaf_der,
                        detail=failure.detail)
@@ -379,6 +441,7 @@ def validate(
 def _validate_presented(
     chain: Sequence[bytes], leaf_der: bytes, bundle: CompiledBundle | None, policy: ClientPolicy, now: datetime,
     time_budget: float,
+    leaf_eku: x509.ObjectIdentifier,
 ) -> Verdict:
     started = time.perf_counter()
     deadline = started + time_budget
@@ -386,7 +449,7 @@ def _validate_presented(
         raise _Failure(CHAIN_EXCEEDED_LIMIT, "too_many_intermediates", f"{len(chain) - 1} intermediates sent")
     cache_key = None
     if bundle is not None:
-        cache_key = (_chain_key(chain), policy.cache_key)
+        cache_key = (_chain_key(chain), policy.cache_key, leaf_eku)
         hit = bundle.cache.get(cache_key)
         if hit is not None and hit[1] <= now <= hit[2]:
             return hit[0]  # type: ignore[no-any-return]
@@ -409,7 +472,8 @@ def _validate_presented(
     path = _verify_path(leaf, candidates, bundle, policy, now)
     if time.perf_counter() > deadline:
         raise _Failure(VALIDATION_TIMED_OUT, "time_budget", f"over {time_budget:.3f} s")
-    _check_ekus(path)
+    _check_path(path)
+    _check_ekus(path, leaf_eku)
     if len(path) - 1 > policy.max_depth:  # the verifier enforces this too; kept as a guard
         raise _Failure(SEARCH_LIMIT_EXCEEDED, "max_depth", f"{len(path) - 1} certificates above the anchor")
     _check_revocation(path, bundle, policy, now)

@@ -133,7 +133,7 @@ def certificate_fields(leaf_der: bytes, chain: tuple[bytes, ...], verified: bool
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
         dns = san.get_values_for_type(x509.DNSName)
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, ValueError, TypeError):
         pass
     values["client_cert_spiffe_id"] = _spiffe_id(uris)
     values["client_cert_uri_sans"] = _limited(
@@ -308,7 +308,7 @@ def xfcc_element(verdict: Verdict, by: str = "") -> str | None:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
         dns = san.get_values_for_type(x509.DNSName)
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, ValueError, TypeError):
         uris, dns = [], []
     pairs += [("URI", u) for u in uris[:1]]  # Envoy sends the first URI SAN only
     pairs += [("DNS", d) for d in dns]

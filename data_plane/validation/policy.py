@@ -182,7 +182,7 @@ def subject_alt_names(cert: x509.Certificate) -> Mapping[str, list[str]]:
     out: dict[str, list[str]] = {kind: [] for kind in SAN_KINDS}
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError):
+    except (x509.ExtensionNotFound, ValueError, TypeError):
         return out
     for name in san:
         if isinstance(name, x509.DNSName):
