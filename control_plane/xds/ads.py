@@ -255,6 +255,8 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                 assert isinstance(event, discovery_pb2.DiscoveryRequest)
                 if stream.labels is None:
                     await self._admit(stream, event, context)
+                    # Headers now: tells the node it was admitted even if nothing needs sending.
+                    await context.send_initial_metadata(())
                 try:
                     outcome = stream.protocol.on_request(event)
                 except ProtocolError as exc:
@@ -343,3 +345,22 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
             # Wait for a change, then coalesce bursts (1,000 nodes ACKing) into one update per 100 ms.
             await changed.wait()
             await asyncio.sleep(0.1)
+
+
+def options_from_env(environ: Mapping[str, str]) -> XdsOptions:
+    """Debounce settings: MTLSGATE_XDS_DEBOUNCE_QUIET / MTLSGATE_XDS_DEBOUNCE_MAX (seconds)."""
+    try:
+        quiet = float(environ.get("MTLSGATE_XDS_DEBOUNCE_QUIET", "0.1"))
+        most = float(environ.get("MTLSGATE_XDS_DEBOUNCE_MAX", "1.0"))
+    except ValueError as exc:
+        raise ValueError(f"MTLSGATE_XDS_DEBOUNCE_QUIET/MAX must be numbers of seconds: {exc}") from None
+    return XdsOptions(debounce_quiet=max(0.0, quiet), debounce_max=max(quiet, most))
+
+
+def add_xds_services(server: grpc.aio.Server, ctx: Any) -> None:
+    """`control_plane.server.SERVICES` hook: ADS + FleetService over the server's store."""
+    import os
+
+    xds = XdsServer(ctx.store, options_from_env(os.environ))
+    xds.register(server)
+    ctx.on_shutdown.append(xds.close)

@@ -119,6 +119,11 @@ class StreamProtocol:
             return RequestOutcome(RequestKind.SUBSCRIBE, type_url, request.version_info,
                                   push=self._push_if_names_changed(ts))
 
+        if ts.subscribed:
+            # A later request without a nonce (nothing was sent for this type yet): a change of names.
+            ts.names = names
+            return RequestOutcome(RequestKind.SUBSCRIBE, type_url, request.version_info,
+                                  push=self._push_if_names_changed(ts))
         # First request for this type on this stream (new node, or a node reconnecting with what it has).
         ts.subscribed = True
         ts.names = names

@@ -1,0 +1,76 @@
+"""`mtlsgate proxy`: run a proxy node (xDS agent, listeners, admin endpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+from pathlib import Path
+
+from control_plane.cli.common import UsageError, add_server_argument
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"label {text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _host_port(text: str) -> str:
+    _, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "proxy", help="run a proxy node",
+        description="Run a proxy node: connects to the control plane over xDS as --node-id in group --cluster "
+        "with --label labels, applies the listeners its labels select, serves /ready, /config_dump and "
+        "/metrics on --admin. With --cache-dir it keeps the last good configuration and starts from it "
+        "when the control plane is unreachable.",
+    )
+    add_server_argument(p)
+    p.add_argument("--node-id", default=socket.gethostname(), help="xDS node id (default: the host name)")
+    p.add_argument("--cluster", default="default", help="node group (xDS node.cluster; default %(default)s)")
+    p.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE",
+                   help="node label matched by listeners' nodeSelector (repeatable)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default %(default)s)")
+    p.add_argument("--admin", type=_host_port, default="127.0.0.1:9901",
+                   help="admin HTTP HOST:PORT (default %(default)s)")
+    p.add_argument("--cache-dir", type=Path, help="directory for the last good configuration (holds keys: 0700)")
+    p.add_argument("--listen-address", default="0.0.0.0",
+                   help="address the listeners bind (default %(default)s)")
+    p.add_argument("--xds-ca", type=Path, help="CA bundle to verify the control plane (enables TLS)")
+    p.add_argument("--xds-cert", type=Path, help="client certificate for xDS mTLS (its SPIFFE ID/CN = --node-id)")
+    p.add_argument("--xds-key", type=Path, help="private key of --xds-cert")
+    p.add_argument("--backoff-max", type=float, default=5.0,
+                   help="reconnect backoff cap in seconds (full jitter; default %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_plane.node.agent import Backoff
+    from data_plane.node.supervisor import ProxyOptions, configure_logging, run_proxy
+
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if bool(args.xds_cert) != bool(args.xds_key):
+        raise UsageError("--xds-cert and --xds-key go together")
+    for path in (args.xds_ca, args.xds_cert, args.xds_key):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    options = ProxyOptions(
+        server=args.server, node_id=args.node_id, cluster=args.cluster, labels=dict(args.label),
+        workers=args.workers, admin=args.admin, cache_dir=args.cache_dir, listen_address=args.listen_address,
+        xds_ca=args.xds_ca, xds_cert=args.xds_cert, xds_key=args.xds_key,
+        backoff=Backoff(cap=max(0.1, args.backoff_max)),
+    )
+    configure_logging()
+    try:
+        asyncio.run(run_proxy(options))
+    except OSError as exc:
+        raise UsageError(f"cannot start: {exc}") from exc
+    return 0

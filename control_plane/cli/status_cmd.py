@@ -1,0 +1,98 @@
+"""`mtlsgate status`: the fleet's xDS sync state per node and type (like `istioctl proxy-status`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from control_plane.cli.common import CliError, add_server_argument
+from control_plane.xds import resource_types as rt
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "status", help="show every proxy node's xDS sync state",
+        description="One entry per node: id, cluster, connected, overall state (SYNCED / STALE / NOT_SENT / "
+        "ERROR) and per type its state, acked version and last error, plus convergence time (store write → "
+        "ACK). STALE = sent, not yet acknowledged; ERROR = the node rejected the last version sent.",
+    )
+    add_server_argument(p)
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
+    p.add_argument("--cluster", default="", help="only nodes of this cluster")
+    p.set_defaults(func=run)
+
+
+def node_to_json(node: Any) -> dict[str, Any]:
+    from mtlsgate.v1 import api_pb2
+
+    def state(s: int) -> str:
+        return api_pb2.SyncState.Name(s)
+
+    return {
+        "id": node.id,
+        "cluster": node.cluster,
+        "labels": dict(node.labels),
+        "connected": node.connected,
+        "connectedSince": node.connected_since.ToJsonString() if node.HasField("connected_since") else "",
+        "peer": node.peer,
+        "state": state(node.state),
+        "convergenceSeconds": round(node.convergence_seconds, 6),
+        "types": {
+            t.type_url: {
+                "state": state(t.state),
+                "version": t.acked_version,
+                "sentVersion": t.sent_version,
+                "error": t.error,
+                "convergenceSeconds": round(t.convergence_seconds, 6),
+            }
+            for t in node.types
+        },
+    }
+
+
+def render_table(response: Any) -> str:
+    nodes = [node_to_json(n) for n in response.nodes]
+    headers = ["NODE", "CLUSTER", "CONNECTED", "STATE", *[rt.short_type(t).upper() for t in rt.ALL_TYPES],
+               "CONVERGENCE", "ERROR"]
+    rows = []
+    for n in nodes:
+        cells = []
+        errors = []
+        for t in rt.ALL_TYPES:
+            entry = n["types"].get(t, {"state": "NOT_SENT", "version": "", "error": ""})
+            cells.append(f"{entry['state']} {entry['version'][:8]}".strip())
+            if entry["error"] and entry["state"] == "ERROR" and entry["error"] not in errors:
+                errors.append(entry["error"])
+        rows.append([n["id"], n["cluster"], "yes" if n["connected"] else "no", n["state"], *cells,
+                     f"{n['convergenceSeconds'] * 1000:.0f}ms" if n["convergenceSeconds"] else "-",
+                     "; ".join(errors)])
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in [headers, *rows]]
+    lines.append(f"(snapshot revision {response.revision}; {len(rows)} node(s))")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+    from mtlsgate.v1 import api_pb2, api_pb2_grpc
+
+    try:
+        from control_plane.cli.client import open_channel
+    except ImportError:  # TODO(E4): remove once control_plane/cli/client.py lands
+        def open_channel(args: argparse.Namespace) -> grpc.Channel:
+            return grpc.insecure_channel(args.server)
+
+    try:
+        with open_channel(args) as channel:
+            response = api_pb2_grpc.FleetServiceStub(channel).ListNodes(
+                api_pb2.ListNodesRequest(cluster=args.cluster), timeout=10)
+    except grpc.RpcError as exc:
+        raise CliError(f"{args.server}: {exc.code().name}: {exc.details()}") from None
+    if args.output == "json":
+        print(json.dumps({"revision": response.revision, "nodes": [node_to_json(n) for n in response.nodes]},
+                         indent=2))
+    else:
+        print(render_table(response))
+    return 0

@@ -1,0 +1,1 @@
+"""The proxy node's supervisor side: xDS agent, node configuration, port reservations, admin endpoint."""

@@ -1,0 +1,416 @@
+"""The proxy node's xDS client: one ADS stream to the control plane, validate-then-apply, ACK/NACK, the
+last good configuration persisted in the cache dir, reconnects with jittered exponential backoff.
+
+`AgentSession` is the per-stream protocol logic without I/O: responses in, requests and configurations to
+apply out. A Listener response whose certificates or trust bundles are not yet subscribed is held (not
+ACKed) while those names are requested, so the node only ever applies complete configurations. An
+unchanged configuration (a reconnect, a re-sent version) is ACKed without being applied again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import struct_pb2
+from google.protobuf.message import Message
+from google.rpc import code_pb2, status_pb2
+from prometheus_client import Counter, Gauge
+
+from control_plane.xds import resource_types as rt
+from data_plane.node.apply import ConfigApplier, ConfigRejected
+from data_plane.node.config import NodeConfig, decode_resources, validate_node_config
+
+log = logging.getLogger("mtlsgate.node")
+
+CONFIG_INFO = Gauge("mtlsgate_config_info", "Configuration version active on this node", ["type", "version"])
+AGENT_REJECTS = Counter("mtlsgate_node_config_rejects_total", "Configurations this node NACKed", ["type"])
+AGENT_APPLIES = Counter("mtlsgate_node_config_applies_total", "Configurations applied")
+CONNECTED = Gauge("mtlsgate_node_xds_connected", "1 while the xDS stream to the control plane is open")
+
+CACHE_FILE = "last-good.json"
+# If names we asked for have not arrived this long after asking, the held configuration is NACKed.
+MISSING_NAMES_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    id: str
+    cluster: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def to_proto(self) -> base_pb2.Node:
+        metadata = struct_pb2.Struct()
+        metadata.update(dict(self.labels))
+        return base_pb2.Node(id=self.id, cluster=self.cluster, metadata=metadata,
+                             user_agent_name="mtlsgate-proxy")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Full-jitter exponential backoff (AWS architecture blog): sleep U(0, min(cap, base·2^attempt))."""
+
+    base: float = 0.25
+    cap: float = 5.0
+
+    def delay(self, attempt: int, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+        return rng.uniform(0, min(self.cap, self.base * (2 ** min(attempt, 20))))
+
+
+# ---------------------------------------------------------------- cache dir
+
+
+def load_cached(cache_dir: Path) -> NodeConfig | None:
+    path = cache_dir / CACHE_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    return NodeConfig.from_json(text)
+
+
+def save_cached(cache_dir: Path, config: NodeConfig) -> None:
+    """Atomic (tmp + fsync + rename) and private: the file holds the listeners' private keys."""
+    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".last-good.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(config.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, cache_dir / CACHE_FILE)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------- per-stream protocol logic
+
+
+def _request(type_url: str, *, version: str = "", nonce: str = "", names: frozenset[str] | None = None,
+             error: str = "", node: base_pb2.Node | None = None) -> discovery_pb2.DiscoveryRequest:
+    req = discovery_pb2.DiscoveryRequest(type_url=type_url, version_info=version, response_nonce=nonce,
+                                         resource_names=sorted(names or ()))
+    if node is not None:
+        req.node.CopyFrom(node)
+    if error:
+        req.error_detail.CopyFrom(status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=error))
+    return req
+
+
+@dataclass
+class Step:
+    """What the I/O loop must do after a response: send these requests; if `config` is set, validate and
+    apply it first, then send `ack` (success) or NACKs built by `session.rejected(msg)` (failure)."""
+
+    requests: list[discovery_pb2.DiscoveryRequest] = field(default_factory=list)
+    config: NodeConfig | None = None
+    ack: list[discovery_pb2.DiscoveryRequest] = field(default_factory=list)
+
+
+class AgentSession:
+    """One ADS stream's client-side state. `active` is the node's current (last good) configuration."""
+
+    def __init__(self, node: base_pb2.Node, active: NodeConfig | None) -> None:
+        self.node = node
+        self.active = active or NodeConfig()
+        self.nonces: dict[str, str] = {}
+        self.candidates: dict[str, tuple[str, dict[str, Message]]] = {}  # type → (version, resources)
+        self.pending: set[str] = set()  # types received but neither ACKed nor NACKed yet
+        self.subscribed: dict[str, frozenset[str]] = {}
+        self.asked_at: dict[str, float] = {}  # by-name type → when names were last requested
+
+    def initial_requests(self) -> list[discovery_pb2.DiscoveryRequest]:
+        """Listener (wildcard) plus, on a reconnect, the names and versions we already hold."""
+        out = [_request(rt.LISTENER, version=self.active.versions.get(rt.LISTENER, ""), node=self.node)]
+        for type_url, names in self.active.required_names().items():
+            if names:
+                self.subscribed[type_url] = names
+                out.append(_request(type_url, version=self.active.versions.get(type_url, ""), names=names))
+        return out
+
+    def _current(self, type_url: str) -> tuple[str, Mapping[str, Message]]:
+        if type_url in self.candidates:
+            return self.candidates[type_url]
+        held: Mapping[str, Message] = {
+            rt.LISTENER: self.active.listeners, rt.TRUST_BUNDLE: self.active.bundles,
+            rt.SERVER_CERTIFICATE: self.active.certificates,
+        }[type_url]
+        return self.active.versions.get(type_url, ""), held
+
+    def on_response(self, response: discovery_pb2.DiscoveryResponse, now: float) -> Step:
+        type_url = response.type_url
+        self.nonces[type_url] = response.nonce
+        step = Step()
+        try:
+            resources = decode_resources(type_url, list(response.resources))
+        except ConfigRejected as exc:
+            step.requests.append(self._nack(type_url, str(exc)))
+            return step
+        self.candidates[type_url] = (response.version_info, resources)
+        self.pending.add(type_url)
+        self.asked_at.pop(type_url, None)
+        return self._progress(step, now)
+
+    def check_overdue(self, now: float) -> Step:
+        """Called periodically: NACK a held configuration whose requested names never arrived."""
+        overdue = [t for t, at in self.asked_at.items() if now - at > MISSING_NAMES_GRACE]
+        if not overdue or not self.pending:
+            return Step()
+        missing = self._missing()
+        self.asked_at.clear()
+        return Step(requests=self.rejected("; ".join(missing) or "requested resources were not delivered"))
+
+    def _missing(self) -> list[str]:
+        _, listeners = self._current(rt.LISTENER)
+        out = []
+        for type_url, names in _required(listeners).items():
+            _, have = self._current(type_url)
+            out += [f"{rt.short_type(type_url)} {n} was not delivered" for n in sorted(names - set(have))]
+        return out
+
+    def _progress(self, step: Step, now: float) -> Step:
+        _, listeners = self._current(rt.LISTENER)
+        required = _required(listeners)
+        waiting = False
+        for type_url, names in required.items():
+            _, have = self._current(type_url)
+            if names != self.subscribed.get(type_url, frozenset()):
+                if names or type_url in self.subscribed:
+                    self.subscribed[type_url] = names
+                    step.requests.append(_request(type_url, version=self.active.versions.get(type_url, ""),
+                                                  nonce=self.nonces.get(type_url, ""), names=names))
+                if names - set(have):
+                    self.asked_at[type_url] = now
+            if names - set(have):
+                waiting = True
+        if waiting:
+            return step  # hold: ACK/NACK once the names arrive
+        versions = {t: self._current(t)[0] for t in rt.ALL_TYPES}
+        config = NodeConfig(
+            versions={t: v for t, v in versions.items() if v},
+            listeners=dict(listeners),  # type: ignore[arg-type]
+            bundles={n: m for n, m in self._current(rt.TRUST_BUNDLE)[1].items()  # type: ignore[misc]
+                     if n in required[rt.TRUST_BUNDLE]},
+            certificates={n: m for n, m in self._current(rt.SERVER_CERTIFICATE)[1].items()  # type: ignore[misc]
+                          if n in required[rt.SERVER_CERTIFICATE]},
+        )
+        acks = [_request(t, version=self.candidates[t][0], nonce=self.nonces[t], names=self.subscribed.get(t))
+                for t in sorted(self.pending)]
+        if _same(config, self.active):
+            self.accepted(config)
+            step.requests += acks
+            return step
+        step.config = config
+        step.ack = acks
+        return step
+
+    def accepted(self, config: NodeConfig) -> None:
+        self.active = config
+        self.candidates.clear()
+        self.pending.clear()
+
+    def rejected(self, message: str) -> list[discovery_pb2.DiscoveryRequest]:
+        """NACK every held type with `message`, and fall back to the last good configuration."""
+        nacks = [self._nack(t, message) for t in sorted(self.pending)]
+        self.candidates.clear()
+        self.pending.clear()
+        return nacks
+
+    def _nack(self, type_url: str, message: str) -> discovery_pb2.DiscoveryRequest:
+        AGENT_REJECTS.labels(rt.short_type(type_url)).inc()
+        return _request(type_url, version=self.active.versions.get(type_url, ""),
+                        nonce=self.nonces.get(type_url, ""), names=self.subscribed.get(type_url), error=message)
+
+
+def _required(listeners: Mapping[str, Message]) -> dict[str, frozenset[str]]:
+    from data_plane.node.config import required_names
+
+    return required_names(listeners)  # type: ignore[arg-type]
+
+
+def _same(a: NodeConfig, b: NodeConfig) -> bool:
+    return (dict(a.versions) == dict(b.versions) and a.listeners == b.listeners and a.bundles == b.bundles
+            and a.certificates == b.certificates)
+
+
+# ---------------------------------------------------------------- the I/O loop
+
+
+class XdsAgent:
+    """Keeps the node's configuration in step with the control plane and its applier."""
+
+    def __init__(self, server: str, identity: NodeIdentity, applier: ConfigApplier, cache_dir: Path | None,
+                 *, backoff: Backoff | None = None, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.server = server
+        self.identity = identity
+        self.applier = applier
+        self.cache_dir = cache_dir
+        self.backoff = backoff or Backoff()
+        self.credentials = credentials
+        self.active: NodeConfig | None = None
+        self.connected = False
+        self.last_error = ""
+        self.last_error_time = 0.0
+        self.applied_count = 0
+        self.source = ""  # "cache" or "control-plane": where the active configuration came from
+        self._apply_lock = asyncio.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self.active is not None
+
+    async def start_from_cache(self) -> None:
+        if self.cache_dir is None:
+            return
+        try:
+            cached = load_cached(self.cache_dir)
+            if cached is None:
+                return
+            validate_node_config(cached)
+            await self._apply(cached)
+        except ConfigRejected as exc:
+            log.warning("not starting from the cache in %s: %s", self.cache_dir, exc)
+            return
+        self.source = "cache"
+        log.info("started from cached configuration (versions %s)", dict(cached.versions))
+
+    async def run(self) -> None:
+        await self.start_from_cache()
+        attempt = 0
+        while True:
+            got_response = False
+            try:
+                got_response = await self._one_stream()
+            except grpc.aio.AioRpcError as exc:
+                log.warning("xDS stream to %s ended: %s %s", self.server, exc.code().name, exc.details())
+            except (OSError, ConnectionError) as exc:
+                log.warning("xDS stream to %s failed: %r", self.server, exc)
+            finally:
+                self.connected = False
+                CONNECTED.set(0)
+            attempt = 0 if got_response else attempt + 1
+            delay = self.backoff.delay(attempt)
+            log.info("reconnecting to %s in %.2fs", self.server, delay)
+            await asyncio.sleep(delay)
+
+    def _channel(self) -> grpc.aio.Channel:
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                   # Fail fast so our own backoff (with jitter) decides when to retry.
+                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(self.server, self.credentials, options=options)
+        return grpc.aio.insecure_channel(self.server, options=options)
+
+    async def _one_stream(self) -> bool:
+        session = AgentSession(self.identity.to_proto(), self.active)
+        outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+        for request in session.initial_requests():
+            outbox.put_nowait(request)
+
+        async def requests() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+            while True:
+                item = await outbox.get()
+                if item is None:
+                    return
+                yield item
+
+        got_response = False  # the stream was admitted: reset the backoff afterwards
+        async with self._channel() as channel:
+            call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(requests())
+            inbox: asyncio.Queue[object] = asyncio.Queue()
+
+            async def read() -> None:
+                # A separate task: cancelling a pending read (for the periodic overdue check) would end
+                # the call.
+                try:
+                    async for response in call:
+                        inbox.put_nowait(response)
+                    inbox.put_nowait(None)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # handed to the loop below, which raises it
+                    inbox.put_nowait(exc)
+
+            reader = asyncio.create_task(read())
+            try:
+                # The server sends its headers once it has admitted the node (before any response: a
+                # reconnecting node that is up to date gets no response at all).
+                await call.wait_for_connection()
+                got_response = True
+                self.connected = True
+                CONNECTED.set(1)
+                log.info("xDS stream to %s established", self.server)
+                while True:
+                    try:
+                        item = await asyncio.wait_for(inbox.get(), timeout=1.0)
+                    except TimeoutError:
+                        for request in session.check_overdue(time.monotonic()).requests:
+                            outbox.put_nowait(request)
+                        continue
+                    if item is None:
+                        return got_response
+                    if isinstance(item, Exception):
+                        raise item
+                    assert isinstance(item, discovery_pb2.DiscoveryResponse)
+                    step = session.on_response(item, time.monotonic())
+                    for request in step.requests:
+                        outbox.put_nowait(request)
+                    if step.config is not None:
+                        for request in await self._apply_step(session, step):
+                            outbox.put_nowait(request)
+            finally:
+                outbox.put_nowait(None)
+                call.cancel()
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
+    async def _apply_step(self, session: AgentSession, step: Step) -> list[discovery_pb2.DiscoveryRequest]:
+        assert step.config is not None
+        try:
+            validate_node_config(step.config)
+            await self._apply(step.config)
+        except ConfigRejected as exc:
+            self.last_error, self.last_error_time = str(exc), time.time()
+            log.warning("configuration rejected, keeping the last good one: %s", exc)
+            return session.rejected(str(exc))
+        except Exception as exc:  # an applier bug must not kill the agent: NACK and keep the old config
+            log.exception("applying the configuration failed")
+            self.last_error, self.last_error_time = f"apply failed: {exc!r}", time.time()
+            return session.rejected(self.last_error)
+        session.accepted(step.config)
+        self.source = "control-plane"
+        return step.ack
+
+    async def _apply(self, config: NodeConfig) -> None:
+        async with self._apply_lock:
+            await self.applier.apply(config)
+            previous = self.active
+            self.active = config
+            self.applied_count += 1
+            AGENT_APPLIES.inc()
+            for type_url in rt.ALL_TYPES:
+                if previous is not None and previous.versions.get(type_url):
+                    with contextlib.suppress(KeyError):
+                        CONFIG_INFO.remove(rt.short_type(type_url), previous.versions[type_url])
+                if config.versions.get(type_url):
+                    CONFIG_INFO.labels(rt.short_type(type_url), config.versions[type_url]).set(1)
+            if self.cache_dir is not None:
+                try:
+                    save_cached(self.cache_dir, config)
+                except OSError as exc:  # the config is active; only a restart without a control plane suffers
+                    log.error("could not persist the configuration in %s: %s", self.cache_dir, exc)

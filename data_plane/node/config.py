@@ -1,0 +1,157 @@
+"""The node's configuration as received over xDS (`NodeConfig`, plain protobufs so it can be handed to worker
+processes) and its validation before anything is applied: every resource is decoded, compiled with the
+same code the workers use, and cross-checked; the first problem becomes the NACK's message."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+from mtlsgate.v1 import resources_pb2, xds_pb2
+
+from control_plane.xds import resource_types as rt
+from data_plane.node.apply import ConfigRejected
+
+# Bounds on what the control plane (or a forged cache file) can make the node hold.
+MAX_RESOURCES_PER_TYPE = 1000
+MAX_RESOURCE_BYTES = 40 * 1024 * 1024  # a TrustBundle with a 100,000-entry CRL is a few MB
+
+_MESSAGES: dict[str, type[Message]] = {
+    rt.LISTENER: resources_pb2.Listener,
+    rt.TRUST_BUNDLE: xds_pb2.TrustBundle,
+    rt.SERVER_CERTIFICATE: xds_pb2.ServerCertificate,
+}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    versions: Mapping[str, str] = field(default_factory=dict)  # type URL → version
+    listeners: Mapping[str, resources_pb2.Listener] = field(default_factory=dict)
+    bundles: Mapping[str, xds_pb2.TrustBundle] = field(default_factory=dict)
+    certificates: Mapping[str, xds_pb2.ServerCertificate] = field(default_factory=dict)
+
+    def required_names(self) -> dict[str, frozenset[str]]:
+        """The by-name resources its listeners need: certificates and policies' trust bundles."""
+        return required_names(self.listeners)
+
+    # ---- the cache file format (JSON with base64 protobufs; it holds private keys: written 0600)
+
+    def to_json(self) -> str:
+        def enc(m: Mapping[str, Message]) -> dict[str, str]:
+            return {n: base64.b64encode(v.SerializeToString(deterministic=True)).decode() for n, v in m.items()}
+
+        return json.dumps({"versions": dict(self.versions), "listeners": enc(self.listeners),
+                           "bundles": enc(self.bundles), "certificates": enc(self.certificates)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> NodeConfig:
+        try:
+            data = json.loads(text)
+
+            def dec(key: str, message: type[Message]) -> dict[str, Message]:
+                return {n: message.FromString(base64.b64decode(v)) for n, v in data[key].items()}
+
+            return cls(versions={str(k): str(v) for k, v in data["versions"].items()},
+                       listeners=dec("listeners", resources_pb2.Listener),  # type: ignore[arg-type]
+                       bundles=dec("bundles", xds_pb2.TrustBundle),  # type: ignore[arg-type]
+                       certificates=dec("certificates", xds_pb2.ServerCertificate))  # type: ignore[arg-type]
+        except (ValueError, KeyError, TypeError, AttributeError, DecodeError) as exc:
+            raise ConfigRejected(f"cached configuration is unreadable: {exc}") from exc
+
+
+def required_names(listeners: Mapping[str, resources_pb2.Listener]) -> dict[str, frozenset[str]]:
+    certs = {lst.certificate for lst in listeners.values() if lst.certificate}
+    bundles = {lst.resolved_server_tls_policy.mtls_policy.client_validation_trust_config
+               for lst in listeners.values()
+               if lst.resolved_server_tls_policy.mtls_policy.client_validation_trust_config}
+    return {rt.SERVER_CERTIFICATE: frozenset(certs), rt.TRUST_BUNDLE: frozenset(bundles)}
+
+
+def decode_resources(type_url: str, resources: list[any_pb2.Any]) -> dict[str, Message]:
+    """DiscoveryResponse resources → {name: message}; ConfigRejected names the bad one."""
+    if len(resources) > MAX_RESOURCES_PER_TYPE:
+        raise ConfigRejected(f"{len(resources)} {rt.short_type(type_url)} resources; at most "
+                             f"{MAX_RESOURCES_PER_TYPE} accepted")
+    message_type = _MESSAGES.get(type_url)
+    if message_type is None:
+        raise ConfigRejected(f"type {type_url} is not understood by this node")
+    out: dict[str, Message] = {}
+    for index, packed in enumerate(resources):
+        where = f"{rt.short_type(type_url)} resource #{index}"
+        if packed.type_url != type_url:
+            raise ConfigRejected(f"{where}: has type {packed.type_url}, expected {type_url}")
+        if len(packed.value) > MAX_RESOURCE_BYTES:
+            raise ConfigRejected(f"{where}: {len(packed.value)} bytes, more than {MAX_RESOURCE_BYTES}")
+        try:
+            message = message_type.FromString(packed.value)
+        except DecodeError as exc:
+            raise ConfigRejected(f"{where}: cannot be decoded: {exc}") from exc
+        name = message.name  # type: ignore[attr-defined]
+        if not name:
+            raise ConfigRejected(f"{where}: has no name")
+        if name in out:
+            raise ConfigRejected(f"{name}: sent twice in one response")
+        out[name] = message
+    return out
+
+
+def _check_certificate(name: str, cert: xds_pb2.ServerCertificate) -> None:
+    try:
+        chain = x509.load_pem_x509_certificates(cert.pem_certificate_chain.encode())
+    except ValueError as exc:
+        raise ConfigRejected(f"{name}: certificate chain is not valid PEM: {exc}") from exc
+    try:
+        key = serialization.load_pem_private_key(cert.pem_private_key.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        # Never echo key material: say only that it does not load.
+        raise ConfigRejected(f"{name}: private key cannot be loaded ({type(exc).__name__})") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        raise ConfigRejected(f"{name}: private key does not match the leaf certificate")
+
+
+def _check_backend(name: str, backend: str) -> None:
+    host, sep, port = backend.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigRejected(f"{name}: backend {backend[:100]!r} is not HOST:PORT")
+
+
+def validate_node_config(config: NodeConfig) -> None:
+    """Compile everything the workers will compile and cross-check references; raise ConfigRejected with
+    the first problem (`listeners/a: certificate certificates/x was not received`)."""
+    from data_plane.validation.bundle import InvalidBundle, compile_bundle
+    from data_plane.validation.headers import compile_headers
+    from data_plane.validation.policy import compile_policy
+
+    for name, bundle in sorted(config.bundles.items()):
+        try:
+            compile_bundle(bundle)
+        except InvalidBundle as exc:
+            raise ConfigRejected(f"{name}: {exc}") from exc
+    for name, cert in sorted(config.certificates.items()):
+        _check_certificate(name, cert)
+    ports: dict[int, str] = {}
+    for name, lst in sorted(config.listeners.items()):
+        if not 0 < lst.port < 65536:
+            raise ConfigRejected(f"{name}: port {lst.port} is outside 1-65535")
+        if lst.port in ports:
+            raise ConfigRejected(f"{name}: port {lst.port} is also used by {ports[lst.port]}")
+        ports[lst.port] = name
+        if lst.certificate not in config.certificates:
+            raise ConfigRejected(f"{name}: certificate {lst.certificate or '(none)'} was not received")
+        _check_backend(name, lst.backend)
+        policy = lst.resolved_server_tls_policy if lst.HasField("resolved_server_tls_policy") else None
+        trust = policy.mtls_policy.client_validation_trust_config if policy is not None else ""
+        if trust and trust not in config.bundles:
+            raise ConfigRejected(f"{name}: trust bundle {trust} was not received")
+        try:
+            compile_policy(policy)
+            compile_headers(list(lst.custom_request_headers))
+        except ValueError as exc:
+            raise ConfigRejected(f"{name}: {exc}") from exc
