@@ -1,0 +1,160 @@
+"""SPEC §6 hot reload in the workers: new trust material for new handshakes, no restarts, no dropped valid
+connections, revalidateOnUpdate closing connections whose certificate became invalid; listeners opening
+and closing ports; port conflicts refused; dead workers replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+from control_plane.pki import DemoPki
+from data_plane.node.apply import ConfigRejected
+from tests.support import free_port, port_open, wait_until
+from tests.workers.conftest import (
+    PoolHarness,
+    RecordingBackend,
+    client_context,
+    http_roundtrip,
+    https_get,
+    listener,
+    node_config,
+    policy,
+    trust_config,
+)
+
+
+def _config(pki: DemoPki, backend: RecordingBackend, port: int, *, revoked: bool, revalidate: bool,
+            extra: list | None = None):
+    crl = pki.path("crl" if revoked else "empty_crl").read_text()
+    tc = trust_config(pki, crl_pem=crl)
+    lst = listener("reload", port, backend.address, policy("REJECT_INVALID", revalidate_on_update=revalidate))
+    return node_config(pki, [lst, *(extra or [])], tc)
+
+
+def _open_connection(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def _closed_by_server(sock: ssl.SSLSocket) -> bool:
+    sock.settimeout(0.05)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except (ssl.SSLError, OSError):
+        return True
+
+
+class _ClientLoop(threading.Thread):
+    """A valid client making requests on new connections as fast as it can; counts failures."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext) -> None:
+        super().__init__(daemon=True)
+        self.port, self.ctx = port, ctx
+        self.ok = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                status, _, _ = https_get(self.port, self.ctx)
+                if status == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"status {status}")
+            except Exception as exc:
+                self.failures.append(repr(exc))
+
+
+def test_crl_update_applies_to_new_handshakes_and_revalidates_open_connections(
+        harness: PoolHarness, backend: RecordingBackend, demo_pki: DemoPki) -> None:
+    port = free_port()
+    harness.apply(_config(demo_pki, backend, port, revoked=False, revalidate=True))
+    pids = sorted(harness.pool.pids())
+    revoked_ctx = client_context(demo_pki, "revoked")
+    open_conn = _open_connection(port, revoked_ctx)
+    assert http_roundtrip(open_conn)[0] == 200  # not yet revoked
+
+    loop = _ClientLoop(port, client_context(demo_pki, "client"))
+    loop.start()
+    wait_until(lambda: loop.ok >= 5, message="the valid client loop is running")
+    harness.apply(_config(demo_pki, backend, port, revoked=True, revalidate=True))
+    applied_at = time.monotonic()
+    wait_until(lambda: _closed_by_server(open_conn), timeout=1.0, interval=0.01,
+               message="revalidateOnUpdate closes the revoked client's connection")
+    assert time.monotonic() - applied_at < 1.0
+    ok_at_change = loop.ok
+    wait_until(lambda: loop.ok >= ok_at_change + 5, message="the valid client keeps being served")
+    loop.stop.set()
+    loop.join(10)
+    open_conn.close()
+
+    assert loop.failures == []
+    assert sorted(harness.pool.pids()) == pids  # no worker restart
+    with pytest.raises(ssl.SSLError, match="CERTIFICATE_REVOKED"):
+        https_get(port, revoked_ctx)
+
+
+def test_without_revalidation_open_connections_keep_their_verdict(harness: PoolHarness, backend: RecordingBackend,
+                                                                  demo_pki: DemoPki) -> None:
+    port = free_port()
+    harness.apply(_config(demo_pki, backend, port, revoked=False, revalidate=False))
+    conn = _open_connection(port, client_context(demo_pki, "revoked"))
+    assert http_roundtrip(conn)[0] == 200
+    harness.apply(_config(demo_pki, backend, port, revoked=True, revalidate=False))
+    assert http_roundtrip(conn)[0] == 200  # same connection, still served
+    conn.close()
+    with pytest.raises(ssl.SSLError, match="CERTIFICATE_REVOKED"):
+        https_get(port, client_context(demo_pki, "revoked"))
+
+
+def test_listeners_added_removed_and_moved_open_and_close_ports(harness: PoolHarness, backend: RecordingBackend,
+                                                                demo_pki: DemoPki) -> None:
+    port, extra_port, moved_port = free_port(), free_port(), free_port()
+    extra = listener("extra", extra_port, backend.address, None)
+    harness.apply(_config(demo_pki, backend, port, revoked=False, revalidate=False, extra=[extra]))
+    assert https_get(extra_port, client_context(demo_pki, None))[0] == 200
+    moved = listener("extra", moved_port, backend.address, None)
+    harness.apply(_config(demo_pki, backend, port, revoked=False, revalidate=False, extra=[moved]))
+    assert https_get(moved_port, client_context(demo_pki, None))[0] == 200
+    wait_until(lambda: not port_open("127.0.0.1", extra_port), message="the old port is closed")
+    harness.apply(_config(demo_pki, backend, port, revoked=False, revalidate=False))
+    wait_until(lambda: not port_open("127.0.0.1", moved_port), message="the removed listener's port is closed")
+    assert https_get(port, client_context(demo_pki, "client"))[0] == 200
+
+
+def test_port_in_use_is_refused_and_the_last_good_config_keeps_serving(
+        harness: PoolHarness, backend: RecordingBackend, demo_pki: DemoPki) -> None:
+    port = free_port()
+    harness.apply(_config(demo_pki, backend, port, revoked=False, revalidate=False))
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        clash = listener("clash", taken, backend.address, None)
+        with pytest.raises(ConfigRejected, match=f"listeners/clash: port {taken} is already in use"):
+            harness.apply(_config(demo_pki, backend, port, revoked=False, revalidate=False, extra=[clash]))
+    assert https_get(port, client_context(demo_pki, "client"))[0] == 200
+
+
+def test_a_dead_worker_is_replaced_and_runs_the_current_config(harness: PoolHarness, backend: RecordingBackend,
+                                                               demo_pki: DemoPki) -> None:
+    port = free_port()
+    harness.apply(_config(demo_pki, backend, port, revoked=False, revalidate=False))
+    victim = harness.pool.pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(harness.pool.pids()) == 2 and victim not in harness.pool.pids(), timeout=20,
+               message="the killed worker is restarted")
+    version = harness.pool.running_version()
+    wait_until(lambda: all(w.get("version") == version and w["alive"] for w in harness.pool.worker_status()),
+               timeout=20, message="the new worker runs the current version")
+    for _ in range(6):  # SO_REUSEPORT spreads these over both workers
+        assert https_get(port, client_context(demo_pki, "client"))[0] == 200
