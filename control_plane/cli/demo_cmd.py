@@ -486,7 +486,9 @@ def run(args: argparse.Namespace) -> int:
             capture_output=True, text=True, timeout=args.timeout,
         )
         if apply.returncode != 0:
-            raise CliError(f"mtlsgate apply failed (exit {apply.returncode}): {apply.stderr.strip() or apply.stdout.strip()}")
+            output = (apply.stderr.strip() or apply.stdout.strip()).splitlines() or ["no output"]
+            raise CliError(f"mtlsgate apply -f {directory / 'mtlsgate.yaml'} failed (exit {apply.returncode}): "
+                           f"{output[-1]}")
 
         for node in layout.nodes:
             print(f"demo: starting proxy node {node.node_id} on {node.listen_address} …", flush=True)
