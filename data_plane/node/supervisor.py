@@ -17,7 +17,7 @@ import grpc
 
 from data_plane.node.admin import AdminServer
 from data_plane.node.agent import Backoff, NodeIdentity, XdsAgent
-from data_plane.node.apply import ConfigApplier, PortReservations, PortReservingApplier
+from data_plane.node.apply import ConfigApplier, PortReservations
 
 log = logging.getLogger("mtlsgate.node")
 
@@ -56,8 +56,14 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def make_applier(options: ProxyOptions, reservations: PortReservations) -> ConfigApplier:
-    """The component that makes a configuration active on this node."""
-    return PortReservingApplier(reservations)
+    """The component that makes a configuration active on this node: the worker processes."""
+    from prometheus_client import REGISTRY
+
+    from data_plane.workers.pool import WorkerPool
+
+    pool = WorkerPool(options.workers, options.listen_address, reservations)
+    REGISTRY.register(pool.metrics)  # worker counters, summed, on the admin /metrics
+    return pool
 
 
 def channel_credentials(options: ProxyOptions) -> grpc.ChannelCredentials | None:
