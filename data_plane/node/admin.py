@@ -68,6 +68,9 @@ def config_dump(agent: XdsAgent) -> dict[str, Any]:
         dump["listeners"] = [json_format.MessageToDict(lst) for _, lst in sorted(config.listeners.items())]
         dump["bundles"] = [_bundle_summary(b) for _, b in sorted(config.bundles.items())]
         dump["certificates"] = [_certificate_summary(c) for _, c in sorted(config.certificates.items())]
+    worker_status = getattr(agent.applier, "worker_status", None)  # the WorkerPool: what each worker runs
+    if worker_status is not None:
+        dump["workers"] = worker_status()
     return dump
 
 

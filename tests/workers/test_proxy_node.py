@@ -60,6 +60,10 @@ def test_proxy_node_serves_rejects_reports_and_drains(demo_pki: DemoPki, backend
         assert 'mtlsgate_handshakes_total{error="client_cert_revoked",listener="listeners/strict",result="rejected"}' \
             in metrics
         assert 'mtlsgate_requests_total{code="200",listener="listeners/strict"}' in metrics
+        dump = json.loads(_admin(admin, "/config_dump"))
+        assert [w["worker"] for w in dump["workers"]] == [0, 1]
+        assert all(w["alive"] and "listeners/strict" in w["listeners"] for w in dump["workers"])
+        assert "PRIVATE KEY" not in json.dumps(dump)
         assert '"client_rejected"' in proxy.log() and "client_cert_revoked" in proxy.log()
     finally:
         code = proxy.stop(timeout=20)
