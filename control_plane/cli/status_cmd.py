@@ -43,6 +43,7 @@ def node_to_json(node: Any) -> dict[str, Any]:
                 "state": state(t.state),
                 "version": t.acked_version,
                 "sentVersion": t.sent_version,
+                "sentNonce": t.sent_nonce,
                 "error": t.error,
                 "convergenceSeconds": round(t.convergence_seconds, 6),
             }

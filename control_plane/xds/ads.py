@@ -292,6 +292,10 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         except NodeRejected as exc:
             log.warning("xds stream refused: %s", exc)
             await context.abort(exc.code, str(exc))
+        if self.snapshots is None or self.store.revision() != self.snapshots.revision:
+            # Do not answer a new node from a snapshot already known to be stale (the debounced rebuild
+            # would follow with a second push).
+            self._rebuild()
         stream.labels = labels
         stream.node_id = node.id
         stream.protocol.snapshot = self._snapshot_for(labels)

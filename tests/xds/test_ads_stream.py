@@ -1,0 +1,208 @@
+"""xDS protocol rules checked with a raw gRPC ADS client against a real control-plane process: group
+isolation for by-name requests, stale nonces, NACK without re-send, names subscribed later, reconnect
+with the current version, and node identity bound to the xDS client certificate."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import struct_pb2
+from google.rpc import status_pb2
+from mtlsgate.v1 import api_pb2
+
+from control_plane.pki import issue
+from tests.support import Proc, free_port, port_open, wait_until
+from tests.xds.fleet_config import certificate, listener, strict_policy, trust_config
+
+LISTENER = "type.googleapis.com/mtlsgate.v1.Listener"
+CERT = "type.googleapis.com/mtlsgate.v1.ServerCertificate"
+
+
+class RawAds:
+    """A bare ADS stream: send DiscoveryRequests, receive DiscoveryResponses, with deadlines."""
+
+    def __init__(self, channel: grpc.Channel, node_id: str, labels: dict[str, str]) -> None:
+        self.node = base_pb2.Node(id=node_id, cluster="raw")
+        self.node.metadata.CopyFrom(struct_pb2.Struct())
+        self.node.metadata.update(labels)
+        self._out: queue.Queue[discovery_pb2.DiscoveryRequest | None] = queue.Queue()
+        self.responses: queue.Queue[object] = queue.Queue()
+        self._first = True
+        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(self._requests())
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _requests(self) -> Iterator[discovery_pb2.DiscoveryRequest]:
+        while (item := self._out.get()) is not None:
+            yield item
+
+    def _read(self) -> None:
+        try:
+            for response in self.call:
+                self.responses.put(response)
+        except grpc.RpcError as exc:
+            self.responses.put(exc)
+
+    def send(self, type_url: str, *, version: str = "", nonce: str = "", names: tuple[str, ...] = (),
+             error: str = "") -> None:
+        req = discovery_pb2.DiscoveryRequest(type_url=type_url, version_info=version, response_nonce=nonce,
+                                             resource_names=list(names))
+        if self._first:
+            req.node.CopyFrom(self.node)
+            self._first = False
+        if error:
+            req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+        self._out.put(req)
+
+    def recv(self, timeout: float = 10.0) -> discovery_pb2.DiscoveryResponse:
+        item = self.responses.get(timeout=timeout)
+        if isinstance(item, Exception):
+            raise item
+        assert isinstance(item, discovery_pb2.DiscoveryResponse)
+        return item
+
+    def nothing_pending(self) -> bool:
+        return self.responses.empty()
+
+    def close(self) -> None:
+        self._out.put(None)
+        self.call.cancel()
+
+
+@pytest.fixture
+def populated(api, demo_pki):
+    api.put(trust_config(demo_pki))
+    api.put(strict_policy())
+    api.put(certificate(demo_pki))
+    api.put(certificate(demo_pki, "certificates/edge-b"))
+    api.put(listener("listeners/a", free_port(), selector={"zone": "a"}))
+    api.put(listener("listeners/b", free_port(), selector={"zone": "b"}, policy="", cert="certificates/edge-b"))
+    return api
+
+
+def test_protocol_rules_over_a_real_stream(control_plane, populated):
+    api = populated
+    channel = grpc.insecure_channel(control_plane.address)
+    a = RawAds(channel, "raw-a", {"zone": "a"})
+    b = RawAds(channel, "raw-b", {"zone": "b"})
+    try:
+        a.send(LISTENER)
+        first = a.recv()
+        assert first.type_url == LISTENER and [r.type_url for r in first.resources] == [LISTENER]
+        a.send(LISTENER, version=first.version_info, nonce=first.nonce)
+
+        # By-name: another group's certificate is never answered, our own is.
+        a.send(CERT, names=("certificates/edge", "certificates/edge-b"))
+        certs = a.recv()
+        assert len(certs.resources) == 1 and b"certificates/edge-b" not in certs.resources[0].value
+        a.send(CERT, version=certs.version_info, nonce=certs.nonce, names=("certificates/edge", "certificates/edge-b"))
+        b.send(LISTENER)
+        b_first = b.recv()
+        b.send(LISTENER, version=b_first.version_info, nonce=b_first.nonce)
+        wait_until(lambda: api.nodes()["raw-a"].state == api_pb2.SYNCED, message="raw-a SYNCED")
+
+        # A listener change: a stale ACK (old nonce) is ignored, the NACK of the new one is recorded.
+        api.put(listener("listeners/a", free_port(), selector={"zone": "a"}))
+        second = a.recv()
+        assert second.type_url == LISTENER and second.version_info != first.version_info
+        a.send(LISTENER, version=first.version_info, nonce=first.nonce)  # stale
+        wait_until(lambda: api.nodes()["raw-a"].state == api_pb2.STALE, message="raw-a STALE")
+        a.send(LISTENER, version=first.version_info, nonce=second.nonce, error="raw-a cannot use this")
+        status = wait_until(lambda: (n := api.nodes()["raw-a"]).state == api_pb2.ERROR and n,
+                            message="raw-a ERROR")
+        (lst,) = [t for t in status.types if t.type_url == LISTENER]
+        assert lst.error == "raw-a cannot use this" and lst.acked_version == first.version_info
+        assert lst.sent_version == second.version_info
+
+        # A change elsewhere is pushed to group b; raw-a gets nothing (its snapshot did not change).
+        api.put(listener("listeners/b", free_port(), selector={"zone": "b"}, policy="", cert="certificates/edge-b"))
+        b_second = b.recv()
+        assert b_second.version_info != b_first.version_info
+        with pytest.raises(queue.Empty):
+            a.recv(timeout=0.5)
+
+        # The configuration changes again: raw-a gets the new version.
+        api.put(listener("listeners/a", free_port(), selector={"zone": "a"}))
+        third = a.recv()
+        assert third.type_url == LISTENER and third.version_info not in (first.version_info, second.version_info)
+        a.send(LISTENER, version=third.version_info, nonce=third.nonce)
+        wait_until(lambda: api.nodes()["raw-a"].state == api_pb2.SYNCED, message="raw-a SYNCED again")
+    finally:
+        a.close()
+        b.close()
+
+    # Reconnect holding the current version: nothing is re-sent, and the node shows SYNCED.
+    again = RawAds(channel, "raw-a", {"zone": "a"})
+    try:
+        again.send(LISTENER, version=third.version_info)
+        wait_until(lambda: (n := api.nodes()["raw-a"]).connected and n.state == api_pb2.SYNCED,
+                   message="raw-a reconnected and SYNCED")
+        with pytest.raises(queue.Empty):
+            again.recv(timeout=0.5)
+    finally:
+        again.close()
+        channel.close()
+
+
+def test_unknown_type_and_missing_node_id_are_refused(control_plane, populated):
+    channel = grpc.insecure_channel(control_plane.address)
+    try:
+        anonymous = RawAds(channel, "", {})
+        anonymous.send(LISTENER)
+        with pytest.raises(grpc.RpcError) as err:
+            anonymous.recv()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "node.id" in err.value.details()
+        odd = RawAds(channel, "raw-odd", {})
+        odd.send("type.googleapis.com/envoy.config.cluster.v3.Cluster")
+        with pytest.raises(grpc.RpcError) as err:
+            odd.recv()
+        assert "not served" in err.value.details()
+    finally:
+        channel.close()
+
+
+@pytest.mark.slow
+def test_node_id_is_bound_to_the_xds_client_certificate(tmp_path: Path, logs_dir: Path, demo_pki):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from control_plane.pki import Issued
+
+    inter = Issued(x509.load_pem_x509_certificate(demo_pki.path("intermediate_cert").read_bytes()),
+                   serialization.load_pem_private_key(demo_pki.path("intermediate_key").read_bytes(), None))
+    node_cert = issue("node-1", issuer=inter, uris=("spiffe://demo.mtlsgate/node/node-1",),
+                      eku=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+    chain = tmp_path / "ca-chain.pem"
+    chain.write_text(demo_pki.path("ca_cert").read_text() + demo_pki.path("intermediate_cert").read_text())
+    address = f"127.0.0.1:{free_port()}"
+    proc = Proc(["control-plane", "--listen", address, "--db", str(tmp_path / "s.db"),
+                 "--tls-cert", str(demo_pki.path("server_cert")), "--tls-key", str(demo_pki.path("server_key")),
+                 "--client-ca", str(chain)], logs_dir / "cp-mtls.log")
+    try:
+        wait_until(lambda: port_open("127.0.0.1", int(address.rpartition(":")[2])), timeout=20,
+                   message="mTLS control plane")
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=demo_pki.path("ca_cert").read_bytes(),
+            private_key=node_cert.key_pem.encode(),
+            certificate_chain=(node_cert.cert_pem + demo_pki.path("intermediate_cert").read_text()).encode())
+        channel = grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", "localhost")])
+        impostor = RawAds(channel, "node-2", {})
+        impostor.send(LISTENER)
+        with pytest.raises(grpc.RpcError) as err:
+            impostor.recv()
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "node-1" in err.value.details()
+        for identity in ("spiffe://demo.mtlsgate/node/node-1", "node-1"):
+            honest = RawAds(channel, identity, {})
+            honest.send(LISTENER)
+            assert honest.recv().type_url == LISTENER
+            honest.close()
+        channel.close()
+    finally:
+        proc.stop()
