@@ -287,17 +287,17 @@ def _signature_hash_is_weak(cert: x509.Certificate) -> bool:
 
 
 def _diagnose(
-    leaf: x509.Certificate, candidates: Sequence[x509.Certificate], bundle: CompiledBundle, now: datetime, message: str
+    leaf: x509.Certificate, candidates: Sequence[x509.Certificate], bundle: CompiledBundle, now: datetime,
+    max_depth: int, message: str,
 ) -> _Failure:
     """Name the most specific reason the verifier refused: walk the most plausible path by issuer name
     and report the first broken link; fall back to the verifier's own message."""
-    if "exceeds max depth" in message:
-        return _Failure(SEARCH_LIMIT_EXCEEDED, "max_depth", "chain is deeper than the policy allows")
     if "signature check limit" in message:
         return _Failure(SEARCH_LIMIT_EXCEEDED, "too_many_candidates", message)
     pool = list(bundle.anchors) + list(candidates)
     anchors = {a.fingerprint(hashes.SHA256()) for a in bundle.anchors}
     cert = leaf
+    depth = 0
     for depth in range(MAX_INTERMEDIATES + 2):
         role = "leaf" if depth == 0 else f"chain[{depth}]"
         subject = cert.subject.rfc4514_string()
@@ -325,6 +325,10 @@ def _diagnose(
         if signer is None:
             return _Failure(VALIDATION_FAILED, "bad_signature", f"{role} {subject}: signature does not verify")
         cert = signer
+    else:
+        return _Failure(VALIDATION_FAILED, "unknown_issuer", "no path to a trust anchor")
+    if "exceeds max depth" in message or depth > max_depth:
+        return _Failure(SEARCH_LIMIT_EXCEEDED, "max_depth", f"{depth} certificates above the anchor, limit {max_depth}")
     return _Failure(VALIDATION_FAILED, _reason_from_message(message), message)
 
 
@@ -363,7 +367,7 @@ def _verify_path(
     try:
         return list(verifier.verify(leaf, candidates).chain)
     except verification.VerificationError as exc:
-        raise _diagnose(leaf, candidates, bundle, now, str(exc)) from None
+        raise _diagnose(leaf, candidates, bundle, now, policy.max_depth, str(exc)) from None
 
 
 def _check_revocation(path: Sequence[x509.Certificate], bundle: CompiledBundle, policy: ClientPolicy, now: datetime) -> None:
