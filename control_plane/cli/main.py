@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "control_plane.cli.echo_cmd",
     "control_plane.cli.probe_cmd",
     "control_plane.cli.demo_cmd",
+    "control_plane.cli.check_cmd",
 ]
 
 
