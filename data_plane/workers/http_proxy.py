@@ -11,7 +11,7 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import httptools
@@ -53,28 +53,36 @@ class ProtocolViolation(Exception):
 
 
 class BackendConnection(asyncio.Protocol):
-    """A kept-alive HTTP/1.1 connection to a backend; feeds response bytes to whoever waits for them."""
+    """A kept-alive HTTP/1.1 connection to a backend. While an exchange is active, response bytes go
+    straight through httptools into the exchange's callbacks, which write to the client: no queue, no
+    coroutine switch per chunk."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.exchange: Exchange | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.chunks.put_nowait(data)
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # a backend talking out of turn cannot be trusted with the next request
+            return
+        exchange.received(data)
 
     def eof_received(self) -> bool | None:
-        self.closed = True
-        self.chunks.put_nowait(None)
+        self._lost()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed:
-            self.closed = True
-            self.chunks.put_nowait(None)
+        self._lost()
+
+    def _lost(self) -> None:
+        self.closed = True
+        if self.exchange is not None:
+            self.exchange.backend_closed()
 
     def close(self) -> None:
         self.closed = True
@@ -94,16 +102,16 @@ class BackendPool:
         idle = self._idle.get(address)
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.chunks.empty():
+            if not conn.closed:
                 return conn, True
-            conn.close()
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(BackendConnection, address[0], address[1]), BACKEND_CONNECT_TIMEOUT)
+        async with asyncio.timeout(BACKEND_CONNECT_TIMEOUT):
+            _, conn = await loop.create_connection(BackendConnection, address[0], address[1])
         return conn, False
 
     def release(self, address: tuple[str, int], conn: BackendConnection) -> None:
         idle = self._idle[address]
+        conn.exchange = None
         if conn.closed or len(idle) >= MAX_IDLE_BACKEND_CONNECTIONS:
             conn.close()
         else:
@@ -116,27 +124,139 @@ class BackendPool:
         self._idle.clear()
 
 
-class _BackendResponse:
-    """httptools callbacks for one backend response."""
+class Exchange:
+    """One request's response from a backend, relayed to the client as it is parsed (httptools
+    callbacks). `done` resolves to (status, backend reusable, client keep-alive); BackendFailed is set
+    when the backend closed or sent garbage before a response began."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: ClientConnection, request: _Request, backend: BackendConnection) -> None:
+        self.client = client
+        self.request = request
+        self.backend = backend
+        self.parser = httptools.HttpResponseParser(self)
+        self.done: asyncio.Future[tuple[int, bool, bool]] = asyncio.get_running_loop().create_future()
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.headers_done = False
-        self.body: list[bytes] = []
-        self.complete = False
+        self.started = False  # the response head went to the client
+        self.interim = False
+        self.chunked_out = False
+        self.client_keep_alive = request.keep_alive and not client.worker.draining
+        self.out: list[bytes] = []
+        backend.exchange = self
+
+    # ---- bytes from the backend
+
+    def received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if not self.started:
+                self._fail(f"malformed backend response: {exc}")
+            else:
+                self._finish(backend_reusable=False, client_keep_alive=False)
+            return
+        self._flush()
+        if self.request.method == b"HEAD" and self.started and not self.done.done():
+            self._finish(backend_reusable=False, client_keep_alive=self.client_keep_alive)
+
+    def backend_closed(self) -> None:
+        if self.done.done():
+            return
+        if not self.started:
+            self._fail("backend closed the connection without a response")
+            return
+        # a close-delimited body ends here
+        if self.chunked_out:
+            self.out.append(b"0\r\n\r\n")
+        self._flush()
+        self._finish(backend_reusable=False, client_keep_alive=self.client_keep_alive and self.chunked_out)
+
+    # ---- httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.headers_done = True
+        self.status = self.parser.get_status_code()
+        if 100 <= self.status < 200:
+            self.interim = True  # not relayed; the final response follows on the same connection
+            return
+        self._head()
 
     def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+        if self.interim:
+            return
+        if self.chunked_out:
+            self.out.append(b"%x\r\n%b\r\n" % (len(body), body))
+        else:
+            self.out.append(body)
 
     def on_message_complete(self) -> None:
-        self.complete = True
+        if self.interim:
+            self.interim = False
+            self.headers = []
+            return
+        if self.chunked_out:
+            self.out.append(b"0\r\n\r\n")
+        self._flush()
+        self._finish(backend_reusable=self.parser.should_keep_alive(), client_keep_alive=self.client_keep_alive)
+
+    # ---- to the client
+
+    def _head(self) -> None:
+        strip = set(_HOP_BY_HOP)
+        has_length = False
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"connection":
+                strip.update(token.strip().lower() for token in value.split(b","))
+            elif lname == b"content-length":
+                has_length = True
+        no_body = self.request.method == b"HEAD" or self.status in (204, 304)
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, _REASONS.get(self.status, "Status").encode())]
+        lines.extend(name + b": " + value + b"\r\n" for name, value in self.headers if name.lower() not in strip)
+        if not has_length and not no_body:
+            if self.request.http_version == "1.1":
+                self.chunked_out = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.client_keep_alive = False
+        if not self.client_keep_alive:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        self.out.append(b"".join(lines))
+        self.started = True
+
+    def _flush(self) -> None:
+        if not self.out:
+            return
+        data = b"".join(self.out)
+        self.out.clear()
+        try:
+            self.client.send(data)
+        except TlsFailed:
+            self._finish(backend_reusable=False, client_keep_alive=False)
+            return
+        if self.client.write_paused and self.backend.transport is not None:
+            # The client reads slower than the backend writes: stop reading the backend until it drains.
+            self.backend.transport.pause_reading()
+            self.client.on_write_resumed = self._resume_backend
+
+    def _resume_backend(self) -> None:
+        if self.backend.transport is not None and not self.backend.closed:
+            self.backend.transport.resume_reading()
+
+    def _finish(self, *, backend_reusable: bool, client_keep_alive: bool) -> None:
+        if not self.done.done():
+            self.done.set_result((self.status, backend_reusable, client_keep_alive))
+
+    def _fail(self, message: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(BackendFailed(message))
+
+
+class BackendFailed(Exception):
+    """The backend closed or misbehaved before a response began (nothing was sent to the client)."""
 
 
 # ---------------------------------------------------------------- client side
@@ -151,7 +271,7 @@ class _Request:
     keep_alive: bool
     chunked: bool
     content_length: bytes | None
-    body: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    body: asyncio.Queue[bytes | None] | None = None  # only for requests that have a body
     buffered: int = 0
 
 
@@ -185,8 +305,10 @@ class ClientConnection(asyncio.Protocol):
         self._handler: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
-        self._can_write = asyncio.Event()
-        self._can_write.set()
+        self.write_paused = False
+        self.on_write_resumed: Callable[[], None] | None = None
+        self._cert_header_lines: bytes | None = None
+        self._cert_header_verdict: Any = None
         self._paused_reading = False
         self.in_flight = False
 
@@ -238,13 +360,19 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_timer()
         if self._handler is not None and not self._handler.done():
             self._handler.cancel()
-        self._can_write.set()
+        self._resume_writers()
 
     def pause_writing(self) -> None:
-        self._can_write.clear()
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self._can_write.set()
+        self.write_paused = False
+        self._resume_writers()
+
+    def _resume_writers(self) -> None:
+        callback, self.on_write_resumed = self.on_write_resumed, None
+        if callback is not None:
+            callback()
 
     # ---- TLS
 
@@ -351,19 +479,22 @@ class ClientConnection(asyncio.Protocol):
             headers=self._cur_headers, keep_alive=parser.should_keep_alive(), chunked=chunked,
             content_length=content_length,
         )
+        if chunked or content_length not in (None, b"0"):
+            request.body = asyncio.Queue()
         self._current = request
         self._pending.append(request)
         if self._handler is None:
             self._handler = asyncio.get_running_loop().create_task(self._serve())
 
     def on_body(self, body: bytes) -> None:
-        if self._current is not None:
+        if self._current is not None and self._current.body is not None:
             self._current.buffered += len(body)
             self._current.body.put_nowait(body)
 
     def on_message_complete(self) -> None:
         if self._current is not None:
-            self._current.body.put_nowait(None)
+            if self._current.body is not None:
+                self._current.body.put_nowait(None)
             self._current = None
 
     def _pause_reading(self) -> None:
@@ -414,7 +545,7 @@ class ClientConnection(asyncio.Protocol):
         return await self._forward(request, listener, verdict)
 
     async def _drain_body(self, request: _Request) -> None:
-        if request.content_length is None and not request.chunked:
+        if request.body is None:
             return
         while True:
             chunk = await request.body.get()
@@ -447,8 +578,12 @@ class ClientConnection(asyncio.Protocol):
         lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer if forwarded_for else peer) + b"\r\n")
         lines.append(b"X-Forwarded-Proto: https\r\n")
         if listener.mtls and verdict is not None:
-            for name, value in listener.header_set.render(verdict):
-                lines.append(f"{name}: {value}\r\n".encode())
+            if self._cert_header_lines is None or self._cert_header_verdict is not verdict:
+                # rendered once per connection (and again if revalidation replaced the verdict)
+                self._cert_header_lines = b"".join(
+                    f"{name}: {value}\r\n".encode("latin-1") for name, value in listener.header_set.render(verdict))
+                self._cert_header_verdict = verdict
+            lines.append(self._cert_header_lines)
         xfcc = self._xfcc_value(listener, verdict, incoming_xfcc)
         if xfcc:
             lines.append(b"X-Forwarded-Client-Cert: " + xfcc + b"\r\n")
@@ -468,36 +603,44 @@ class ClientConnection(asyncio.Protocol):
 
     async def _forward(self, request: _Request, listener: ListenerRuntime, verdict: Any) -> bool:
         head = self._upstream_head(request, listener, verdict)
-        has_body = request.chunked or (request.content_length not in (None, b"0"))
-        status = 502
+        has_body = request.body is not None
+        backend = f"{listener.backend[0]}:{listener.backend[1]}"
         for attempt in (0, 1):
             try:
                 conn, reused = await self.worker.backends.acquire(listener.backend)
-            except (TimeoutError, OSError) as exc:
-                return self._backend_failed(request, 502 if not isinstance(exc, asyncio.TimeoutError) else 504,
-                                            f"cannot connect to backend {listener.backend[0]}:{listener.backend[1]}")
+            except TimeoutError:
+                return self._backend_failed(request, 504, f"connecting to backend {backend} timed out")
+            except OSError as exc:
+                return self._backend_failed(request, 502, f"cannot connect to backend {backend}: {exc.strerror or exc}")
             assert conn.transport is not None
+            exchange = Exchange(self, request, conn)
             conn.transport.write(head)
-            if has_body:
-                await self._send_body(request, conn)
             try:
-                result = await asyncio.wait_for(self._relay_response(request, conn), BACKEND_RESPONSE_TIMEOUT)
+                async with asyncio.timeout(BACKEND_RESPONSE_TIMEOUT):
+                    if has_body:
+                        await self._send_body(request, conn)
+                    status, backend_reusable, client_keep_alive = await exchange.done
+            except asyncio.CancelledError:
+                conn.close()  # the client went away mid-exchange: this backend connection is in an unknown state
+                raise
             except TimeoutError:
                 conn.close()
-                return self._backend_failed(request, 504, "backend did not answer in time")
-            except _BackendClosedEarly:
+                if exchange.started:
+                    return False  # the head already went out; all we can do is close
+                return self._backend_failed(request, 504, f"backend {backend} did not answer in time")
+            except BackendFailed as exc:
                 conn.close()
                 if reused and attempt == 0 and not has_body:
                     continue  # the backend closed an idle keep-alive connection: retry once on a fresh one
-                return self._backend_failed(request, 502, "backend closed the connection without a response")
-            status, backend_keep_alive, client_keep_alive = result
-            if backend_keep_alive:
+                return self._backend_failed(request, 502, f"backend {backend}: {exc}")
+            if backend_reusable:
                 self.worker.backends.release(listener.backend, conn)
             else:
+                conn.exchange = None
                 conn.close()
             self.worker.counters.inc("mtlsgate_requests_total", listener.name, str(status))
             return client_keep_alive
-        return self._backend_failed(request, status, "backend failed")
+        return False
 
     def _backend_failed(self, request: _Request, status: int, message: str) -> bool:
         assert self.listener is not None
@@ -507,7 +650,7 @@ class ClientConnection(asyncio.Protocol):
         return request.keep_alive
 
     async def _send_body(self, request: _Request, conn: BackendConnection) -> None:
-        assert conn.transport is not None
+        assert conn.transport is not None and request.body is not None
         while True:
             chunk = await request.body.get()
             if chunk is None:
@@ -521,93 +664,10 @@ class ClientConnection(asyncio.Protocol):
                 conn.transport.write(chunk)
             self._resume_reading()
 
-    async def _relay_response(self, request: _Request, conn: BackendConnection) -> tuple[int, bool, bool]:
-        """Stream one backend response to the client; returns (status, backend keep-alive, client keep-alive)."""
-        response = _BackendResponse()
-        parser = httptools.HttpResponseParser(response)
-        is_head = request.method == b"HEAD"
-        started = False
-        client_keep_alive = request.keep_alive and not self.worker.draining
-        chunked_out = False
-        while True:
-            data = await conn.chunks.get()
-            if data is None:
-                if not started:
-                    raise _BackendClosedEarly()
-                with contextlib.suppress(httptools.HttpParserError):
-                    parser.feed_data(b"")
-                if not response.complete:
-                    # close-delimited body ended (or the backend broke mid-body)
-                    if chunked_out:
-                        self._write(b"0\r\n\r\n")
-                    return response.status, False, client_keep_alive and chunked_out
-                break
-            started = True
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserError as exc:
-                if not response.headers_done:
-                    return self._bad_backend_response(request, f"malformed backend response: {exc}")
-                return response.status, False, False
-            if response.headers_done and response.status == 0:
-                response.status = parser.get_status_code()
-                if 100 <= response.status < 200:
-                    # interim responses are not relayed; wait for the final one
-                    response = _BackendResponse()
-                    parser = httptools.HttpResponseParser(response)
-                    continue
-                chunked_out, client_keep_alive = self._send_response_head(
-                    request, response, client_keep_alive, is_head)
-                if is_head:
-                    return response.status, False, client_keep_alive
-            if response.body and response.status:
-                body = b"".join(response.body)
-                response.body.clear()
-                if chunked_out:
-                    self._write(b"%x\r\n%b\r\n" % (len(body), body))
-                else:
-                    self._write(body)
-                await self._can_write.wait()
-            if response.complete:
-                break
-        if chunked_out:
-            self._write(b"0\r\n\r\n")
-        return response.status, parser.should_keep_alive(), client_keep_alive
-
-    def _bad_backend_response(self, request: _Request, message: str) -> tuple[int, bool, bool]:
-        self._backend_failed(request, 502, message)
-        return 502, False, request.keep_alive
-
-    def _send_response_head(self, request: _Request, response: _BackendResponse, client_keep_alive: bool,
-                            is_head: bool) -> tuple[bool, bool]:
-        strip = set(_HOP_BY_HOP)
-        has_length = False
-        for name, value in response.headers:
-            lname = name.lower()
-            if lname == b"connection":
-                strip.update(token.strip().lower() for token in value.split(b","))
-            elif lname == b"content-length":
-                has_length = True
-        no_body = is_head or response.status in (204, 304)
-        lines = [f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Status')}\r\n".encode()]
-        lines.extend(name + b": " + value + b"\r\n" for name, value in response.headers
-                     if name.lower() not in strip)
-        chunked_out = False
-        if not has_length and not no_body:
-            if request.http_version == "1.1":
-                chunked_out = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-            else:
-                client_keep_alive = False
-        if not client_keep_alive:
-            lines.append(b"Connection: close\r\n")
-        lines.append(b"\r\n")
-        self._write(b"".join(lines))
-        return chunked_out, client_keep_alive
-
     # ---- writing to the client
 
-    def _write(self, data: bytes) -> None:
+    def send(self, data: bytes) -> None:
+        """Encrypt and send response bytes; raises TlsFailed when the client is gone."""
         if self._closing or self.tls is None or self.transport is None:
             raise TlsFailed("client connection closed")
         self.tls.write(data)
@@ -621,7 +681,7 @@ class ClientConnection(asyncio.Protocol):
                 f"Content-Length: {len(payload)}\r\n{connection}\r\n")
         self.worker.counters.inc("mtlsgate_requests_total", self.listener.name, str(status))
         with contextlib.suppress(TlsFailed):
-            self._write(head.encode() + payload)
+            self.send(head.encode() + payload)
 
     def _send_error_and_close(self, status: int, message: str) -> None:
         self._respond_simple(status, f"{status} {_REASONS.get(status, '')}: {message}\n", False)
@@ -658,5 +718,3 @@ class ClientConnection(asyncio.Protocol):
             self._timer = None
 
 
-class _BackendClosedEarly(Exception):
-    pass

@@ -67,10 +67,10 @@ class ListenerRuntime:
     client_policy: Any
     summary: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def spoofable_names(self) -> frozenset[bytes]:
-        """Lowercase names of the headers we set: removed from every incoming request (SPEC §5)."""
-        return frozenset(n.encode() for n in self.header_set.names)
+    spoofable_names: frozenset[bytes] = frozenset()  # lowercase names of the headers we set (SPEC §5)
+
+    def __post_init__(self) -> None:
+        self.spoofable_names = frozenset(n.encode() for n in self.header_set.names)
 
     def validate(self, chain: Sequence[bytes]) -> Any:
         """The engine's verdict now (it memoises successful verdicts per bundle, inside their validity)."""

@@ -1,0 +1,263 @@
+"""SPEC §10 B1/B2: new mTLS handshakes/s and kept-alive proxied requests/s through one mtlsgate node
+(WorkerPool, 2 workers) vs nginx (2 workers), same certificates (ECDSA P-256 and RSA-2048), same load
+generator (bench/mtls_load.c, compiled here), same backend (a static nginx server), in one run.
+
+    .venv/bin/python bench/proxy.py [--seconds 5] [--hs-procs 4] [--ka-procs 8]
+
+Installs nginx (apt-get) and compiles the load generator (gcc, libssl-dev) when missing.
+Both servers: TLS 1.3, no session tickets or cache, client certificate required and verified against the
+same root + intermediate, upstream keep-alive to the backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
+
+from control_plane.pki import crl_pem, issue, make_crl  # noqa: E402
+
+
+def ensure_tools(work: Path) -> Path:
+    if shutil.which("nginx") is None:
+        print("installing nginx-light with apt-get …", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx-light"], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+    if not Path("/usr/include/openssl/ssl.h").exists():
+        subprocess.run(["apt-get", "install", "-y", "-qq", "gcc", "libssl-dev"], check=True,
+                       stdout=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    binary = work / "mtls_load"
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(ROOT / "bench" / "mtls_load.c"), "-lssl", "-lcrypto"],
+                   check=True)
+    return binary
+
+
+def make_pki(work: Path, key: str) -> dict[str, Path]:
+    """Root → intermediate → server and client certificates, all with `key` (ec-p256 / rsa-2048)."""
+    root = issue(f"bench root {key}", ca=True, key=key)
+    inter = issue(f"bench intermediate {key}", issuer=root, ca=True, path_length=0, key=key)
+    server = issue("bench server", issuer=inter, key=key, eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
+                   dns=("localhost",), ips=("127.0.0.1",))
+    client = issue("bench client", issuer=inter, key=key, uris=("spiffe://bench/client",))
+    files = {
+        "ca": root.cert_pem, "cas": root.cert_pem + inter.cert_pem, "intermediate": inter.cert_pem,
+        "server_cert": server.cert_pem + inter.cert_pem, "server_key": server.key_pem,
+        "client_cert": client.cert_pem + inter.cert_pem, "client_key": client.key_pem,
+        # nginx checks CRLs for the whole chain (CRL_CHECK_ALL), so the root's is included too
+        "crl": crl_pem(make_crl(inter, [12345])) + crl_pem(make_crl(root, [])),
+    }
+    out = {}
+    for name, text in files.items():
+        path = work / f"{key}-{name}.pem"
+        path.write_text(text)
+        out[name] = path
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def start_nginx(work: Path, name: str, body: str) -> subprocess.Popen[bytes]:
+    prefix = work / name
+    prefix.mkdir(exist_ok=True)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""{user}worker_processes 2;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/tmp; proxy_temp_path {prefix}/tmp; fastcgi_temp_path {prefix}/tmp;
+  uwsgi_temp_path {prefix}/tmp; scgi_temp_path {prefix}/tmp;
+  {body}
+}}
+""")
+    (prefix / "tmp").mkdir(exist_ok=True)
+    return subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def nginx_proxy_body(pki: dict[str, Path], port: int, backend_port: int) -> str:
+    return f"""
+  upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{port} ssl reuseport;
+    ssl_certificate {pki['server_cert']}; ssl_certificate_key {pki['server_key']};
+    ssl_client_certificate {pki['cas']}; ssl_verify_client on; ssl_verify_depth 3;
+    ssl_crl {pki['crl']};
+    ssl_protocols TLSv1.3; ssl_session_tickets off; ssl_session_cache off;
+    location / {{
+      proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header X-Client-Cert-Present true;
+      proxy_set_header X-Client-Cert-Chain-Verified $ssl_client_verify;
+      proxy_set_header X-Client-Cert-Serial-Number $ssl_client_serial;
+      proxy_set_header X-Client-Cert-Hash $ssl_client_fingerprint;
+      proxy_set_header X-Forwarded-For $remote_addr; proxy_set_header X-Forwarded-Proto https;
+    }}
+  }}"""
+
+
+class MtlsgateNode:
+    """A WorkerPool with 2 workers (the node's data plane) on its own event loop thread."""
+
+    def __init__(self, pki: dict[str, Path], port: int, backend_port: int) -> None:
+        from data_plane.node.config import NodeConfig
+        from data_plane.validation.bundle import trust_bundle_from_trust_config
+        from data_plane.workers.pool import WorkerPool
+        from mtlsgate.v1 import resources_pb2, xds_pb2
+
+        tc = resources_pb2.TrustConfig(name="trustConfigs/bench")
+        store = tc.trust_stores.add()
+        store.trust_anchors.add(pem_certificate=pki["ca"].read_text())
+        store.intermediate_cas.add(pem_certificate=pki["intermediate"].read_text())
+        store.crls.add(pem_crl=pki["crl"].read_text())
+        policy = resources_pb2.ServerTlsPolicy(name="serverTlsPolicies/bench")
+        policy.mtls_policy.client_validation_mode = resources_pb2.MTLSPolicy.REJECT_INVALID
+        policy.mtls_policy.client_validation_trust_config = tc.name
+        listener = resources_pb2.Listener(name="listeners/bench", port=port, backend=f"127.0.0.1:{backend_port}",
+                                          certificate="certificates/bench", server_tls_policy=policy.name)
+        listener.resolved_server_tls_policy.CopyFrom(policy)
+        cert = xds_pb2.ServerCertificate(name="certificates/bench",
+                                         pem_certificate_chain=pki["server_cert"].read_text(),
+                                         pem_private_key=pki["server_key"].read_text())
+        self.config = NodeConfig(versions={"bench": "1"}, listeners={listener.name: listener},
+                                 bundles={tc.name: trust_bundle_from_trust_config(tc)},
+                                 certificates={cert.name: cert})
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.pool = WorkerPool(2, "127.0.0.1")
+        self._run(self.pool.start())
+        self._run(self.pool.apply(self.config))
+
+    def _run(self, coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)  # type: ignore[arg-type]
+
+    def worker_pids(self) -> list[int]:
+        return self.pool.pids()
+
+    def close(self) -> None:
+        self._run(self.pool.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU of processes (and their reaped children) from /proc, in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])
+        except (OSError, IndexError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def nginx_worker_pids(master: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def load(binary: Path, port: int, mode: str, procs: int, seconds: float, pki: dict[str, Path]) -> dict:
+    out = subprocess.run([str(binary), "127.0.0.1", str(port), mode, str(procs), str(seconds),
+                          str(pki["client_cert"]), str(pki["client_key"])],
+                         capture_output=True, text=True, timeout=seconds + 60, check=True)
+    return json.loads(out.stdout)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each measurement")
+    parser.add_argument("--hs-procs", type=int, default=4, help="load processes for the handshake test")
+    parser.add_argument("--ka-procs", type=int, default=8, help="kept-alive connections for the request test")
+    parser.add_argument("--keys", default="ec-p256,rsa-2048")
+    args = parser.parse_args()
+    command = "python bench/proxy.py " + " ".join(sys.argv[1:])
+    work = Path(tempfile.mkdtemp(prefix="mtlsgate-bench-"))
+    binary = ensure_tools(work)
+
+    backend_port = free_port()
+    backend = start_nginx(work, "backend", f"""
+  server {{ listen 127.0.0.1:{backend_port} reuseport; keepalive_requests 1000000;
+    location / {{ return 200 "ok\\n"; }} }}""")
+    wait_port(backend_port)
+    results: dict[str, dict[str, dict]] = {}
+    try:
+        for key in args.keys.split(","):
+            pki = make_pki(work, key)
+            results[key] = {}
+            nginx_port, node_port = free_port(), free_port()
+            nginx = start_nginx(work, f"nginx-{key}", nginx_proxy_body(pki, nginx_port, backend_port))
+            node = MtlsgateNode(pki, node_port, backend_port)
+            try:
+                wait_port(nginx_port)
+                wait_port(node_port)
+                servers = {"nginx": (nginx_port, lambda: nginx_worker_pids(nginx.pid)),
+                           "mtlsgate": (node_port, node.worker_pids)}
+                for name, (port, pids) in servers.items():
+                    load(binary, port, "ka", 2, 1.0, pki)  # warm up (imports, caches, upstream pool)
+                    for mode, procs in (("hs", args.hs_procs), ("ka", args.ka_procs)):
+                        cpu_before = cpu_seconds(pids())
+                        r = load(binary, port, mode, procs, args.seconds, pki)
+                        r["server_cpu_ms_per_op"] = round(1000 * (cpu_seconds(pids()) - cpu_before) / max(r["ok"], 1), 3)
+                        results[key][f"{name}_{mode}"] = r
+                        print(f"{key:9} {name:9} {mode}: {r['rate']:9.1f}/s  errors {r['errors']}  "
+                              f"server CPU {r['server_cpu_ms_per_op']} ms/op", flush=True)
+            finally:
+                node.close()
+                nginx.terminate()
+                nginx.wait(10)
+    finally:
+        backend.terminate()
+        backend.wait(10)
+
+    print("\nSPEC §10 (one run, one 2-core machine shared by client, proxy and backend)")
+    print(f"{'key':9} {'metric':28} {'mtlsgate':>10} {'nginx':>10} {'ratio':>7}")
+    summary = {}
+    for key, r in results.items():
+        for mode, label in (("hs", "B1 new mTLS handshakes/s"), ("ka", "B2 kept-alive requests/s")):
+            ours, theirs = r[f"mtlsgate_{mode}"]["rate"], r[f"nginx_{mode}"]["rate"]
+            ratio = ours / theirs if theirs else 0.0
+            summary[f"{key}_{mode}"] = {"mtlsgate": ours, "nginx": theirs, "ratio": round(ratio, 2)}
+            print(f"{key:9} {label:28} {ours:10.1f} {theirs:10.1f} {ratio:7.2f}")
+    print(f"\ncommand: {command}")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
