@@ -1,0 +1,150 @@
+"""`mtlsgate check` as a user runs it: offline on the `pki init` files, and live against a real
+control-plane process over gRPC (CheckService)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from google.protobuf import json_format
+from mtlsgate.v1 import api_pb2, api_pb2_grpc, resources_pb2
+
+from control_plane.pki import DemoPki
+from tests.support import MTLSGATE, Proc, free_port, wait_until
+
+
+def mtlsgate(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MTLSGATE, *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+def offline(pki: DemoPki, cert: str, *extra: str | Path) -> subprocess.CompletedProcess[str]:
+    return mtlsgate("check", "--cert", pki.path(cert), "--trust-config", pki.path("trust_config"),
+                    "--policy", pki.path("server_tls_policy"), *extra)
+
+
+@pytest.mark.parametrize(
+    "cert, code, error, reason",
+    [
+        ("client_cert", 0, "", ""),
+        ("revoked_cert", 1, "client_cert_revoked", "revoked"),
+        ("expired_cert", 1, "client_cert_validation_failed", "expired"),
+        ("wrong_eku_cert", 1, "client_cert_chain_invalid_eku", "leaf_eku"),
+        ("untrusted_cert", 1, "client_cert_validation_failed", "unknown_issuer"),
+    ],
+)
+def test_offline_demo_certificates(demo_pki: DemoPki, cert: str, code: int, error: str, reason: str) -> None:
+    result = offline(demo_pki, cert, "-o", "json")
+    assert result.returncode == code, result.stderr
+    out = json.loads(result.stdout)
+    assert set(out) == {"present", "chain_verified", "error", "reason", "headers"}
+    assert (out["present"], out["chain_verified"], out["error"], out["reason"]) == (True, code == 0, error, reason)
+    assert out["headers"]["X-Client-Cert-Error"] == error
+    assert len(out["headers"]) == 14
+
+
+def test_offline_at_and_text_output(demo_pki: DemoPki) -> None:
+    later = offline(demo_pki, "client_cert", "--at", "2040-01-01T00:00:00Z")
+    assert later.returncode == 1
+    assert "reason:         expired" in later.stdout
+    assert "X-Client-Cert-Present: true" in later.stdout
+
+
+def test_offline_allow_mode_accepts_everything(demo_pki: DemoPki, tmp_path: Path) -> None:
+    policy = tmp_path / "allow.yaml"
+    policy.write_text("mtlsPolicy:\n  clientValidationMode: ALLOW_INVALID_OR_MISSING_CLIENT_CERT\n")
+    result = mtlsgate("check", "--cert", demo_pki.path("revoked_cert"), "--trust-config",
+                      demo_pki.path("trust_config"), "--policy", policy, "-o", "json")
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["error"] == "client_cert_revoked"
+
+
+def test_offline_listener_header_set(demo_pki: DemoPki, tmp_path: Path) -> None:
+    listener = tmp_path / "listener.yaml"
+    listener.write_text("kind: Listener\nport: 8443\ncustomRequestHeaders:\n- 'X-Who:{client_cert_spiffe_id}'\n")
+    result = offline(demo_pki, "client_cert", "--listener", listener, "-o", "json")
+    assert json.loads(result.stdout)["headers"] == {"X-Who": "spiffe://demo.mtlsgate/client/valid"}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--at", "yesterday"], "--at 'yesterday': not an RFC 3339 time"),
+        (["--at", "2030-01-01T00:00:00"], "give a UTC offset"),
+    ],
+)
+def test_offline_usage_errors(demo_pki: DemoPki, args: list[str], message: str) -> None:
+    result = offline(demo_pki, "client_cert", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_offline_input_errors(demo_pki: DemoPki, tmp_path: Path) -> None:
+    bad_policy = tmp_path / "bad.yaml"
+    bad_policy.write_text("mtlsPolicy:\n  clientValidationMode: REJECT_INVALID\n  matchSubjectAltNames:\n  - dns: '(a'\n")
+    result = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--trust-config",
+                      demo_pki.path("trust_config"), "--policy", bad_policy)
+    assert result.returncode == 2
+    assert "mtlsPolicy.matchSubjectAltNames[0].dns: invalid RE2 pattern" in result.stderr
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("mtlsPolicy:\n  clientValidationMod: REJECT_INVALID\n")
+    result = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--trust-config",
+                      demo_pki.path("trust_config"), "--policy", typo)
+    assert result.returncode == 2 and "clientValidationMod" in result.stderr
+    result = mtlsgate("check", "--cert", demo_pki.path("ca_key"), "--trust-config",
+                      demo_pki.path("trust_config"), "--policy", demo_pki.path("server_tls_policy"))
+    assert result.returncode == 2 and "certificate chain" in result.stderr
+    assert "PRIVATE KEY" not in result.stderr
+
+
+# ---------------------------------------------------------------- live: a real control plane
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path, demo_pki: DemoPki) -> Iterator[str]:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    proc = Proc(["control-plane", "--listen", address, "--db", tmp_path / "cp.db"], tmp_path / "cp.log")
+    try:
+        channel = grpc.insecure_channel(address)
+        wait_until(lambda: grpc.channel_ready_future(channel).result(timeout=0.5) is None,
+                   timeout=20, message="control plane to accept connections")
+        tc = json_format.ParseDict(yaml.safe_load(demo_pki.path("trust_config").read_text()), resources_pb2.TrustConfig())
+        api_pb2_grpc.TrustConfigServiceStub(channel).CreateTrustConfig(
+            api_pb2.CreateTrustConfigRequest(trust_config_id="demo", trust_config=tc), timeout=10)
+        policy = json_format.ParseDict(yaml.safe_load(demo_pki.path("server_tls_policy").read_text()),
+                                       resources_pb2.ServerTlsPolicy())
+        api_pb2_grpc.ServerTlsPolicyServiceStub(channel).CreateServerTlsPolicy(
+            api_pb2.CreateServerTlsPolicyRequest(server_tls_policy_id="strict", server_tls_policy=policy), timeout=10)
+        channel.close()
+        yield address
+    finally:
+        proc.stop()
+
+
+@pytest.mark.slow
+def test_live_check_against_a_control_plane(control_plane: str, demo_pki: DemoPki) -> None:
+    def live(cert: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return mtlsgate("check", "--cert", demo_pki.path(cert), "--policy", "serverTlsPolicies/strict",
+                        "--server", control_plane, *extra)
+
+    ok = live("client_cert", "-o", "json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["headers"]["X-Client-Cert-SPIFFE"] == "spiffe://demo.mtlsgate/client/valid"
+    # The same verdict as offline, for every demo certificate.
+    for cert in ("revoked_cert", "expired_cert", "untrusted_cert"):
+        result = live(cert, "-o", "json")
+        assert result.returncode == 1
+        assert json.loads(result.stdout) == json.loads(offline(demo_pki, cert, "-o", "json").stdout)
+    full_name = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--server", control_plane, "--policy",
+                         "projects/p/locations/global/serverTlsPolicies/strict", "--at", "2040-01-01T00:00:00Z")
+    assert full_name.returncode == 1 and "expired" in full_name.stdout
+    missing = live("client_cert", "--listener", "listeners/nope")
+    assert missing.returncode == 2 and "listeners/nope not found" in missing.stderr
+    unknown = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--policy", "serverTlsPolicies/nope",
+                       "--server", control_plane)
+    assert unknown.returncode == 2 and "NOT_FOUND" in unknown.stderr
