@@ -1,0 +1,345 @@
+"""Convergence benchmark (SPEC §10 B3, B4): a real control plane, 2 real proxy nodes and simulated xDS clients.
+
+B3: N CRL rotations (TrustConfig updates through the API); for each, the time from the API write
+returning to every node (2 real + `--sim` simulated) having ACKed the new TrustBundle — for real nodes an
+ACK means the workers already enforce it. ACK times are the control plane's receipt times (FleetService
+`last_ack_time`), so they include the whole path. p50/p99 over writes, plus per-node p50/p99.
+B4: `--scale` simulated clients on one control plane: its RSS before/after, and the time to push one
+change to all of them.
+
+Simulated clients are ADS streams in this process (grpc.aio, 50 streams per channel) that subscribe like a
+node and ACK every response at once. Run: `.venv/bin/python bench/convergence.py` (add `--quick` for a
+short run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from mtlsgate.v1 import api_pb2, api_pb2_grpc, resources_pb2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from control_plane.pki import Issued, crl_pem, init_demo_pki, make_crl
+from control_plane.xds import resource_types as rt
+
+ROOT = Path(__file__).resolve().parents[1]
+MTLSGATE = [sys.executable, "-m", "control_plane.cli.main"]
+STREAMS_PER_CHANNEL = 50
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise SystemExit(f"timed out after {timeout}s waiting for {what}")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+class SimNode:
+    """One simulated node: subscribes to the three types with the known names and ACKs everything."""
+
+    def __init__(self, index: int, channel: grpc.aio.Channel, cluster: str) -> None:
+        self.node = base_pb2.Node(id=f"{cluster}-{index:04d}", cluster=cluster)
+        self.node.metadata.update({"zone": "a"})
+        self.channel = channel
+        self.versions: dict[str, str] = {}
+
+    async def run(self) -> None:
+        outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+        names = {rt.LISTENER: [], rt.TRUST_BUNDLE: ["trustConfigs/demo"], rt.SERVER_CERTIFICATE: ["certificates/edge"]}
+        first = True
+        for type_url, n in names.items():
+            req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=n)
+            if first:
+                req.node.CopyFrom(self.node)
+                first = False
+            outbox.put_nowait(req)
+
+        async def requests():
+            while True:
+                yield await outbox.get()
+
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel).StreamAggregatedResources(requests())
+        async for response in call:
+            self.versions[response.type_url] = response.version_info
+            outbox.put_nowait(discovery_pb2.DiscoveryRequest(
+                type_url=response.type_url, version_info=response.version_info, response_nonce=response.nonce,
+                resource_names=names[response.type_url]))
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.pki = init_demo_pki(workdir / "pki")
+        self.address = f"127.0.0.1:{free_port()}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.channel = grpc.insecure_channel(self.address)
+        self.fleet = api_pb2_grpc.FleetServiceStub(self.channel)
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        self.inter = Issued(x509.load_pem_x509_certificate(self.pki.path("intermediate_cert").read_bytes()),
+                            serialization.load_pem_private_key(self.pki.path("intermediate_key").read_bytes(), None))
+        self.rotation = 0
+
+    def start(self, args: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        out = open(self.workdir / log, "ab")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen([*MTLSGATE, *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, **(env or {})})
+        self.procs.append(proc)
+        return proc
+
+    def start_control_plane(self) -> subprocess.Popen[bytes]:
+        env = {"MTLSGATE_XDS_DEBOUNCE_QUIET": str(self.args.debounce_quiet),
+               "MTLSGATE_XDS_DEBOUNCE_MAX": str(self.args.debounce_max)}
+        proc = self.start(["control-plane", "--listen", self.address, "--db", str(self.workdir / "store.db")],
+                          "control-plane.log", env)
+        host, _, port = self.address.rpartition(":")
+
+        def up() -> bool:
+            try:
+                socket.create_connection((host, int(port)), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(up, 30, "the control plane")
+        return proc
+
+    def populate(self) -> None:
+        ch = self.channel
+        tc = resources_pb2.TrustConfig(name="trustConfigs/demo")
+        store = tc.trust_stores.add()
+        store.trust_anchors.add(pem_certificate=self.pki.path("ca_cert").read_text())
+        store.intermediate_cas.add(pem_certificate=self.pki.path("intermediate_cert").read_text())
+        store.crls.add(pem_crl=self.pki.path("crl").read_text())
+        self.trust_config = tc
+        api_pb2_grpc.TrustConfigServiceStub(ch).UpdateTrustConfig(
+            api_pb2.UpdateTrustConfigRequest(trust_config=tc, allow_missing=True))
+        policy = resources_pb2.ServerTlsPolicy(name="serverTlsPolicies/strict")
+        policy.mtls_policy.client_validation_mode = resources_pb2.MTLSPolicy.REJECT_INVALID
+        policy.mtls_policy.client_validation_trust_config = "trustConfigs/demo"
+        api_pb2_grpc.ServerTlsPolicyServiceStub(ch).UpdateServerTlsPolicy(
+            api_pb2.UpdateServerTlsPolicyRequest(server_tls_policy=policy, allow_missing=True))
+        cert = resources_pb2.Certificate(name="certificates/edge",
+                                         pem_certificate=self.pki.path("server_cert").read_text(),
+                                         pem_private_key=self.pki.path("server_key").read_text())
+        api_pb2_grpc.CertificateServiceStub(ch).UpdateCertificate(
+            api_pb2.UpdateCertificateRequest(certificate=cert, allow_missing=True))
+        lst = resources_pb2.Listener(name="listeners/strict", port=free_port("127.0.0.2"),
+                                     node_selector={"zone": "a"}, certificate="certificates/edge",
+                                     server_tls_policy="serverTlsPolicies/strict", backend="127.0.0.1:9")
+        api_pb2_grpc.ListenerServiceStub(ch).UpdateListener(
+            api_pb2.UpdateListenerRequest(listener=lst, allow_missing=True))
+
+    def rotate_crl(self) -> float:
+        """One CRL rotation through the API; returns the time the write returned."""
+        self.rotation += 1
+        tc = resources_pb2.TrustConfig()
+        tc.CopyFrom(self.trust_config)
+        tc.trust_stores[0].crls[0].pem_crl = crl_pem(make_crl(self.inter, [10_000 + self.rotation]))
+        api_pb2_grpc.TrustConfigServiceStub(self.channel).UpdateTrustConfig(
+            api_pb2.UpdateTrustConfigRequest(trust_config=tc, allow_missing=True))
+        return time.time()
+
+    def bundle_acks(self) -> dict[str, tuple[str, float]]:
+        """node id → (acked TrustBundle version, control plane's ACK receipt time)."""
+        out = {}
+        for node in self.fleet.ListNodes(api_pb2.ListNodesRequest(), timeout=30).nodes:
+            for t in node.types:
+                if t.type_url == rt.TRUST_BUNDLE:
+                    out[node.id] = (t.acked_version, t.last_ack_time.ToNanoseconds() / 1e9)
+        return out
+
+    def measure_rotation(self, expected: int) -> tuple[float, list[float]]:
+        before = self.bundle_acks()
+        written = self.rotate_crl()
+
+        def all_acked() -> dict[str, tuple[str, float]] | None:
+            now = self.bundle_acks()
+            done = [i for i, (v, _) in now.items() if v and v != before.get(i, ("", 0))[0]]
+            return now if len(done) >= expected else None
+
+        acks = wait_for(all_acked, 60, "every node to ACK the rotation", interval=0.05)
+        per_node = [at - written for i, (v, at) in acks.items() if v and v != before.get(i, ("", 0))[0]]
+        return max(per_node), per_node
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def run_sims(address: str, count: int, cluster: str, stop: asyncio.Event) -> None:
+    channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, -(-count // STREAMS_PER_CHANNEL)))]
+    sims = [SimNode(i, channels[i // STREAMS_PER_CHANNEL], cluster) for i in range(count)]
+    tasks = [asyncio.create_task(s.run()) for s in sims]
+    await stop.wait()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for c in channels:
+        await c.close()
+
+
+class SimThread:
+    """Simulated clients on their own event loop in a thread, so the benchmark can block on polls."""
+
+    def __init__(self, address: str, count: int, cluster: str) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.stop_event: asyncio.Event | None = None
+        ready = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.stop_event = asyncio.Event()
+            ready.set()
+            self.loop.run_until_complete(run_sims(address, count, cluster, self.stop_event))
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        ready.wait()
+
+    def stop(self) -> None:
+        assert self.stop_event is not None
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(30)
+
+
+def b3(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    bench = Bench(args, workdir / "b3")
+    (workdir / "b3").mkdir(parents=True, exist_ok=True)
+    sims = None
+    try:
+        bench.start_control_plane()
+        bench.populate()
+        for i, addr in enumerate(("127.0.0.2", "127.0.0.3")):
+            bench.start(["proxy", "--server", bench.address, "--node-id", f"real-{i}", "--cluster", "real",
+                         "--label", "zone=a", "--workers", "1", "--admin", f"127.0.0.1:{free_port()}",
+                         "--listen-address", addr, "--cache-dir", str(bench.workdir / f"cache-{i}")],
+                        f"proxy-{i}.log")
+        sims = SimThread(bench.address, args.sim, "sim")
+        expected = args.sim + 2
+        wait_for(lambda: len([v for v, _ in bench.bundle_acks().values() if v]) >= expected, 120,
+                 f"{expected} nodes to ACK the initial configuration", interval=0.1)
+        totals: list[float] = []
+        per_node: list[float] = []
+        for _ in range(args.writes):
+            total, nodes = bench.measure_rotation(expected)
+            totals.append(total)
+            per_node += nodes
+            time.sleep(max(0.2, args.debounce_quiet * 2))
+        return {"writes": len(totals), "nodes": expected, "all_p50": pct(totals, 0.5), "all_p99": pct(totals, 0.99),
+                "all_max": max(totals), "node_p50": pct(per_node, 0.5), "node_p99": pct(per_node, 0.99),
+                "all_mean": statistics.mean(totals)}
+    finally:
+        if sims is not None:
+            sims.stop()
+        bench.stop()
+
+
+def b4(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    (workdir / "b4").mkdir(parents=True, exist_ok=True)
+    bench = Bench(args, workdir / "b4")
+    sims = None
+    try:
+        cp = bench.start_control_plane()
+        bench.populate()
+        time.sleep(0.5)
+        rss_idle = rss_mb(cp.pid)
+        sims = SimThread(bench.address, args.scale, "scale")
+        wait_for(lambda: len([v for v, _ in bench.bundle_acks().values() if v]) >= args.scale, 300,
+                 f"{args.scale} simulated nodes to ACK", interval=0.25)
+        rss_connected = rss_mb(cp.pid)
+        pushes = []
+        for _ in range(args.scale_writes):
+            total, _nodes = bench.measure_rotation(args.scale)
+            pushes.append(total)
+            time.sleep(0.3)
+        rss_after = rss_mb(cp.pid)
+        return {"nodes": args.scale, "rss_idle_mb": rss_idle, "rss_connected_mb": rss_connected,
+                "rss_after_pushes_mb": rss_after, "per_node_kb": (rss_after - rss_idle) * 1024 / args.scale,
+                "push_all_median": statistics.median(pushes), "push_all_max": max(pushes)}
+    finally:
+        if sims is not None:
+            sims.stop()
+        bench.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sim", type=int, default=200, help="simulated clients next to the 2 real nodes (B3)")
+    parser.add_argument("--writes", type=int, default=30, help="CRL rotations measured (B3)")
+    parser.add_argument("--scale", type=int, default=1000, help="simulated clients for B4")
+    parser.add_argument("--scale-writes", type=int, default=5, help="changes pushed to all of them (B4)")
+    parser.add_argument("--debounce-quiet", type=float, default=0.1, help="control plane debounce quiet period")
+    parser.add_argument("--debounce-max", type=float, default=1.0, help="control plane debounce max delay")
+    parser.add_argument("--quick", action="store_true", help="short run: 10 writes, 2 B4 pushes")
+    parser.add_argument("--only", choices=["b3", "b4"], help="run one part")
+    args = parser.parse_args()
+    if args.quick:
+        args.writes, args.scale_writes = 10, 2
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/convergence.py", *sys.argv[1:]])
+    with tempfile.TemporaryDirectory(prefix="mtlsgate-convergence-") as tmp:
+        workdir = Path(tmp)
+        if args.only in (None, "b3"):
+            r = b3(args, workdir)
+            print(f"B3 convergence, API write returned -> all {r['nodes']} nodes ACKed (2 real + {args.sim} "
+                  f"simulated), {r['writes']} CRL rotations, debounce {args.debounce_quiet * 1000:.0f} ms quiet:")
+            print(f"   all-ACKed p50 {r['all_p50'] * 1000:.0f} ms  p99 {r['all_p99'] * 1000:.0f} ms  "
+                  f"max {r['all_max'] * 1000:.0f} ms;  per node p50 {r['node_p50'] * 1000:.0f} ms  "
+                  f"p99 {r['node_p99'] * 1000:.0f} ms   (target p99 < 500 ms, goal < 100 ms)")
+        if args.only in (None, "b4"):
+            r = b4(args, workdir)
+            print(f"B4 one control plane, {r['nodes']} simulated nodes: RSS idle {r['rss_idle_mb']:.0f} MB, "
+                  f"connected {r['rss_connected_mb']:.0f} MB, after pushes {r['rss_after_pushes_mb']:.0f} MB "
+                  f"(~{r['per_node_kb']:.0f} KB/node; target < 300 MB, goal < 100 MB)")
+            print(f"   push one change to all: median {r['push_all_median'] * 1000:.0f} ms, max "
+                  f"{r['push_all_max'] * 1000:.0f} ms   (target < 2 s, goal < 0.5 s)")
+    print(f"command: {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
