@@ -11,6 +11,7 @@ restarts and replicas. Every resource is encoded (packed into an `Any`) once per
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any as TypingAny
@@ -20,6 +21,8 @@ from google.protobuf.message import Message
 from mtlsgate.v1 import resources_pb2, xds_pb2
 
 from control_plane.xds import resource_types as rt
+
+log = logging.getLogger("mtlsgate.xds")
 
 # A group key: the sorted names of the listeners a node's labels select.
 GroupKey = tuple[str, ...]
@@ -159,11 +162,18 @@ class SnapshotBuilder:
                 bundle.name = name
                 return bundle
 
-            bundles[name] = encode(rt.TRUST_BUNDLE, name, [tc], make_bundle)
+            try:
+                bundles[name] = encode(rt.TRUST_BUNDLE, name, [tc], make_bundle)
+            except ValueError as exc:
+                # Writes are validated, so this means a damaged store; one bad bundle must not stop every
+                # group's updates. Nodes needing it NACK ("… was not delivered") and keep their config.
+                log.error("%s cannot be distributed: %s", name, exc)
         certs: dict[str, any_pb2.Any] = {}
         for name, cert in certificates.items():
-            certs[name] = encode(rt.SERVER_CERTIFICATE, name, [cert],
-                                 lambda cert=cert, name=name: server_certificate(cert, name))
+            def make_cert(cert: resources_pb2.Certificate = cert, name: str = name) -> Message:
+                return server_certificate(cert, name)
+
+            certs[name] = encode(rt.SERVER_CERTIFICATE, name, [cert], make_cert)
 
         self._encoded = encoded_now
         return StateSnapshots(state.revision, state.written_at, listeners, bundles, certs)
@@ -192,16 +202,15 @@ class StateSnapshots:
         if snap is not None:
             return snap
         listeners = {n: self.listeners[n][1] for n in key}
-        cert_names = {self.listeners[n][2] for n in key} - {None}
-        trust_names = {self.listeners[n][3] for n in key} - {None}
+        cert_names = {c for n in key if (c := self.listeners[n][2])}
+        trust_names = {t for n in key if (t := self.listeners[n][3])}
         # A reference to a missing resource cannot happen through the API (references are checked on
         # write); skipping it keeps a broken store from producing a half-encoded resource.
         bundles = {n: self.bundles[n] for n in trust_names if n in self.bundles}
         certs = {n: self.certificates[n] for n in cert_names if n in self.certificates}
-        types = {
-            t: TypeSnapshot(t, content_version(res), res)
-            for t, res in ((rt.LISTENER, listeners), (rt.TRUST_BUNDLE, bundles), (rt.SERVER_CERTIFICATE, certs))
-        }
+        by_type: tuple[tuple[str, dict[str, any_pb2.Any]], ...] = (
+            (rt.LISTENER, listeners), (rt.TRUST_BUNDLE, bundles), (rt.SERVER_CERTIFICATE, certs))
+        types = {t: TypeSnapshot(t, content_version(res), res) for t, res in by_type}
         snap = GroupSnapshot(key, self.revision, self.written_at, types)
         self._groups[key] = snap
         return snap
