@@ -11,9 +11,12 @@ from control_plane.cli.common import CliError, UsageError
 # Each module defines `register(subparsers)`; its parsers set `func(args) -> int`.
 COMMAND_MODULES = [
     "control_plane.cli.pki_cmd",
+    "control_plane.cli.control_plane_cmd",
     "control_plane.cli.echo_cmd",
     "control_plane.cli.probe_cmd",
     "control_plane.cli.demo_cmd",
+    "control_plane.cli.proxy_cmd",
+    "control_plane.cli.status_cmd",
     "control_plane.cli.check_cmd",
 ]
 

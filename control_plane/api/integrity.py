@@ -1,0 +1,61 @@
+"""Cross-resource rules, checked atomically inside each store write: references must resolve, a
+REJECT_INVALID policy needs a non-empty TrustConfig, and a referenced resource cannot be deleted.
+Pure functions of (store state, the write)."""
+
+from __future__ import annotations
+
+from google.protobuf.message import Message
+from mtlsgate.v1 import resources_pb2
+
+from control_plane.api.errors import InvalidResource, ReferenceConflict
+from control_plane.resource_names import KINDS, references
+from control_plane.store.base import StoreState
+from data_plane.validation.resources import FieldViolation, trust_config_is_empty
+
+_REJECT_INVALID = resources_pb2.MTLSPolicy.ClientValidationMode.REJECT_INVALID
+
+
+def referrers(state: StoreState, name: str) -> list[tuple[str, str]]:
+    """(resource name, field) of every stored resource that references `name`."""
+    found = []
+    for kind in KINDS:
+        for other_name, other in state.collection(kind.collection).items():
+            for ref in references(other):
+                if ref.target == name:
+                    found.append((other_name, ref.field))
+    return found
+
+
+def _rejecting_policy_violation(policy: resources_pb2.ServerTlsPolicy, trust_config: Message) -> bool:
+    return (policy.HasField("mtls_policy") and policy.mtls_policy.client_validation_mode == _REJECT_INVALID
+            and trust_config_is_empty(trust_config))  # type: ignore[arg-type]
+
+
+def check_write(state: StoreState, name: str, new: Message | None) -> None:
+    """Raise ReferenceConflict / InvalidResource if writing `new` (None = deleting `name`) onto `state`
+    would break a cross-resource rule."""
+    if new is None:
+        users = referrers(state, name)
+        if users:
+            listed = ", ".join(f"{n} ({field})" for n, field in users)
+            raise ReferenceConflict([FieldViolation("name", f"{name} is still referenced by {listed}; "
+                                                    "change or delete those first")])
+        return
+    missing = [FieldViolation(ref.field, f"{ref.target} does not exist")
+               for ref in references(new) if ref.target not in state.collection(ref.kind.collection)]
+    if missing:
+        raise ReferenceConflict(missing)
+    if isinstance(new, resources_pb2.ServerTlsPolicy) and new.HasField("mtls_policy"):
+        tc_name = new.mtls_policy.client_validation_trust_config
+        tc = state.trust_configs.get(tc_name) if tc_name else None
+        if tc is not None and _rejecting_policy_violation(new, tc):
+            raise InvalidResource([FieldViolation(
+                "mtlsPolicy.clientValidationTrustConfig",
+                f"{tc_name} has no trust anchor and no allowlisted certificate: REJECT_INVALID would refuse "
+                "every client")])
+    if isinstance(new, resources_pb2.TrustConfig) and trust_config_is_empty(new):
+        users = [p_name for p_name, p in state.server_tls_policies.items()
+                 if p.mtls_policy.client_validation_trust_config == name and _rejecting_policy_violation(p, new)]
+        if users:
+            raise ReferenceConflict([FieldViolation(
+                "trustStores", f"would leave {name} empty, but REJECT_INVALID policies use it: {', '.join(users)}")])

@@ -1,0 +1,233 @@
+"""TrustConfigService, ServerTlsPolicyService, CertificateService and ListenerService: one generic
+implementation of Create/Get/List/Update/Delete (AIP style: etag preconditions, validate_only, upsert with
+allow_missing, update masks) parameterised by the resource kind."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2, field_mask_pb2
+from google.protobuf.message import Message
+from mtlsgate.v1 import api_pb2, resources_pb2
+
+from control_plane.api.auth import Tokens, caller_identity
+from control_plane.api.errors import InvalidResource, status_for
+from control_plane.api.integrity import check_write
+from control_plane.resource_names import KINDS, InvalidName, Kind, normalise_name, normalise_references
+from control_plane.store.base import AlreadyExists, EtagMismatch, NotFound, Store, StoreError, StoreState
+from data_plane.validation import resources as validation
+from data_plane.validation.resources import FieldViolation
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+_VALIDATORS: dict[str, Callable[[Any], list[FieldViolation]]] = {
+    "trustConfigs": validation.validate_trust_config,
+    "serverTlsPolicies": validation.validate_server_tls_policy,
+    "certificates": validation.validate_certificate,
+    "listeners": validation.validate_listener,
+}
+_OUTPUT_ONLY = ("etag", "create_time", "update_time")
+
+
+def redact(resource: Message) -> Message:
+    """What a client may see: private keys are write-only (their SPKI SHA-256 is returned instead)."""
+    out = type(resource)()
+    out.CopyFrom(resource)
+    if isinstance(out, resources_pb2.Certificate):
+        out.ClearField("pem_private_key")
+    return out
+
+
+def _snake(path: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), path)
+
+
+class ResourceApi:
+    """The write path for one kind: normalise, validate, check references, store, redact."""
+
+    def __init__(self, kind: Kind, store: Store, tokens: Tokens | None) -> None:
+        self.kind = kind
+        self.store = store
+        self.tokens = tokens
+
+    # ---------------------------------------------------------- pure preparation
+
+    def prepare(self, resource: Message, existing: Message | None) -> Message:
+        """Normalise names, drop output-only fields, fill the key digest, validate. Raises InvalidResource."""
+        out = type(resource)()
+        out.CopyFrom(resource)
+        for field in _OUTPUT_ONLY:
+            out.ClearField(field)
+        if isinstance(out, resources_pb2.Listener):
+            out.ClearField("resolved_server_tls_policy")  # xDS-only, never stored
+        if isinstance(out, resources_pb2.Certificate):
+            out.ClearField("private_key_sha256")
+            if not out.pem_private_key and existing is not None:
+                # Write-only key: an update that omits it keeps the stored one (as `get -o yaml` + edit does).
+                out.pem_private_key = existing.pem_private_key  # type: ignore[attr-defined]
+        problems = [FieldViolation(f, d) for f, d in normalise_references(out)]
+        problems += _VALIDATORS[self.kind.collection](out)
+        if problems:
+            raise InvalidResource(problems)
+        if isinstance(out, resources_pb2.Certificate):
+            out.private_key_sha256 = validation.private_key_sha256(out.pem_private_key)
+        return out
+
+    def _name(self, text: str, field: str = "name") -> str:
+        if not text:
+            raise InvalidResource([FieldViolation(field, f"required ({self.kind.collection}/ID)")])
+        try:
+            return normalise_name(text, self.kind)
+        except InvalidName as exc:
+            raise InvalidResource([FieldViolation(field, str(exc))]) from None
+
+    def _checker(self, name: str) -> Callable[[StoreState, Message | None], None]:
+        return lambda state, new: check_write(state, name, new)
+
+    # ---------------------------------------------------------- operations
+
+    def create(self, request: Any, actor: str) -> Message:
+        resource = getattr(request, self.kind.field)
+        given_id = getattr(request, f"{self.kind.field}_id")
+        field = self.kind.field.split("_")[0] + "".join(p.title() for p in self.kind.field.split("_")[1:])
+        if given_id and resource.name:
+            name = self._name(resource.name, f"{field}.name")
+            if name != self._name(given_id, f"{field}Id"):
+                raise InvalidResource([FieldViolation(f"{field}Id", f"{given_id!r} disagrees with "
+                                                      f"{field}.name {resource.name!r}")])
+        else:
+            name = self._name(given_id or resource.name, f"{field}Id" if given_id else f"{field}.name")
+        resource.name = name
+        prepared = self.prepare(resource, None)
+        if request.validate_only:
+            state = self.store.state()
+            if state.get(name) is not None:
+                raise AlreadyExists(f"{name} already exists")
+            check_write(state, name, prepared)
+            return redact(prepared)
+        result = self.store.create(prepared, actor=actor, check=self._checker(name))
+        assert result.resource is not None
+        return redact(result.resource)
+
+    def get(self, request: api_pb2.GetResourceRequest) -> Message:
+        name = self._name(request.name)
+        found = self.store.get(name)
+        if found is None:
+            raise NotFound(f"{name} not found")
+        return redact(found)
+
+    def list(self, request: api_pb2.ListResourcesRequest) -> tuple[list[Message], str]:
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 0 < size <= MAX_PAGE_SIZE:
+            raise InvalidResource([FieldViolation("pageSize", f"must be between 0 and {MAX_PAGE_SIZE}")])
+        items = [m for n, m in self.store.state().collection(self.kind.collection).items()
+                 if n > request.page_token]
+        page = items[:size]
+        token = page[-1].name if len(items) > size else ""  # type: ignore[attr-defined]
+        return [redact(m) for m in page], token
+
+    def update(self, request: Any, actor: str) -> Message:
+        incoming = getattr(request, self.kind.field)
+        field = self.kind.field.split("_")[0] + "".join(p.title() for p in self.kind.field.split("_")[1:])
+        name = self._name(incoming.name, f"{field}.name")
+        existing = self.store.get(name)
+        if existing is None and not request.allow_missing:
+            raise NotFound(f"{name} not found (set allow_missing to create it)")
+        resource = self._apply_mask(incoming, existing, request.update_mask)
+        resource.name = name
+        prepared = self.prepare(resource, existing)
+        if request.validate_only:
+            if existing is not None and incoming.etag and incoming.etag != existing.etag:  # type: ignore[attr-defined]
+                raise EtagMismatch(f"etag mismatch for {name}")
+            check_write(self.store.state(), name, prepared)
+            return redact(prepared)
+        result = self.store.update(prepared, actor=actor, expected_etag=incoming.etag,
+                                   allow_missing=request.allow_missing, check=self._checker(name))
+        assert result.resource is not None
+        return redact(result.resource)
+
+    def _apply_mask(self, incoming: Message, existing: Message | None, mask: field_mask_pb2.FieldMask) -> Message:
+        if not mask.paths:
+            return incoming
+        paths = [_snake(p) for p in mask.paths]
+        snake_mask = field_mask_pb2.FieldMask(paths=paths)
+        if not snake_mask.IsValidForDescriptor(self.kind.message.DESCRIPTOR):
+            raise InvalidResource([FieldViolation("updateMask", f"unknown field in {list(mask.paths)}")])
+        base = self.kind.message()
+        if existing is not None:
+            base.CopyFrom(existing)
+        snake_mask.MergeMessage(incoming, base, replace_message_field=True, replace_repeated_field=True)
+        base.etag = incoming.etag  # type: ignore[attr-defined]
+        return base
+
+    def delete(self, request: api_pb2.DeleteResourceRequest, actor: str) -> None:
+        name = self._name(request.name)
+        if request.validate_only:
+            state = self.store.state()
+            if state.get(name) is None:
+                raise NotFound(f"{name} not found")
+            check_write(state, name, None)
+            return
+        self.store.delete(name, actor=actor, expected_etag=request.etag, check=self._checker(name))
+
+
+def _unary(api: ResourceApi, call: Callable[[Any, str], Any], request_type: type[Message],
+           response_type: type[Message]) -> grpc.RpcMethodHandler:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return call(request, caller_identity(context, api.tokens))
+        except (InvalidResource, StoreError) as exc:
+            await context.abort_with_status(status_for(exc))
+
+    return grpc.unary_unary_rpc_method_handler(
+        handle, request_deserializer=request_type.FromString,
+        response_serializer=response_type.SerializeToString,
+    )
+
+
+def resource_service_handlers(store: Store, tokens: Tokens | None) -> list[grpc.GenericRpcHandler]:
+    """Generic handlers for the four resource services (names and types from the proto descriptors)."""
+    handlers = []
+    for kind in KINDS:
+        api = ResourceApi(kind, store, tokens)
+        service = api_pb2.DESCRIPTOR.services_by_name[f"{kind.method_suffix}Service"]
+        methods = {m.name: m for m in service.methods}
+        list_response = getattr(api_pb2, f"List{kind.plural_suffix}Response")
+
+        def do_list(request: Any, actor: str, api: ResourceApi = api, list_response: Any = list_response) -> Any:
+            items, token = api.list(request)
+            return list_response(**{api.kind.list_field: items, "next_page_token": token})
+
+        def do_delete(request: Any, actor: str, api: ResourceApi = api) -> Any:
+            api.delete(request, actor)
+            return empty_pb2.Empty()
+
+        calls: dict[str, Callable[[Any, str], Any]] = {
+            f"Create{kind.method_suffix}": api.create,
+            f"Get{kind.method_suffix}": lambda request, actor, api=api: api.get(request),
+            f"List{kind.plural_suffix}": do_list,
+            f"Update{kind.method_suffix}": api.update,
+            f"Delete{kind.method_suffix}": do_delete,
+        }
+        rpc_handlers = {}
+        for method_name, call in calls.items():
+            method = methods[method_name]
+            request_type = _message_class(method.input_type.full_name)
+            response_type = _message_class(method.output_type.full_name)
+            rpc_handlers[method_name] = _unary(api, call, request_type, response_type)
+        handlers.append(grpc.method_handlers_generic_handler(service.full_name, rpc_handlers))
+    return handlers
+
+
+def _message_class(full_name: str) -> type[Message]:
+    package, _, name = full_name.rpartition(".")
+    if full_name == "google.protobuf.Empty":
+        return empty_pb2.Empty
+    module = {"mtlsgate.v1": api_pb2}[package]
+    found = getattr(module, name, None) or getattr(resources_pb2, name)
+    return found  # type: ignore[no-any-return]
+

@@ -1,0 +1,52 @@
+"""`mtlsgate control-plane`: run the control plane (store + management API + xDS) in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from control_plane.cli.common import CliError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "control-plane",
+        help="run the control plane (management API, xDS, durable store)",
+        description="Serves the management API, health, reflection and xDS on one gRPC port, backed by a "
+        "SQLite file. Stops gracefully on SIGTERM/SIGINT.",
+    )
+    parser.add_argument("--listen", default="127.0.0.1:18000", metavar="HOST:PORT",
+                        help="gRPC listen address (default %(default)s)")
+    parser.add_argument("--db", default="mtlsgate.db", metavar="PATH",
+                        help="SQLite database file, created if missing; ':memory:' for a throwaway store "
+                        "(default %(default)s)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="require a bearer token on the management API: one token per line, optionally "
+                        "followed by the identity the audit log records (`TOKEN alice`)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
+    parser.add_argument("--client-ca", metavar="FILE",
+                        help="require client certificates issued by this CA (mTLS; needs --tls-cert/--tls-key)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics (xDS metrics) here")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from control_plane.api.auth import TokenFileError
+    from control_plane.server import ConfigError, ServerOptions, serve
+    from control_plane.store.base import StoreError
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = ServerOptions(listen=args.listen, db=args.db, token_file=args.token_file, tls_cert=args.tls_cert,
+                            tls_key=args.tls_key, client_ca=args.client_ca)
+    try:
+        if args.metrics:
+            from control_plane.xds.metrics import serve_metrics
+
+            serve_metrics(args.metrics)
+        asyncio.run(serve(options))
+    except (ConfigError, TokenFileError, StoreError) as exc:
+        raise CliError(str(exc)) from None
+    return 0

@@ -1,0 +1,191 @@
+"""The control plane process: one grpc.aio server on `--listen` carrying every service (management API,
+audit, health, reflection, plus check/ADS/fleet from their own modules), over one durable store.
+
+To add a service, append one `ServiceRegistration` to `SERVICES` below: its full service name(s) (for
+reflection) and a function `add(server, ctx)` that adds the servicer; long-lived tasks can register an
+async cleanup in `ctx.on_shutdown`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from mtlsgate.v1 import api_pb2_grpc
+
+from control_plane.api import check_service
+from control_plane.api.audit_service import AuditService
+from control_plane.api.auth import TokenInterceptor, Tokens
+from control_plane.api.resource_service import resource_service_handlers
+from control_plane.store.base import Store
+from control_plane.store.sqlite import SqliteStore
+from control_plane.xds import ads as xds_ads
+from data_plane.validation.resources import MAX_GRPC_MESSAGE_BYTES
+
+log = logging.getLogger("mtlsgate.control_plane")
+
+DEFAULT_LISTEN = "127.0.0.1:18000"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    listen: str = DEFAULT_LISTEN
+    db: str = "mtlsgate.db"
+    token_file: str | None = None  # bearer tokens required for the management API
+    tls_cert: str | None = None  # serve TLS with this certificate chain …
+    tls_key: str | None = None  # … and key
+    client_ca: str | None = None  # and require client certificates issued by this CA (mTLS)
+    grace_seconds: float = 5.0  # how long in-flight calls get on shutdown
+
+
+@dataclass
+class ServerContext:
+    """What a service registration gets to build its servicer."""
+
+    store: Store
+    options: ServerOptions
+    tokens: Tokens | None
+    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    names: Sequence[str]  # full gRPC service names, listed in reflection
+    add: Callable[[grpc.aio.Server, ServerContext], None]
+
+
+def _add_resource_services(server: grpc.aio.Server, ctx: ServerContext) -> None:
+    server.add_generic_rpc_handlers(resource_service_handlers(ctx.store, ctx.tokens))
+
+
+def _add_audit_service(server: grpc.aio.Server, ctx: ServerContext) -> None:
+    api_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(ctx.store), server)
+
+
+SERVICES: list[ServiceRegistration] = [
+    ServiceRegistration(
+        ("mtlsgate.v1.TrustConfigService", "mtlsgate.v1.ServerTlsPolicyService", "mtlsgate.v1.CertificateService",
+         "mtlsgate.v1.ListenerService"),
+        _add_resource_services,
+    ),
+    ServiceRegistration(("mtlsgate.v1.AuditService",), _add_audit_service),
+    ServiceRegistration(xds_ads.SERVICE_NAMES, xds_ads.add_xds_services),
+    ServiceRegistration((check_service.SERVICE_NAME,), check_service.add_check_service),
+]
+
+
+class ConfigError(Exception):
+    """Bad server options (unreadable TLS files, token file, …): one line for the operator."""
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def _credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
+    if not (options.tls_cert or options.tls_key or options.client_ca):
+        return None
+    if not (options.tls_cert and options.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together (and --client-ca needs both)")
+    pair = (_read(options.tls_key, "TLS key"), _read(options.tls_cert, "TLS certificate"))
+    client_ca = _read(options.client_ca, "client CA") if options.client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def _check_bindable(listen: str) -> None:
+    """gRPC reports a busy port only as a C-core log line and port 0: probe first for a clear error."""
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not port_text.isdigit():
+        raise ConfigError(f"cannot listen on {listen}: expected HOST:PORT")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port_text)))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
+
+
+@dataclass
+class BuiltServer:
+    server: grpc.aio.Server
+    context: ServerContext
+    port: int  # the bound port (useful with --listen HOST:0)
+    health: health.aio.HealthServicer
+
+
+def build_server(store: Store, options: ServerOptions) -> BuiltServer:
+    """A configured, not yet started server. Must be called with the event loop running."""
+    tokens = Tokens.load(options.token_file) if options.token_file else None
+    interceptors = [TokenInterceptor(tokens)] if tokens else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
+            # gRPC sets SO_REUSEPORT by default: a second control plane on the same port would silently
+            # share it (and split the clients) instead of failing.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    ctx = ServerContext(store=store, options=options, tokens=tokens)
+    names: list[str] = []
+    for registration in SERVICES:
+        registration.add(server, ctx)
+        names.extend(registration.names)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    ctx.on_shutdown.append(health_servicer.enter_graceful_shutdown)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+    credentials = _credentials(options)
+    _check_bindable(options.listen)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(options.listen)
+        else:
+            port = server.add_secure_port(options.listen, credentials)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {options.listen}: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on {options.listen} (address in use or invalid)")
+    return BuiltServer(server, ctx, port, health_servicer)
+
+
+async def serve(options: ServerOptions, *, ready: Callable[[str], None] | None = None) -> None:
+    """Run the control plane until SIGTERM/SIGINT, then stop gracefully."""
+    store = SqliteStore(options.db)
+    try:
+        built = build_server(store, options)
+        await built.server.start()
+        for name in ["", *[n for r in SERVICES for n in r.names]]:
+            await built.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = options.listen.rpartition(":")[0]
+        address = f"{host}:{built.port}"
+        line = f"mtlsgate control-plane: serving on {address} (db {options.db})"
+        (ready or (lambda text: print(text, flush=True)))(line)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("mtlsgate control-plane: shutting down", file=sys.stderr, flush=True)
+        for cleanup in built.context.on_shutdown:
+            await cleanup()
+        await built.server.stop(options.grace_seconds)
+    finally:
+        store.close()

@@ -1,0 +1,145 @@
+"""The storage interface of the control plane: what any backing store (SQLite now, PostgreSQL later)
+must provide — atomic writes with etag preconditions, one global revision, an audit log, immutable
+snapshots of the whole state, and a notification after every committed write."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from google.protobuf.message import Message
+from mtlsgate.v1 import resources_pb2
+
+
+class StoreError(Exception):
+    """A write the store refused; subclasses say why. `str()` is a one-line message for clients."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class EtagMismatch(StoreError):
+    """The caller's etag precondition does not match the stored resource (someone else wrote first)."""
+
+
+@dataclass(frozen=True)
+class StoreState:
+    """Everything the store holds at one revision. Immutable snapshot: the mappings never change, and the
+    messages in them must be treated as read-only (copy before modifying). Certificates include their
+    private keys — never send this state to an API client as is."""
+
+    revision: int
+    written_at: float  # time.time() of the write that produced `revision` (0.0 for an empty store)
+    trust_configs: Mapping[str, resources_pb2.TrustConfig]
+    server_tls_policies: Mapping[str, resources_pb2.ServerTlsPolicy]
+    certificates: Mapping[str, resources_pb2.Certificate]
+    listeners: Mapping[str, resources_pb2.Listener]
+
+    def collection(self, collection: str) -> Mapping[str, Message]:
+        """The mapping for a collection name such as `trustConfigs`."""
+        return {  # type: ignore[return-value]
+            "trustConfigs": self.trust_configs,
+            "serverTlsPolicies": self.server_tls_policies,
+            "certificates": self.certificates,
+            "listeners": self.listeners,
+        }[collection]
+
+    def get(self, name: str) -> Message | None:
+        collection, _, _ = name.partition("/")
+        try:
+            return self.collection(collection).get(name)
+        except KeyError:
+            return None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    revision: int
+    time: float
+    actor: str
+    method: str  # CREATE | UPDATE | DELETE
+    resource_name: str
+    etag_before: str
+    etag_after: str
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What a write did. `resource` is the stored message (None after a delete); `changed` is False when
+    an update carried exactly the stored content (nothing written, no new revision)."""
+
+    resource: Message | None
+    before: Message | None
+    revision: int
+    changed: bool
+
+
+# Called inside the write, before commit, with the state the write applies to and the message about to be
+# stored (None for a delete). Raising aborts the write; the API uses it for cross-resource checks
+# (references exist, referenced resources are not deleted) so that they are atomic with the write.
+WriteCheck = Callable[[StoreState, Message | None], None]
+
+
+class Store(Protocol):
+    def state(self) -> StoreState:
+        """The current snapshot (cheap: no copying, no I/O)."""
+        ...
+
+    def revision(self) -> int: ...
+
+    def get(self, name: str) -> Message | None:
+        """A copy of the resource named `name` (normalised), or None."""
+        ...
+
+    def list(self, collection: str) -> list[Message]:
+        """Copies of every resource of a collection (`trustConfigs`, …), ordered by name."""
+        ...
+
+    def create(self, resource: Message, *, actor: str, check: WriteCheck | None = None) -> WriteResult:
+        """Store a new resource (`resource.name` normalised); AlreadyExists if the name is taken."""
+        ...
+
+    def update(self, resource: Message, *, actor: str, expected_etag: str = "", allow_missing: bool = False,
+               check: WriteCheck | None = None) -> WriteResult:
+        """Replace a resource. NotFound unless it exists or `allow_missing`; EtagMismatch if
+        `expected_etag` is set and differs from the stored etag."""
+        ...
+
+    def delete(self, name: str, *, actor: str, expected_etag: str = "",
+               check: WriteCheck | None = None) -> WriteResult: ...
+
+    def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        """`callback(revision)` after every committed write, in the thread that wrote (the gRPC API writes
+        from its event loop, so callbacks run on that loop). Returns an unsubscribe function."""
+        ...
+
+    def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> list[AuditRecord]:
+        """Audit records in revision order, optionally for one resource, starting after `after_revision`."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# Fields the store owns: never part of a resource's content (so never part of its etag).
+_METADATA_FIELDS = ("etag", "create_time", "update_time")
+
+
+def content_etag(resource: Message) -> str:
+    """An etag derived from the resource's content (metadata excluded): identical content has the
+    identical etag, so a no-op update keeps it and `apply` can report `unchanged`."""
+    content = type(resource)()
+    content.CopyFrom(resource)
+    for field in _METADATA_FIELDS:
+        content.ClearField(field)
+    return hashlib.sha256(content.SerializeToString(deterministic=True)).hexdigest()[:20]
+
+
+def same_content(a: Message, b: Message) -> bool:
+    return content_etag(a) == content_etag(b)

@@ -1,0 +1,241 @@
+"""The default store: one SQLite file (WAL journal, `synchronous=FULL`, so an acknowledged write survives
+`kill -9` and power loss), or `:memory:` for tests. The whole state is also kept in memory as an immutable
+`StoreState`, replaced on every write, so reads never touch the disk."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+import types
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from google.protobuf.message import Message
+
+from control_plane.resource_names import kind_for_collection
+from control_plane.store.base import (
+    AlreadyExists,
+    AuditRecord,
+    EtagMismatch,
+    NotFound,
+    StoreError,
+    StoreState,
+    WriteCheck,
+    WriteResult,
+    content_etag,
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS resources (
+    name TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    revision INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    actor TEXT NOT NULL,
+    method TEXT NOT NULL,
+    resource_name TEXT NOT NULL,
+    etag_before TEXT NOT NULL,
+    etag_after TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_resource ON audit (resource_name, revision);
+"""
+
+log = logging.getLogger(__name__)
+
+_FIELDS = {"trustConfigs": "trust_configs", "serverTlsPolicies": "server_tls_policies",
+           "certificates": "certificates", "listeners": "listeners"}
+
+
+def _copy(message: Message) -> Message:
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
+
+
+class SqliteStore:
+    """`Store` on SQLite. Thread-safe: writes are serialised by a lock, each in one IMMEDIATE transaction;
+    one process should own a database file at a time."""
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self.path = str(path)
+        self._lock = threading.RLock()
+        self._subscribers: list[Callable[[int], None]] = []
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            if self.path != ":memory:":
+                mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"{self.path}: could not enable the WAL journal (got {mode})")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        self._state = self._load()
+
+    # ------------------------------------------------------------------ reads
+
+    def _load(self) -> StoreState:
+        maps: dict[str, dict[str, Message]] = {c: {} for c in _FIELDS}
+        for name, collection, data in self._db.execute("SELECT name, collection, data FROM resources"):
+            kind = kind_for_collection(collection)
+            message = kind.message()
+            message.ParseFromString(data)
+            maps[collection][name] = message
+        row = self._db.execute("SELECT revision, time FROM audit ORDER BY revision DESC LIMIT 1").fetchone()
+        revision, written_at = (int(row[0]), float(row[1])) if row else (0, 0.0)
+        return self._make_state(revision, written_at, maps)
+
+    @staticmethod
+    def _make_state(revision: int, written_at: float, maps: Mapping[str, Mapping[str, Message]]) -> StoreState:
+        frozen = {_FIELDS[c]: types.MappingProxyType(dict(sorted(m.items()))) for c, m in maps.items()}
+        return StoreState(revision=revision, written_at=written_at, **frozen)  # type: ignore[arg-type]
+
+    def state(self) -> StoreState:
+        return self._state
+
+    def revision(self) -> int:
+        return self._state.revision
+
+    def get(self, name: str) -> Message | None:
+        found = self._state.get(name)
+        return _copy(found) if found is not None else None
+
+    def list(self, collection: str) -> list[Message]:
+        return [_copy(m) for m in self._state.collection(collection).values()]
+
+    def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> list[AuditRecord]:
+        query = ("SELECT revision, time, actor, method, resource_name, etag_before, etag_after FROM audit "
+                 "WHERE revision > ?")
+        params: list[object] = [after_revision]
+        if resource_name:
+            query += " AND resource_name = ?"
+            params.append(resource_name)
+        query += " ORDER BY revision LIMIT ?"
+        params.append(max(1, limit))
+        with self._lock:
+            rows = self._db.execute(query, params).fetchall()
+        return [AuditRecord(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    # ------------------------------------------------------------------ writes
+
+    def create(self, resource: Message, *, actor: str, check: WriteCheck | None = None) -> WriteResult:
+        with self._lock:
+            if self._state.get(resource.name) is not None:  # type: ignore[attr-defined]
+                raise AlreadyExists(f"{resource.name} already exists")  # type: ignore[attr-defined]
+            return self._write("CREATE", resource.name, resource, None, actor, check)  # type: ignore[attr-defined]
+
+    def update(self, resource: Message, *, actor: str, expected_etag: str = "", allow_missing: bool = False,
+               check: WriteCheck | None = None) -> WriteResult:
+        name: str = resource.name  # type: ignore[attr-defined]
+        with self._lock:
+            before = self._state.get(name)
+            if before is None:
+                if not allow_missing:
+                    raise NotFound(f"{name} not found")
+                if expected_etag:
+                    raise EtagMismatch(f"{name} does not exist, but an etag precondition was given")
+                return self._write("CREATE", name, resource, None, actor, check)
+            self._check_etag(name, before, expected_etag)
+            if content_etag(resource) == before.etag:  # type: ignore[attr-defined]
+                return WriteResult(_copy(before), _copy(before), self._state.revision, changed=False)
+            return self._write("UPDATE", name, resource, before, actor, check)
+
+    def delete(self, name: str, *, actor: str, expected_etag: str = "",
+               check: WriteCheck | None = None) -> WriteResult:
+        with self._lock:
+            before = self._state.get(name)
+            if before is None:
+                raise NotFound(f"{name} not found")
+            self._check_etag(name, before, expected_etag)
+            return self._write("DELETE", name, None, before, actor, check)
+
+    @staticmethod
+    def _check_etag(name: str, before: Message, expected_etag: str) -> None:
+        current = before.etag  # type: ignore[attr-defined]
+        if expected_etag and expected_etag != current:
+            raise EtagMismatch(
+                f"etag mismatch for {name}: the request carries {expected_etag!r} but the stored resource "
+                f"has {current!r} (it was changed since you read it; get it again and retry)"
+            )
+
+    def _write(self, method: str, name: str, resource: Message | None, before: Message | None, actor: str,
+               check: WriteCheck | None) -> WriteResult:
+        """Commit one write; called with the lock held."""
+        state = self._state
+        now = time.time()
+        stored: Message | None = None
+        if resource is not None:
+            stored = _copy(resource)
+            stored.etag = content_etag(stored)  # type: ignore[attr-defined]
+            if before is not None:
+                stored.create_time.CopyFrom(before.create_time)  # type: ignore[attr-defined]
+            else:
+                stored.create_time.FromNanoseconds(int(now * 1e9))  # type: ignore[attr-defined]
+            stored.update_time.FromNanoseconds(int(now * 1e9))  # type: ignore[attr-defined]
+        if check is not None:
+            check(state, stored)
+        collection = name.partition("/")[0]
+        revision = state.revision + 1
+        etag_before = before.etag if before is not None else ""  # type: ignore[attr-defined]
+        etag_after = stored.etag if stored is not None else ""  # type: ignore[attr-defined]
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if stored is None:
+                    self._db.execute("DELETE FROM resources WHERE name = ?", (name,))
+                else:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO resources (name, collection, etag, revision, data) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (name, collection, etag_after, revision, stored.SerializeToString(deterministic=True)),
+                    )
+                self._db.execute(
+                    "INSERT INTO audit (revision, time, actor, method, resource_name, etag_before, etag_after) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (revision, now, actor, method, name, etag_before, etag_after),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"store write failed: {exc}") from exc
+        maps = {c: dict(state.collection(c)) for c in _FIELDS}
+        if stored is None:
+            del maps[collection][name]
+        else:
+            maps[collection][name] = stored
+        self._state = self._make_state(revision, now, maps)
+        result = WriteResult(_copy(stored) if stored is not None else None,
+                             _copy(before) if before is not None else None, revision, changed=True)
+        # Notify outside the lock would reorder notifications across threads; inside keeps them in
+        # revision order. Callbacks must be quick and must not write.
+        for callback in list(self._subscribers):
+            try:
+                callback(revision)
+            except Exception:  # a subscriber's bug must not turn a committed write into an error
+                log.exception("store subscriber %r failed for revision %d", callback, revision)
+        return result
+
+    def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+

@@ -1,0 +1,385 @@
+"""Write validation of the four resources, one resource at a time (no I/O, no other resources): every PEM
+parsed, CA constraints, CRL signatures, key/certificate match, size and count bounds, header templates and
+SAN patterns. The control plane runs it on every write; the proxy and `mtlsgate check` can run it too.
+References between resources are checked by the control plane (they need the store)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from mtlsgate.v1 import resources_pb2
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """`field` is the camelCase path as in YAML (`trustStores[0].trustAnchors[1].pemCertificate`)."""
+
+    field: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}"
+
+
+# ---------------------------------------------------------------- limits (everything an API client controls)
+
+MAX_DESCRIPTION_CHARS = 2048
+MAX_LABELS = 64
+MAX_LABEL_KEY_CHARS = 63
+MAX_LABEL_VALUE_CHARS = 63
+MAX_TRUST_STORES = 4
+MAX_TRUST_ANCHORS = 200  # per trust store
+MAX_INTERMEDIATE_CAS = 200  # per trust store
+MAX_CRLS = 200  # per trust store
+MAX_ALLOWLISTED_CERTIFICATES = 500
+MAX_CERTIFICATE_PEM_BYTES = 64 * 1024  # one certificate (or a server's chain) as PEM
+MAX_CRL_PEM_BYTES = 16 * 1024 * 1024  # ~100k+ revoked serials
+MAX_TRUST_CONFIG_BYTES = 48 * 1024 * 1024  # all PEMs of one TrustConfig together
+MAX_PRIVATE_KEY_PEM_BYTES = 16 * 1024
+MAX_SERVER_CHAIN_CERTIFICATES = 10
+MAX_VERIFY_DEPTH = 10  # GCP's limit
+MAX_SAN_MATCHERS = 32
+MAX_SAN_PATTERN_CHARS = 1024
+MAX_CUSTOM_REQUEST_HEADERS = 16
+MAX_HEADER_ENTRY_CHARS = 1024
+MAX_NODE_SELECTOR_ENTRIES = 16
+MAX_BACKEND_CHARS = 255
+MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024  # the API server's and clients' message size limit
+
+_LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_HEADER_ENTRY = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):(.*)")
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def _metadata(description: str, labels: dict[str, str] | object) -> Iterator[FieldViolation]:
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        yield FieldViolation("description", f"too long ({len(description)} characters, limit {MAX_DESCRIPTION_CHARS})")
+    yield from _label_map("labels", labels)  # type: ignore[arg-type]
+
+
+def _label_map(path: str, labels: dict[str, str], limit: int = MAX_LABELS) -> Iterator[FieldViolation]:
+    if len(labels) > limit:
+        yield FieldViolation(path, f"too many entries ({len(labels)}, limit {limit})")
+        return
+    for key, value in sorted(labels.items()):
+        if len(key) > MAX_LABEL_KEY_CHARS or not _LABEL_KEY.fullmatch(key):
+            yield FieldViolation(f"{path}[{key!r}]", "invalid key: letters, digits, '.', '_', '-', '/'; "
+                                 f"alphanumeric first and last; at most {MAX_LABEL_KEY_CHARS} characters")
+        elif len(value) > MAX_LABEL_VALUE_CHARS or not _LABEL_VALUE.fullmatch(value):
+            yield FieldViolation(f"{path}[{key!r}]", "invalid value: letters, digits, '.', '_', '-'; "
+                                 f"alphanumeric first and last; at most {MAX_LABEL_VALUE_CHARS} characters")
+
+
+def _one_certificate(path: str, pem: str, *, required: bool = True) -> tuple[x509.Certificate | None,
+                                                                              FieldViolation | None]:
+    if not pem.strip():
+        return None, FieldViolation(path, "required") if required else None
+    if len(pem.encode()) > MAX_CERTIFICATE_PEM_BYTES:
+        return None, FieldViolation(path, f"too large ({len(pem.encode())} bytes, limit {MAX_CERTIFICATE_PEM_BYTES})")
+    try:
+        certs = x509.load_pem_x509_certificates(pem.encode())
+    except ValueError as exc:
+        return None, FieldViolation(path, f"not a PEM certificate ({_reason(exc)})")
+    if len(certs) != 1:
+        return None, FieldViolation(path, f"must hold exactly one certificate (found {len(certs)})")
+    return certs[0], None
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if text.startswith("Unable to load PEM"):  # cryptography's generic text, with a FAQ link
+        return "no well-formed PEM block"
+    return text[:200]
+
+
+def _ca_problem(cert: x509.Certificate) -> str | None:
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return "not a CA certificate (no basicConstraints extension)"
+    except ValueError as exc:
+        return f"unreadable extensions ({_reason(exc)})"
+    if not constraints.ca:
+        return "not a CA certificate (basicConstraints CA=false)"
+    return None
+
+
+def _public_key_der(key: object) -> bytes:
+    return key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+# ---------------------------------------------------------------- TrustConfig
+
+
+def validate_trust_config(tc: resources_pb2.TrustConfig) -> list[FieldViolation]:
+    out = list(_metadata(tc.description, tc.labels))
+    total = sum(len(a.pem_certificate) for s in tc.trust_stores for a in s.trust_anchors)
+    total += sum(len(a.pem_certificate) for s in tc.trust_stores for a in s.intermediate_cas)
+    total += sum(len(c.pem_crl) for s in tc.trust_stores for c in s.crls)
+    total += sum(len(a.pem_certificate) for a in tc.allowlisted_certificates)
+    if total > MAX_TRUST_CONFIG_BYTES:
+        return [*out, FieldViolation("trustStores", f"too large ({total} bytes of PEM, limit {MAX_TRUST_CONFIG_BYTES})")]
+    if len(tc.trust_stores) > MAX_TRUST_STORES:
+        return [*out, FieldViolation("trustStores", f"too many trust stores ({len(tc.trust_stores)}, limit {MAX_TRUST_STORES})")]
+
+    cas: list[x509.Certificate] = []  # every anchor and intermediate: CRL issuers are looked up here
+    crls: list[tuple[str, x509.CertificateRevocationList]] = []
+    for s, store in enumerate(tc.trust_stores):
+        base = f"trustStores[{s}]"
+        for field, entries, limit in (("trustAnchors", store.trust_anchors, MAX_TRUST_ANCHORS),
+                                      ("intermediateCas", store.intermediate_cas, MAX_INTERMEDIATE_CAS)):
+            if len(entries) > limit:
+                out.append(FieldViolation(f"{base}.{field}", f"too many entries ({len(entries)}, limit {limit})"))
+                continue
+            for i, entry in enumerate(entries):
+                path = f"{base}.{field}[{i}].pemCertificate"
+                cert, problem = _one_certificate(path, entry.pem_certificate)
+                if problem is not None:
+                    out.append(problem)
+                    continue
+                assert cert is not None
+                ca_problem = _ca_problem(cert)
+                if ca_problem:
+                    out.append(FieldViolation(path, ca_problem))
+                else:
+                    cas.append(cert)
+        if len(store.crls) > MAX_CRLS:
+            out.append(FieldViolation(f"{base}.crls", f"too many entries ({len(store.crls)}, limit {MAX_CRLS})"))
+            continue
+        for i, entry in enumerate(store.crls):
+            path = f"{base}.crls[{i}].pemCrl"
+            data = entry.pem_crl.encode()
+            if not data.strip():
+                out.append(FieldViolation(path, "required"))
+            elif len(data) > MAX_CRL_PEM_BYTES:
+                out.append(FieldViolation(path, f"too large ({len(data)} bytes, limit {MAX_CRL_PEM_BYTES})"))
+            else:
+                try:
+                    crls.append((path, x509.load_pem_x509_crl(data)))
+                except ValueError as exc:
+                    out.append(FieldViolation(path, f"not a PEM CRL ({_reason(exc)})"))
+    for path, crl in crls:
+        problem = _crl_problem(crl, cas)
+        if problem:
+            out.append(FieldViolation(path, problem))
+
+    if len(tc.allowlisted_certificates) > MAX_ALLOWLISTED_CERTIFICATES:
+        out.append(FieldViolation("allowlistedCertificates", f"too many entries "
+                                  f"({len(tc.allowlisted_certificates)}, limit {MAX_ALLOWLISTED_CERTIFICATES})"))
+    else:
+        for i, entry in enumerate(tc.allowlisted_certificates):
+            _, problem = _one_certificate(f"allowlistedCertificates[{i}].pemCertificate", entry.pem_certificate)
+            if problem is not None:
+                out.append(problem)
+    return out
+
+
+def _crl_problem(crl: x509.CertificateRevocationList, cas: Sequence[x509.Certificate]) -> str | None:
+    issuers = [ca for ca in cas if ca.subject == crl.issuer]
+    if not issuers:
+        return f"issuer {crl.issuer.rfc4514_string()!r} is not a CA of this trust config"
+    for ca in issuers:
+        try:
+            if crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+                return None
+        except (TypeError, UnsupportedAlgorithm, ValueError):
+            continue
+    return "signature does not verify against any CA of this trust config"
+
+
+def trust_config_is_empty(tc: resources_pb2.TrustConfig) -> bool:
+    """No trust anchor and no allowlisted certificate: nothing a client certificate could be trusted by."""
+    return not any(s.trust_anchors for s in tc.trust_stores) and not tc.allowlisted_certificates
+
+
+# ---------------------------------------------------------------- ServerTlsPolicy
+
+_MODE = resources_pb2.MTLSPolicy.ClientValidationMode
+
+
+def validate_server_tls_policy(policy: resources_pb2.ServerTlsPolicy) -> list[FieldViolation]:
+    out = list(_metadata(policy.description, policy.labels))
+    if not policy.HasField("mtls_policy"):
+        return out
+    mtls = policy.mtls_policy
+    if mtls.client_validation_mode == _MODE.CLIENT_VALIDATION_MODE_UNSPECIFIED:
+        out.append(FieldViolation("mtlsPolicy.clientValidationMode",
+                                  "required (ALLOW_INVALID_OR_MISSING_CLIENT_CERT or REJECT_INVALID)"))
+    elif mtls.client_validation_mode == _MODE.REJECT_INVALID and not mtls.client_validation_trust_config:
+        out.append(FieldViolation("mtlsPolicy.clientValidationTrustConfig",
+                                  "required when clientValidationMode is REJECT_INVALID"))
+    if not 0 <= mtls.max_verify_depth <= MAX_VERIFY_DEPTH:
+        out.append(FieldViolation("mtlsPolicy.maxVerifyDepth",
+                                  f"must be between 0 and {MAX_VERIFY_DEPTH} (0 means {MAX_VERIFY_DEPTH})"))
+    if len(mtls.match_subject_alt_names) > MAX_SAN_MATCHERS:
+        out.append(FieldViolation("mtlsPolicy.matchSubjectAltNames",
+                                  f"too many entries ({len(mtls.match_subject_alt_names)}, limit {MAX_SAN_MATCHERS})"))
+        return out
+    for i, matcher in enumerate(mtls.match_subject_alt_names):
+        which = matcher.WhichOneof("type")
+        path = f"mtlsPolicy.matchSubjectAltNames[{i}]"
+        if which is None:
+            out.append(FieldViolation(path, "set one of dns, email, ipAddress, uri, userPrincipalName"))
+            continue
+        pattern = getattr(matcher, which)
+        camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), which)
+        if len(pattern) > MAX_SAN_PATTERN_CHARS:
+            out.append(FieldViolation(f"{path}.{camel}", f"too long ({len(pattern)} characters, "
+                                      f"limit {MAX_SAN_PATTERN_CHARS})"))
+    if not any(v.field.startswith("mtlsPolicy.matchSubjectAltNames") for v in out):
+        out.extend(_compiled_policy_problems(policy))
+    return out
+
+
+def _compiled_policy_problems(policy: resources_pb2.ServerTlsPolicy) -> list[FieldViolation]:
+    """SAN patterns are RE2; the validation engine's compiler is the one implementation."""
+    import re2  # google-re2: the engine matches with RE2, so its syntax is what counts
+
+    out = []
+    for i, matcher in enumerate(policy.mtls_policy.match_subject_alt_names):
+        which = matcher.WhichOneof("type") or ""
+        camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), which)
+        try:
+            re2.compile(getattr(matcher, which))
+        except Exception as exc:  # re2.error is not exported under one stable name
+            out.append(FieldViolation(f"mtlsPolicy.matchSubjectAltNames[{i}].{camel}",
+                                      f"invalid RE2 pattern ({_reason(exc)})"))
+    return out
+
+
+# ---------------------------------------------------------------- Certificate
+
+
+def validate_certificate(cert: resources_pb2.Certificate) -> list[FieldViolation]:
+    out = list(_metadata(cert.description, cert.labels))
+    chain: list[x509.Certificate] = []
+    pem = cert.pem_certificate
+    if not pem.strip():
+        out.append(FieldViolation("pemCertificate", "required"))
+    elif len(pem.encode()) > MAX_CERTIFICATE_PEM_BYTES:
+        out.append(FieldViolation("pemCertificate", f"too large ({len(pem.encode())} bytes, "
+                                  f"limit {MAX_CERTIFICATE_PEM_BYTES})"))
+    else:
+        try:
+            chain = x509.load_pem_x509_certificates(pem.encode())
+        except ValueError as exc:
+            out.append(FieldViolation("pemCertificate", f"not a PEM certificate chain ({_reason(exc)})"))
+        if len(chain) > MAX_SERVER_CHAIN_CERTIFICATES:
+            out.append(FieldViolation("pemCertificate", f"too many certificates ({len(chain)}, "
+                                      f"limit {MAX_SERVER_CHAIN_CERTIFICATES})"))
+            chain = []
+    key_pem = cert.pem_private_key
+    key = None
+    if not key_pem.strip():
+        out.append(FieldViolation("pemPrivateKey", "required"))
+    elif len(key_pem.encode()) > MAX_PRIVATE_KEY_PEM_BYTES:
+        out.append(FieldViolation("pemPrivateKey", f"too large (limit {MAX_PRIVATE_KEY_PEM_BYTES} bytes)"))
+    else:
+        key, problem = _load_private_key(key_pem)
+        if problem:
+            out.append(FieldViolation("pemPrivateKey", problem))
+    if chain and key is not None and _public_key_der(chain[0].public_key()) != _public_key_der(key.public_key()):
+        out.append(FieldViolation("pemPrivateKey", "does not match the public key of the first certificate "
+                                  "in pemCertificate"))
+    return out
+
+
+def _load_private_key(pem: str) -> tuple[object | None, str | None]:
+    # Never put key material or the parser's message (which may quote input) into the error.
+    try:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+    except TypeError:
+        return None, "encrypted private keys are not supported (store it unencrypted)"
+    except (ValueError, UnsupportedAlgorithm):
+        return None, "not a PEM private key"
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 2048:
+            return None, f"RSA key too small ({key.key_size} bits, minimum 2048)"
+    elif not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return None, f"unsupported key type {type(key).__name__} (use RSA, ECDSA or Ed25519)"
+    return key, None
+
+
+def private_key_sha256(pem_private_key: str) -> str:
+    """Hex SHA-256 of the key's SubjectPublicKeyInfo (DER): what the API returns instead of the key."""
+    import hashlib
+
+    key = serialization.load_pem_private_key(pem_private_key.encode(), password=None)
+    return hashlib.sha256(_public_key_der(key.public_key())).hexdigest()
+
+
+# ---------------------------------------------------------------- Listener
+
+
+def validate_listener(listener: resources_pb2.Listener) -> list[FieldViolation]:
+    out = list(_metadata(listener.description, listener.labels))
+    if not 1 <= listener.port <= 65535:
+        out.append(FieldViolation("port", "required, between 1 and 65535"))
+    out.extend(_label_map("nodeSelector", dict(listener.node_selector), MAX_NODE_SELECTOR_ENTRIES))
+    if not listener.certificate:
+        out.append(FieldViolation("certificate", "required (certificates/ID)"))
+    problem = _backend_problem(listener.backend)
+    if problem:
+        out.append(FieldViolation("backend", problem))
+    entries = list(listener.custom_request_headers)
+    if len(entries) > MAX_CUSTOM_REQUEST_HEADERS:
+        out.append(FieldViolation("customRequestHeaders", f"too many entries ({len(entries)}, "
+                                  f"limit {MAX_CUSTOM_REQUEST_HEADERS})"))
+    else:
+        out.extend(_header_problems(entries))
+    if listener.HasField("resolved_server_tls_policy"):
+        out.append(FieldViolation("resolvedServerTlsPolicy", "output only: set by the control plane for xDS"))
+    return out
+
+
+def _backend_problem(backend: str) -> str | None:
+    if not backend:
+        return "required (HOST:PORT)"
+    if len(backend) > MAX_BACKEND_CHARS:
+        return f"too long (limit {MAX_BACKEND_CHARS} characters)"
+    host, sep, port = backend.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"{backend!r} is not HOST:PORT with a port between 1 and 65535"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            import ipaddress
+
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"{host!r} is not an IPv6 address"
+        return None
+    if not _HOSTNAME.fullmatch(host):
+        return f"{host!r} is not a host name or IPv4 address (write IPv6 as [ADDR]:PORT)"
+    return None
+
+
+def _header_problems(entries: Sequence[str]) -> list[FieldViolation]:
+    out = []
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        path = f"customRequestHeaders[{i}]"
+        if len(entry) > MAX_HEADER_ENTRY_CHARS:
+            out.append(FieldViolation(path, f"too long (limit {MAX_HEADER_ENTRY_CHARS} characters)"))
+            continue
+        match = _HEADER_ENTRY.fullmatch(entry)
+        if not match:
+            out.append(FieldViolation(path, f"{entry!r} is not Name:{{variable}} (a header name, ':', a value)"))
+            continue
+        name = match.group(1).lower()
+        if name in seen:
+            out.append(FieldViolation(path, f"header {match.group(1)!r} appears twice"))
+        seen.add(name)
+    return out
