@@ -14,23 +14,25 @@ import grpc
 import pytest
 from mtlsgate.v1 import api_pb2, api_pb2_grpc, resources_pb2
 
+from tests.control_plane.harness import start_control_plane
 from tests.support import Proc, free_port, port_open, wait_until
 
 
 @dataclass
 class ControlPlane:
+    """E2's harness process, restartable on the same port and database (the restart scenarios)."""
+
     address: str
     db: Path
     metrics: str
-    log_path: Path
+    tmp_path: Path
+    logs_dir: Path
     proc: Proc | None = None
 
     def start(self) -> None:
-        self.proc = Proc(["control-plane", "--listen", self.address, "--db", str(self.db),
-                          "--metrics", self.metrics], self.log_path,
-                         env={"MTLSGATE_XDS_DEBOUNCE_QUIET": "0.05", "MTLSGATE_XDS_DEBOUNCE_MAX": "0.5"})
-        host, _, port = self.address.rpartition(":")
-        wait_until(lambda: port_open(host, int(port)), timeout=20, message=f"control plane on {self.address}")
+        port = int(self.address.rpartition(":")[2])
+        self.proc, _ = start_control_plane(self.tmp_path, self.logs_dir, ["--metrics", self.metrics],
+                                           db=self.db, port=port)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -71,9 +73,12 @@ class Api:
 
 
 @pytest.fixture
-def control_plane(tmp_path: Path, logs_dir: Path) -> Iterator[ControlPlane]:
+def control_plane(tmp_path: Path, logs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ControlPlane]:
+    # Shorter debounce than the default 100 ms / 1 s keeps the suites quick; the rules are the same.
+    monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_QUIET", "0.05")
+    monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_MAX", "0.5")
     cp = ControlPlane(f"127.0.0.1:{free_port()}", tmp_path / "store.db", f"127.0.0.1:{free_port()}",
-                      logs_dir / "control-plane.log")
+                      tmp_path, logs_dir)
     cp.start()
     yield cp
     cp.stop()

@@ -206,3 +206,27 @@ def test_node_id_is_bound_to_the_xds_client_certificate(tmp_path: Path, logs_dir
         channel.close()
     finally:
         proc.stop()
+
+
+def test_watch_nodes_streams_changes(control_plane, populated):
+    channel = grpc.insecure_channel(control_plane.address)
+    watch = populated.fleet.WatchNodes(api_pb2.ListNodesRequest(cluster="raw"), timeout=30)
+    try:
+        assert list(next(watch).nodes) == []  # the full (empty) list at once
+        node = RawAds(channel, "raw-watched", {"zone": "a"})
+        node.send(LISTENER)
+        first = node.recv()
+        node.send(LISTENER, version=first.version_info, nonce=first.nonce)
+        states = []
+        for update in watch:
+            states.append([(n.id, api_pb2.SyncState.Name(n.state)) for n in update.nodes])
+            if states[-1] == [("raw-watched", "SYNCED")]:
+                break
+        assert states[-1] == [("raw-watched", "SYNCED")]
+        node.close()
+        for update in watch:
+            if update.nodes and not update.nodes[0].connected:
+                break
+    finally:
+        watch.cancel()
+        channel.close()
