@@ -131,7 +131,7 @@ class AgentSession:
         self.candidates: dict[str, tuple[str, dict[str, Message]]] = {}  # type → (version, resources)
         self.pending: set[str] = set()  # types received but neither ACKed nor NACKed yet
         self.subscribed: dict[str, frozenset[str]] = {}
-        self.asked_at: dict[str, float] = {}  # by-name type → when names were last requested
+        self.asked_at: dict[str, float] = {}  # by-name type → since when needed names are missing
 
     def initial_requests(self) -> list[discovery_pb2.DiscoveryRequest]:
         """Listener (wildcard) plus, on a reconnect, the names and versions we already hold."""
@@ -162,7 +162,6 @@ class AgentSession:
             return step
         self.candidates[type_url] = (response.version_info, resources)
         self.pending.add(type_url)
-        self.asked_at.pop(type_url, None)
         return self._progress(step, now)
 
     def check_overdue(self, now: float) -> Step:
@@ -171,7 +170,6 @@ class AgentSession:
         if not overdue or not self.pending:
             return Step()
         missing = self._missing()
-        self.asked_at.clear()
         return Step(requests=self.rejected("; ".join(missing) or "requested resources were not delivered"))
 
     def _missing(self) -> list[str]:
@@ -188,15 +186,16 @@ class AgentSession:
         waiting = False
         for type_url, names in required.items():
             _, have = self._current(type_url)
-            if names != self.subscribed.get(type_url, frozenset()):
-                if names or type_url in self.subscribed:
-                    self.subscribed[type_url] = names
-                    step.requests.append(_request(type_url, version=self.active.versions.get(type_url, ""),
-                                                  nonce=self.nonces.get(type_url, ""), names=names))
-                if names - set(have):
-                    self.asked_at[type_url] = now
+            changed = names != self.subscribed.get(type_url, frozenset())
+            if changed and (names or type_url in self.subscribed):
+                self.subscribed[type_url] = names
+                step.requests.append(_request(type_url, version=self.active.versions.get(type_url, ""),
+                                              nonce=self.nonces.get(type_url, ""), names=names))
             if names - set(have):
+                self.asked_at.setdefault(type_url, now)  # the grace runs from when they were first missing
                 waiting = True
+            else:
+                self.asked_at.pop(type_url, None)
         if waiting:
             return step  # hold: ACK/NACK once the names arrive
         versions = {t: self._current(t)[0] for t in rt.ALL_TYPES}
@@ -228,6 +227,7 @@ class AgentSession:
         nacks = [self._nack(t, message) for t in sorted(self.pending)]
         self.candidates.clear()
         self.pending.clear()
+        self.asked_at.clear()
         return nacks
 
     def _nack(self, type_url: str, message: str) -> discovery_pb2.DiscoveryRequest:

@@ -218,3 +218,29 @@ def test_backoff_is_jittered_and_capped():
     assert all(0 <= d <= 5.0 for d in delays)
     assert max(backoff.delay(0, rng) for _ in range(100)) <= 0.25
     assert len({round(d, 6) for d in delays}) > 500  # jittered, not a fixed ladder
+
+
+def test_names_that_never_arrive_are_nacked_after_the_grace_period():
+    from google.protobuf import any_pb2
+
+    from data_plane.node.agent import MISSING_NAMES_GRACE
+
+    session = AgentSession(NodeIdentity("n1", "c").to_proto(), None)
+    lst = resources_pb2.Listener(name="listeners/a", port=18443, certificate="certificates/ghost",
+                                 backend="127.0.0.1:9")
+    packed = any_pb2.Any(type_url=rt.LISTENER, value=lst.SerializeToString())
+    step = session.on_response(discovery_pb2.DiscoveryResponse(
+        version_info="v1", nonce="1", type_url=rt.LISTENER, resources=[packed]), now=100.0)
+    assert step.config is None  # held
+    (ask,) = step.requests
+    assert ask.type_url == rt.SERVER_CERTIFICATE and list(ask.resource_names) == ["certificates/ghost"]
+    # The control plane answers without it (it is not in this node's group).
+    step = session.on_response(discovery_pb2.DiscoveryResponse(
+        version_info="c1", nonce="2", type_url=rt.SERVER_CERTIFICATE), now=101.0)
+    assert step.config is None and step.requests == []
+    assert session.check_overdue(101.0 + MISSING_NAMES_GRACE / 2).requests == []
+    nacks = session.check_overdue(101.0 + MISSING_NAMES_GRACE + 1).requests
+    assert {n.type_url for n in nacks} == {rt.LISTENER, rt.SERVER_CERTIFICATE}
+    assert all(n.error_detail.message == "ServerCertificate certificates/ghost was not delivered" for n in nacks)
+    assert {n.type_url: n.response_nonce for n in nacks} == {rt.LISTENER: "1", rt.SERVER_CERTIFICATE: "2"}
+    assert all(n.version_info == "" for n in nacks)  # nothing good held yet
