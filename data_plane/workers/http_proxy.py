@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -97,13 +98,20 @@ class BackendPool:
         self._idle: dict[tuple[str, int], collections.deque[BackendConnection]] = collections.defaultdict(
             collections.deque)
 
-    async def acquire(self, address: tuple[str, int]) -> tuple[BackendConnection, bool]:
-        """A connection and whether it was reused (a reused one may have been closed by the backend)."""
+    def take_idle(self, address: tuple[str, int]) -> BackendConnection | None:
+        """A kept-alive connection to `address` if one is idle (the backend may still have closed it)."""
         idle = self._idle.get(address)
         while idle:
             conn = idle.pop()
             if not conn.closed:
-                return conn, True
+                return conn
+        return None
+
+    async def acquire(self, address: tuple[str, int], *, fresh: bool = False) -> tuple[BackendConnection, bool]:
+        """A connection and whether it was reused (a reused one may have been closed by the backend)."""
+        conn = None if fresh else self.take_idle(address)
+        if conn is not None:
+            return conn, True
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(BACKEND_CONNECT_TIMEOUT):
             _, conn = await loop.create_connection(BackendConnection, address[0], address[1])
@@ -124,17 +132,22 @@ class BackendPool:
         self._idle.clear()
 
 
+ExchangeResult = tuple[int, bool, bool] | BaseException
+
+
 class Exchange:
     """One request's response from a backend, relayed to the client as it is parsed (httptools
-    callbacks). `done` resolves to (status, backend reusable, client keep-alive); BackendFailed is set
-    when the backend closed or sent garbage before a response began."""
+    callbacks). `on_done` is called once with (status, backend reusable, client keep-alive), or with
+    BackendFailed when the backend closed or sent garbage before a response began, or TimeoutError."""
 
-    def __init__(self, client: ClientConnection, request: _Request, backend: BackendConnection) -> None:
+    def __init__(self, client: ClientConnection, request: _Request, backend: BackendConnection,
+                 on_done: Callable[[ExchangeResult], None]) -> None:
         self.client = client
         self.request = request
         self.backend = backend
         self.parser = httptools.HttpResponseParser(self)
-        self.done: asyncio.Future[tuple[int, bool, bool]] = asyncio.get_running_loop().create_future()
+        self.on_done = on_done
+        self.finished = False
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.started = False  # the response head went to the client
@@ -156,11 +169,11 @@ class Exchange:
                 self._finish(backend_reusable=False, client_keep_alive=False)
             return
         self._flush()
-        if self.request.method == b"HEAD" and self.started and not self.done.done():
+        if self.request.method == b"HEAD" and self.started and not self.finished:
             self._finish(backend_reusable=False, client_keep_alive=self.client_keep_alive)
 
     def backend_closed(self) -> None:
-        if self.done.done():
+        if self.finished:
             return
         if not self.started:
             self._fail("backend closed the connection without a response")
@@ -246,13 +259,27 @@ class Exchange:
         if self.backend.transport is not None and not self.backend.closed:
             self.backend.transport.resume_reading()
 
+    def _done(self, result: ExchangeResult) -> None:
+        if not self.finished:
+            self.finished = True
+            self.on_done(result)
+
     def _finish(self, *, backend_reusable: bool, client_keep_alive: bool) -> None:
-        if not self.done.done():
-            self.done.set_result((self.status, backend_reusable, client_keep_alive))
+        self._done((self.status, backend_reusable, client_keep_alive))
+
+    def timed_out(self) -> None:
+        self._done(TimeoutError())
 
     def _fail(self, message: str) -> None:
-        if not self.done.done():
-            self.done.set_exception(BackendFailed(message))
+        self._done(BackendFailed(message))
+
+
+def _settle(future: asyncio.Future[tuple[int, bool, bool]], result: ExchangeResult) -> None:
+    if not future.done():
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 class BackendFailed(Exception):
@@ -303,6 +330,7 @@ class ClientConnection(asyncio.Protocol):
         self._cur_url = b""
         self._header_bytes = 0
         self._handler: asyncio.Task[None] | None = None
+        self._exchange: Exchange | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
         self.write_paused = False
@@ -360,6 +388,8 @@ class ClientConnection(asyncio.Protocol):
         self._cancel_timer()
         if self._handler is not None and not self._handler.done():
             self._handler.cancel()
+        if self._exchange is not None and not self._exchange.finished:
+            self._exchange.backend.close()  # mid-response: that backend connection cannot be reused
         self._resume_writers()
 
     def pause_writing(self) -> None:
@@ -443,7 +473,7 @@ class ClientConnection(asyncio.Protocol):
         if (self._current is not None and self._current.buffered > MAX_BUFFERED_BODY) or \
                 len(self._pending) >= MAX_PIPELINED_REQUESTS:
             self._pause_reading()
-        if self._handler is None and not self._pending and self._current is None:
+        if not self.in_flight and not self._pending and self._current is None:
             self._arm_timer(IDLE_TIMEOUT, self.close)
 
     def on_message_begin(self) -> None:
@@ -483,8 +513,7 @@ class ClientConnection(asyncio.Protocol):
             request.body = asyncio.Queue()
         self._current = request
         self._pending.append(request)
-        if self._handler is None:
-            self._handler = asyncio.get_running_loop().create_task(self._serve())
+        self._dispatch()
 
     def on_body(self, body: bytes) -> None:
         if self._current is not None and self._current.body is not None:
@@ -509,40 +538,98 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- request handling
 
-    async def _serve(self) -> None:
+    def _dispatch(self) -> None:
+        """Start the oldest pending request unless one is in flight. A bodiless request with a kept-alive
+        backend connection at hand runs entirely from callbacks (the common case, kept cheap); anything
+        that has to wait (connecting, a request body, rejectAt HTTP) runs in a task."""
+        listener = self.listener
+        if self.in_flight or not self._pending or self._closing or listener is None:
+            return
+        request = self._pending[0]
+        self.in_flight = True
+        self._cancel_timer()
+        if request.body is None and not self._rejected_at_http():
+            conn = self.worker.backends.take_idle(listener.backend)
+            if conn is not None:
+                self._start_exchange(request, listener, conn)
+                return
+        self._handler = asyncio.get_running_loop().create_task(self._serve_one(request))
+
+    def _rejected_at_http(self) -> bool:
+        assert self.listener is not None
+        return self.listener.reject_at_http and self.verdict is not None and not self.verdict.accepted
+
+    def _start_exchange(self, request: _Request, listener: ListenerRuntime, conn: BackendConnection) -> None:
+        assert conn.transport is not None
+        head = self._upstream_head(request, listener, self.verdict)
+
+        def done(result: ExchangeResult) -> None:
+            timer.cancel()
+            self._exchange = None
+            if isinstance(result, BackendFailed):
+                # The idle keep-alive connection had been closed by the backend: retry once, freshly.
+                conn.close()
+                self._handler = asyncio.get_running_loop().create_task(self._serve_one(request, fresh=True))
+                return
+            if isinstance(result, BaseException):  # timed out
+                conn.close()
+                keep_alive = False if exchange.started else self._backend_failed(
+                    request, 504, f"backend {listener.backend[0]}:{listener.backend[1]} did not answer in time")
+                self._finish_request(keep_alive)
+                return
+            status, backend_reusable, client_keep_alive = result
+            self._backend_done(listener, conn, backend_reusable, status)
+            self._finish_request(client_keep_alive)
+
+        exchange = Exchange(self, request, conn, done)
+        self._exchange = exchange
+        conn.transport.write(head)
+        # A plain timer, not asyncio.timeout(): it is on the path of every request and cheaper.
+        timer = asyncio.get_running_loop().call_later(BACKEND_RESPONSE_TIMEOUT, exchange.timed_out)
+
+    def _backend_done(self, listener: ListenerRuntime, conn: BackendConnection, reusable: bool, status: int) -> None:
+        if reusable:
+            self.worker.backends.release(listener.backend, conn)
+        else:
+            conn.exchange = None
+            conn.close()
+        self.worker.counters.inc("mtlsgate_requests_total", listener.name, str(status))
+
+    async def _serve_one(self, request: _Request, fresh: bool = False) -> None:
         try:
-            while self._pending and not self._closing:
-                request = self._pending[0]
-                self.in_flight = True
-                keep_alive = await self._handle(request)
-                self.in_flight = False
-                self._pending.popleft()
-                self._resume_reading()
-                if not keep_alive or self.worker.draining:
-                    self.close()
-                    return
+            keep_alive = await self._handle(request, fresh)
         except asyncio.CancelledError:
             return
         except TlsFailed:
             self.close()
             return
         finally:
-            self.in_flight = False
             self._handler = None
-        if not self._closing:
+        self._finish_request(keep_alive)
+
+    def _finish_request(self, keep_alive: bool) -> None:
+        self.in_flight = False
+        if self._pending:
+            self._pending.popleft()
+        self._resume_reading()
+        if not keep_alive or self.worker.draining:
+            self.close()
+        elif self._pending:
+            self._dispatch()
+        elif not self._closing:
             self._arm_timer(IDLE_TIMEOUT, self.close)
 
-    async def _handle(self, request: _Request) -> bool:
+    async def _handle(self, request: _Request, fresh: bool) -> bool:
         listener = self.listener
         assert listener is not None
         verdict = self.verdict
-        if listener.reject_at_http and verdict is not None and not verdict.accepted:
+        if self._rejected_at_http():
             status = listener.http_status(verdict)
             await self._drain_body(request)
             self._respond_simple(status, f"{status} {_REASONS.get(status, '')}: client certificate rejected: "
                                          f"{verdict.error}\n", request.keep_alive)
             return request.keep_alive
-        return await self._forward(request, listener, verdict)
+        return await self._forward(request, listener, verdict, fresh)
 
     async def _drain_body(self, request: _Request) -> None:
         if request.body is None:
@@ -601,25 +688,28 @@ class ClientConnection(asyncio.Protocol):
         value = headers_mod.render_xfcc(verdict, listener.xfcc_mode, joined)
         return value.encode("latin-1") if value else b""
 
-    async def _forward(self, request: _Request, listener: ListenerRuntime, verdict: Any) -> bool:
+    async def _forward(self, request: _Request, listener: ListenerRuntime, verdict: Any, fresh: bool) -> bool:
         head = self._upstream_head(request, listener, verdict)
         has_body = request.body is not None
         backend = f"{listener.backend[0]}:{listener.backend[1]}"
         for attempt in (0, 1):
             try:
-                conn, reused = await self.worker.backends.acquire(listener.backend)
+                conn, reused = await self.worker.backends.acquire(listener.backend, fresh=fresh or attempt > 0)
             except TimeoutError:
                 return self._backend_failed(request, 504, f"connecting to backend {backend} timed out")
             except OSError as exc:
                 return self._backend_failed(request, 502, f"cannot connect to backend {backend}: {exc.strerror or exc}")
             assert conn.transport is not None
-            exchange = Exchange(self, request, conn)
+            result: asyncio.Future[tuple[int, bool, bool]] = asyncio.get_running_loop().create_future()
+            exchange = Exchange(self, request, conn, functools.partial(_settle, result))
+            self._exchange = exchange
             conn.transport.write(head)
+            # A plain timer, not asyncio.timeout(): it is on the path of every request and cheaper.
+            timer = asyncio.get_running_loop().call_later(BACKEND_RESPONSE_TIMEOUT, exchange.timed_out)
             try:
-                async with asyncio.timeout(BACKEND_RESPONSE_TIMEOUT):
-                    if has_body:
-                        await self._send_body(request, conn)
-                    status, backend_reusable, client_keep_alive = await exchange.done
+                if has_body:
+                    await self._send_body(request, conn)
+                status, backend_reusable, client_keep_alive = await result
             except asyncio.CancelledError:
                 conn.close()  # the client went away mid-exchange: this backend connection is in an unknown state
                 raise
@@ -633,12 +723,10 @@ class ClientConnection(asyncio.Protocol):
                 if reused and attempt == 0 and not has_body:
                     continue  # the backend closed an idle keep-alive connection: retry once on a fresh one
                 return self._backend_failed(request, 502, f"backend {backend}: {exc}")
-            if backend_reusable:
-                self.worker.backends.release(listener.backend, conn)
-            else:
-                conn.exchange = None
-                conn.close()
-            self.worker.counters.inc("mtlsgate_requests_total", listener.name, str(status))
+            finally:
+                timer.cancel()
+                self._exchange = None
+            self._backend_done(listener, conn, backend_reusable, status)
             return client_keep_alive
         return False
 

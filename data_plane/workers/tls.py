@@ -31,7 +31,8 @@ OPENSSL_VERIFY_DEPTH = 32
 # Handshake bytes accepted from a client before the handshake completes: bounds the client chain size
 # (OpenSSL's own limit is 100 KiB of certificate list; ours is checked before OpenSSL parses anything).
 MAX_HANDSHAKE_BYTES = 128 * 1024
-_READ_CHUNK = 256 * 1024
+_RECORD_SIZE = 16 * 1024  # one TLS record of plaintext; pyOpenSSL allocates this per recv()
+_NO_POINTER = _ffi.NULL
 
 # X509_V_ERR_* codes whose mapping in OpenSSL's ssl_x509err2alert() gives the alert we want to send.
 # OpenSSL has no X509 error that maps to access_denied; handshake_failure is the closest it can send.
@@ -195,9 +196,10 @@ class TlsConnection:
     def read(self) -> bytes:
         """All plaintext available. Sets `closed_by_peer` on close_notify."""
         parts = []
+        ssl = self._ssl
         while True:
             try:
-                parts.append(self._ssl.recv(_READ_CHUNK))
+                parts.append(ssl.recv(_RECORD_SIZE))
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
@@ -205,6 +207,9 @@ class TlsConnection:
                 break
             except SSL.Error as exc:
                 raise TlsFailed(_describe(exc)) from None
+            # Ask OpenSSL before calling again: a WantReadError is a Python exception, costly per request.
+            if not _lib.SSL_pending(ssl._ssl) and not _lib.BIO_get_mem_data(ssl._into_ssl, _NO_POINTER):
+                break
         return b"".join(parts)
 
     def write(self, data: bytes) -> None:
@@ -215,13 +220,8 @@ class TlsConnection:
 
     def outgoing(self) -> bytes:
         """Bytes to send to the socket (records, alerts)."""
-        parts = []
-        while True:
-            try:
-                parts.append(self._ssl.bio_read(_READ_CHUNK))
-            except SSL.WantReadError:
-                break
-        return b"".join(parts)
+        pending = _lib.BIO_get_mem_data(self._ssl._from_ssl, _NO_POINTER)
+        return self._ssl.bio_read(pending) if pending > 0 else b""
 
     def shutdown(self) -> None:
         with contextlib.suppress(SSL.Error):
