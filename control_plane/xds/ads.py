@@ -315,7 +315,8 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
             pushed = outcome.acked_push
             convergence = self.fleet.record_ack(stream.node_id, stream.id, outcome.type_url, pushed.revision,
                                                 pushed.written_at, time.time())
-            metrics.CONVERGENCE.observe(convergence)
+            if convergence is not None:
+                metrics.CONVERGENCE.observe(convergence)
 
     # ------------------------------------------------------------ FleetService
 

@@ -116,12 +116,14 @@ class Fleet:
         return True
 
     def record_ack(self, node_id: str, stream_id: int, type_url: str, revision: int, written_at: float,
-                   now: float) -> float:
-        """Returns the convergence time (store write → this ACK)."""
-        convergence = max(0.0, now - written_at) if written_at else 0.0
+                   now: float) -> float | None:
+        """Record an ACK; returns the convergence time (store write → this ACK), or None when the write
+        happened before the node connected (its first sync measures its start-up, not distribution)."""
         record = self.nodes.get(node_id)
-        if record is not None and record.stream_id == stream_id:
-            record.timings[type_url] = TypeTiming(now, convergence, revision)
+        if record is None or record.stream_id != stream_id:
+            return None
+        convergence = max(0.0, now - written_at) if written_at >= record.connected_since else None
+        record.timings[type_url] = TypeTiming(now, convergence or 0.0, revision)
         return convergence
 
     def connected_count(self) -> int:

@@ -94,6 +94,8 @@ def test_fleet_distribution_end_to_end(control_plane, api, start_node, demo_pki)
     for i in ("node-a1", "node-a2"):
         for t in (LISTENER, CERT):
             assert after[i]["types"][t] == before[i]["types"][t], f"{i} {t} was re-sent"
+        assert 0 < after[i]["types"][BUNDLE]["convergenceSeconds"] < 5
+        assert after[i]["convergenceSeconds"] == after[i]["types"][BUNDLE]["convergenceSeconds"]
     assert after["node-b1"]["types"] == before["node-b1"]["types"]
     crls = {json.dumps(n.dump()["bundles"][0]["trustStores"][0]["crls"]) for n in (a1, a2)}
     assert len(crls) == 1 and crls != {json.dumps(dump["bundles"][0]["trustStores"][0]["crls"])}
