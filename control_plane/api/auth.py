@@ -115,4 +115,8 @@ def caller_identity(context: grpc.aio.ServicerContext, tokens: Tokens | None) ->
             return text
     for cn in auth.get("x509_common_name", ()):
         return "cn:" + (cn.decode(errors="replace") if isinstance(cn, bytes) else str(cn))
-    return context.peer() or "unknown"
+    peer = context.peer() or ""
+    # "ipv4:127.0.0.1:53412" → "peer:127.0.0.1": the ephemeral port identifies nobody.
+    family, _, rest = peer.partition(":")
+    host = rest.rpartition(":")[0] if family in ("ipv4", "ipv6") else peer
+    return f"peer:{host.strip('[]')}" if host else "unknown"

@@ -12,6 +12,7 @@ from control_plane.cli.common import CliError, UsageError
 COMMAND_MODULES = [
     "control_plane.cli.pki_cmd",
     "control_plane.cli.control_plane_cmd",
+    "control_plane.cli.resources_cmd",
     "control_plane.cli.echo_cmd",
     "control_plane.cli.probe_cmd",
     "control_plane.cli.demo_cmd",

@@ -15,6 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from mtlsgate.v1 import resources_pb2
 
+from data_plane.validation.headers import compile_headers
+from data_plane.validation.policy import compile_policy
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -43,11 +46,7 @@ MAX_CRL_PEM_BYTES = 16 * 1024 * 1024  # ~100k+ revoked serials
 MAX_TRUST_CONFIG_BYTES = 48 * 1024 * 1024  # all PEMs of one TrustConfig together
 MAX_PRIVATE_KEY_PEM_BYTES = 16 * 1024
 MAX_SERVER_CHAIN_CERTIFICATES = 10
-MAX_VERIFY_DEPTH = 10  # GCP's limit
-MAX_SAN_MATCHERS = 32
-MAX_SAN_PATTERN_CHARS = 1024
-MAX_CUSTOM_REQUEST_HEADERS = 16
-MAX_HEADER_ENTRY_CHARS = 1024
+MAX_CUSTOM_REQUEST_HEADERS = 16  # also enforced by compile_headers; SAN matcher limits live in policy.py
 MAX_NODE_SELECTOR_ENTRIES = 16
 MAX_BACKEND_CHARS = 255
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024  # the API server's and clients' message size limit
@@ -55,7 +54,6 @@ MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024  # the API server's and clients' messa
 _LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
-_HEADER_ENTRY = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):(.*)")
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -214,49 +212,23 @@ def validate_server_tls_policy(policy: resources_pb2.ServerTlsPolicy) -> list[Fi
     if not policy.HasField("mtls_policy"):
         return out
     mtls = policy.mtls_policy
-    if mtls.client_validation_mode == _MODE.CLIENT_VALIDATION_MODE_UNSPECIFIED:
-        out.append(FieldViolation("mtlsPolicy.clientValidationMode",
-                                  "required (ALLOW_INVALID_OR_MISSING_CLIENT_CERT or REJECT_INVALID)"))
-    elif mtls.client_validation_mode == _MODE.REJECT_INVALID and not mtls.client_validation_trust_config:
+    if mtls.client_validation_mode == _MODE.REJECT_INVALID and not mtls.client_validation_trust_config:
         out.append(FieldViolation("mtlsPolicy.clientValidationTrustConfig",
                                   "required when clientValidationMode is REJECT_INVALID"))
-    if not 0 <= mtls.max_verify_depth <= MAX_VERIFY_DEPTH:
-        out.append(FieldViolation("mtlsPolicy.maxVerifyDepth",
-                                  f"must be between 0 and {MAX_VERIFY_DEPTH} (0 means {MAX_VERIFY_DEPTH})"))
-    if len(mtls.match_subject_alt_names) > MAX_SAN_MATCHERS:
-        out.append(FieldViolation("mtlsPolicy.matchSubjectAltNames",
-                                  f"too many entries ({len(mtls.match_subject_alt_names)}, limit {MAX_SAN_MATCHERS})"))
-        return out
-    for i, matcher in enumerate(mtls.match_subject_alt_names):
-        which = matcher.WhichOneof("type")
-        path = f"mtlsPolicy.matchSubjectAltNames[{i}]"
-        if which is None:
-            out.append(FieldViolation(path, "set one of dns, email, ipAddress, uri, userPrincipalName"))
-            continue
-        pattern = getattr(matcher, which)
-        camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), which)
-        if len(pattern) > MAX_SAN_PATTERN_CHARS:
-            out.append(FieldViolation(f"{path}.{camel}", f"too long ({len(pattern)} characters, "
-                                      f"limit {MAX_SAN_PATTERN_CHARS})"))
-    if not any(v.field.startswith("mtlsPolicy.matchSubjectAltNames") for v in out):
-        out.extend(_compiled_policy_problems(policy))
+    # Mode, depth, SAN matchers (RE2): the validation engine's compiler is the one implementation.
+    try:
+        compile_policy(policy)
+    except ValueError as exc:
+        out.append(_violation_from(exc, "mtlsPolicy"))
     return out
 
 
-def _compiled_policy_problems(policy: resources_pb2.ServerTlsPolicy) -> list[FieldViolation]:
-    """SAN patterns are RE2; the validation engine's compiler is the one implementation."""
-    import re2  # google-re2: the engine matches with RE2, so its syntax is what counts
-
-    out = []
-    for i, matcher in enumerate(policy.mtls_policy.match_subject_alt_names):
-        which = matcher.WhichOneof("type") or ""
-        camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), which)
-        try:
-            re2.compile(getattr(matcher, which))
-        except Exception as exc:  # re2.error is not exported under one stable name
-            out.append(FieldViolation(f"mtlsPolicy.matchSubjectAltNames[{i}].{camel}",
-                                      f"invalid RE2 pattern ({_reason(exc)})"))
-    return out
+def _violation_from(exc: ValueError, default_field: str) -> FieldViolation:
+    """The engine's compilers raise `ValueError("field.path: problem")`."""
+    field, sep, description = str(exc).partition(": ")
+    if not sep or " " in field:
+        return FieldViolation(default_field, str(exc))
+    return FieldViolation(field, description)
 
 
 # ---------------------------------------------------------------- Certificate
@@ -367,19 +339,9 @@ def _backend_problem(backend: str) -> str | None:
 
 
 def _header_problems(entries: Sequence[str]) -> list[FieldViolation]:
-    out = []
-    seen: set[str] = set()
-    for i, entry in enumerate(entries):
-        path = f"customRequestHeaders[{i}]"
-        if len(entry) > MAX_HEADER_ENTRY_CHARS:
-            out.append(FieldViolation(path, f"too long (limit {MAX_HEADER_ENTRY_CHARS} characters)"))
-            continue
-        match = _HEADER_ENTRY.fullmatch(entry)
-        if not match:
-            out.append(FieldViolation(path, f"{entry!r} is not Name:{{variable}} (a header name, ':', a value)"))
-            continue
-        name = match.group(1).lower()
-        if name in seen:
-            out.append(FieldViolation(path, f"header {match.group(1)!r} appears twice"))
-        seen.add(name)
-    return out
+    """Header templates compile with the engine's `compile_headers` (the proxy runs the same code)."""
+    try:
+        compile_headers(entries)
+    except ValueError as exc:
+        return [_violation_from(exc, "customRequestHeaders")]
+    return []

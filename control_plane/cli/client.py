@@ -1,0 +1,122 @@
+"""How CLI commands reach the control plane: `--server`, bearer token (`--token` / `MTLSGATE_TOKEN`) and
+TLS/mTLS (`--ca-cert`, `--cert`, `--key`) flags, the channel they open, and gRPC errors as one line.
+
+Usage in a command module: `add_client_arguments(parser)` in `register`, then
+`with open_channel(args) as channel: …` and `except grpc.RpcError as exc: raise rpc_error(exc, args)`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from control_plane.cli.common import CliError, UsageError, add_server_argument
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # same as the server: TrustConfigs with large CRLs
+
+
+def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--token`, `--ca-cert`, `--cert`, `--key` (for parsers that already have `--server`)."""
+    group = parser.add_argument_group("control plane connection")
+    group.add_argument("--token", default=os.environ.get("MTLSGATE_TOKEN"),
+                       help="bearer token for the management API (env MTLSGATE_TOKEN)")
+    group.add_argument("--ca-cert", metavar="FILE",
+                       help="connect with TLS, trusting this CA for the control plane's certificate")
+    group.add_argument("--cert", metavar="FILE", help="client certificate for mTLS (with --key and --ca-cert)")
+    group.add_argument("--key", metavar="FILE", help="private key for --cert")
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--server` plus the authentication flags."""
+    add_server_argument(parser)
+    add_auth_arguments(parser)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer TOKEN` (works on plaintext loopback channels too, unlike call credentials)."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self.header]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base: Any, metadata: list[tuple[str, str]]) -> None:
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to `args.server` with whatever auth the flags ask for. Works with parsers that only have
+    `--server` (missing flags count as unset). Use as a context manager."""
+    server = args.server
+    token = getattr(args, "token", None)
+    ca_cert, cert, key = (getattr(args, n, None) for n in ("ca_cert", "cert", "key"))
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if bool(cert) != bool(key):
+        raise UsageError("--cert and --key go together")
+    if ca_cert or cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(ca_cert, "CA certificate") if ca_cert else None,
+            private_key=_read(key, "client key") if key else None,
+            certificate_chain=_read(cert, "client certificate") if cert else None,
+        )
+        channel = grpc.secure_channel(server, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(server, options=options)
+    if token:
+        return grpc.intercept_channel(channel, _BearerToken(token))
+    return channel
+
+
+def rpc_error(exc: grpc.RpcError, args: argparse.Namespace | None = None) -> CliError:
+    """A one-line CliError for a failed call, listing the server's field violations if it sent any."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        where = getattr(args, "server", "the control plane")
+        return CliError(f"cannot reach the control plane at {where} ({(details or '').splitlines()[0]})")
+    violations: list[str] = []
+    try:
+        status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except (ValueError, AttributeError):
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [f"{v.field}: {v.description}" for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+            failure = error_details_pb2.PreconditionFailure()
+            detail.Unpack(failure)
+            violations += [v.description if v.type == "ETAG" else f"{v.subject}: {v.description}"
+                           for v in failure.violations]
+    text = "; ".join(violations) if violations else (details or "")
+    return CliError(f"{code.name}: {' '.join(text.split())}")

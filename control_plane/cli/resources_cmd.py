@@ -1,0 +1,392 @@
+"""Resource commands against a running control plane: `apply -f`, `import`, `get`, `delete`, `audit`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from mtlsgate.v1 import api_pb2, api_pb2_grpc
+
+from control_plane.cli.client import add_client_arguments, open_channel, rpc_error
+from control_plane.cli.common import CliError, UsageError
+from control_plane.manifests import (
+    ManifestError,
+    ManifestResource,
+    dump_yaml,
+    order_for_apply,
+    parse_gcp_import,
+    parse_manifest,
+    to_document,
+)
+from control_plane.resource_names import (
+    CERTIFICATE,
+    SERVER_TLS_POLICY,
+    TRUST_CONFIG,
+    InvalidName,
+    Kind,
+    normalise_name,
+    normalise_references,
+    parse_kind,
+    references,
+)
+
+TIMEOUT = 30.0
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    apply = subparsers.add_parser(
+        "apply", help="create or update resources from YAML manifests",
+        description="Each document has kind: (TrustConfig, Certificate, ServerTlsPolicy, Listener) and name:, "
+        "plus the resource's fields. Everything is validated before the first write; writes go in reference "
+        "order. Prints KIND/NAME created|configured|unchanged per resource.")
+    apply.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR",
+                       help="manifest file, directory of *.yaml/*.yml/*.json, or - for stdin (repeatable)")
+    apply.add_argument("--dry-run", action="store_true", help="validate on the server, write nothing")
+    add_client_arguments(apply)
+    apply.set_defaults(func=run_apply)
+
+    imp = subparsers.add_parser(
+        "import", help="create or replace a resource from a gcloud import file",
+        description="Takes the YAML that `gcloud certificate-manager trust-configs import` / `gcloud "
+        "network-security server-tls-policies import` take, unchanged (output fields such as createTime, "
+        "etag, name are ignored; full GCP names in references are accepted).")
+    imp.add_argument("kind", choices=["trust-config", "server-tls-policy"])
+    imp.add_argument("name", help="resource ID (or full name)")
+    imp.add_argument("--source", required=True, metavar="FILE", help="YAML file (- for stdin)")
+    add_client_arguments(imp)
+    imp.set_defaults(func=run_import)
+
+    get = subparsers.add_parser("get", help="show resources",
+                                description="KIND: trust-configs, server-tls-policies, certificates, listeners "
+                                "(singular forms accepted). Private keys are never shown: privateKeySha256 is.")
+    get.add_argument("kind")
+    get.add_argument("name", nargs="?")
+    get.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
+    add_client_arguments(get)
+    get.set_defaults(func=run_get)
+
+    delete = subparsers.add_parser("delete", help="delete a resource (refused while others reference it)")
+    delete.add_argument("kind")
+    delete.add_argument("name")
+    delete.add_argument("--etag", default="", help="only delete if the resource still has this etag")
+    add_client_arguments(delete)
+    delete.set_defaults(func=run_delete)
+
+    audit = subparsers.add_parser("audit", help="list the audit log (who changed what, when)")
+    audit.add_argument("resource", nargs="?", help="only this resource (e.g. trustConfigs/demo)")
+    audit.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    add_client_arguments(audit)
+    audit.set_defaults(func=run_audit)
+
+
+# ---------------------------------------------------------------- stubs and calls
+
+
+def _stub(kind: Kind, channel: grpc.Channel) -> Any:
+    return getattr(api_pb2_grpc, f"{kind.method_suffix}ServiceStub")(channel)
+
+
+def _get(kind: Kind, stub: Any, name: str) -> Message | None:
+    try:
+        return getattr(stub, f"Get{kind.method_suffix}")(api_pb2.GetResourceRequest(name=name), timeout=TIMEOUT)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+
+
+def _list(kind: Kind, stub: Any) -> list[Message]:
+    items: list[Message] = []
+    token = ""
+    while True:
+        response = getattr(stub, f"List{kind.plural_suffix}")(
+            api_pb2.ListResourcesRequest(page_size=500, page_token=token), timeout=TIMEOUT)
+        items.extend(getattr(response, kind.list_field))
+        token = response.next_page_token
+        if not token:
+            return items
+
+
+def _upsert(kind: Kind, stub: Any, resource: Message, *, dry_run: bool = False) -> str:
+    """Update with allow_missing; returns created | configured | unchanged."""
+    existing = _get(kind, stub, resource.name)  # type: ignore[attr-defined]
+    request = getattr(api_pb2, f"Update{kind.method_suffix}Request")(
+        **{kind.field: resource}, allow_missing=True, validate_only=dry_run)
+    stored = getattr(stub, f"Update{kind.method_suffix}")(request, timeout=TIMEOUT)
+    if existing is None:
+        return "created"
+    if stored.etag == existing.etag:  # type: ignore[attr-defined]
+        return "unchanged"
+    return "configured"
+
+
+def _label(kind: Kind, name: str) -> str:
+    return f"{kind.kind.lower()}/{name.partition('/')[2]}"
+
+
+# ---------------------------------------------------------------- apply / import
+
+
+def _read_source(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+
+
+def _manifest_files(targets: list[str]) -> list[str]:
+    files: list[str] = []
+    for target in targets:
+        path = Path(target)
+        if target != "-" and path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.suffix in MANIFEST_SUFFIXES and p.is_file())
+            if not found:
+                raise UsageError(f"{target}: no *.yaml, *.yml or *.json files")
+            files.extend(found)
+        else:
+            files.append(target)
+    return files
+
+
+def _local_problems(item: ManifestResource) -> list[str]:
+    """The same pure validation the server runs, so a bad document stops the apply before any write."""
+    from data_plane.validation import resources as validation
+
+    validators = {"TrustConfig": validation.validate_trust_config, "Certificate": validation.validate_certificate,
+                  "ServerTlsPolicy": validation.validate_server_tls_policy, "Listener": validation.validate_listener}
+    problems = [f"{field}: {text}" for field, text in normalise_references(item.resource)]
+    problems += [str(v) for v in validators[item.kind.kind](item.resource)]  # type: ignore[arg-type]
+    return problems
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    items: list[ManifestResource] = []
+    try:
+        for path in _manifest_files(args.filename):
+            items.extend(parse_manifest(_read_source(path), "<stdin>" if path == "-" else path))
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
+    if not items:
+        raise UsageError("no resources in the given files")
+    seen: dict[str, str] = {}
+    for item in items:
+        name = item.resource.name  # type: ignore[attr-defined]
+        if name in seen:
+            raise UsageError(f"{item.source}: {name} is also defined in {seen[name]}")
+        seen[name] = item.source
+        problems = _local_problems(item)
+        if problems:
+            raise UsageError(f"{item.source}: {name}: {'; '.join(problems)}")
+    try:
+        with open_channel(args) as channel:
+            _check_references(items, channel)
+            for item in order_for_apply(items):
+                outcome = _upsert(item.kind, _stub(item.kind, channel), item.resource, dry_run=args.dry_run)
+                suffix = " (dry run)" if args.dry_run else ""
+                print(f"{_label(item.kind, item.resource.name)} {outcome}{suffix}", flush=True)  # type: ignore[attr-defined]
+    except grpc.RpcError as exc:
+        raise rpc_error(exc, args) from None
+    return 0
+
+
+def _check_references(items: list[ManifestResource], channel: grpc.Channel) -> None:
+    """Every reference must name a resource of this apply or one already stored."""
+    defined = {i.resource.name for i in items}  # type: ignore[attr-defined]
+    stored: dict[str, set[str]] = {}
+    for item in items:
+        for ref in references(item.resource):
+            if ref.target in defined:
+                continue
+            if ref.kind.collection not in stored:
+                stored[ref.kind.collection] = {m.name for m in _list(ref.kind, _stub(ref.kind, channel))}  # type: ignore[attr-defined]
+            if ref.target not in stored[ref.kind.collection]:
+                raise CliError(f"{item.source}: {ref.field}: {ref.target} does not exist and is not in the "
+                               "applied files")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    kind = TRUST_CONFIG if args.kind == "trust-config" else SERVER_TLS_POLICY
+    try:
+        resource = parse_gcp_import(_read_source(args.source), kind, args.name,
+                                    "<stdin>" if args.source == "-" else args.source)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        with open_channel(args) as channel:
+            outcome = _upsert(kind, _stub(kind, channel), resource)
+    except grpc.RpcError as exc:
+        raise rpc_error(exc, args) from None
+    print(f"{_label(kind, resource.name)} {outcome}")  # type: ignore[attr-defined]
+    return 0
+
+
+# ---------------------------------------------------------------- get / delete
+
+
+def _kind(text: str) -> Kind:
+    try:
+        return parse_kind(text)
+    except InvalidName as exc:
+        raise UsageError(str(exc)) from None
+
+
+def run_get(args: argparse.Namespace) -> int:
+    kind = _kind(args.kind)
+    try:
+        name = normalise_name(args.name, kind) if args.name else None
+    except InvalidName as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        with open_channel(args) as channel:
+            stub = _stub(kind, channel)
+            if name:
+                found = _get(kind, stub, name)
+                if found is None:
+                    raise CliError(f"NOT_FOUND: {name} not found")
+                items = [found]
+            else:
+                items = _list(kind, stub)
+    except grpc.RpcError as exc:
+        raise rpc_error(exc, args) from None
+    documents = [to_document(m) for m in items]
+    if args.output == "yaml":
+        if documents:
+            sys.stdout.write(dump_yaml(documents))
+    elif args.output == "json":
+        print(json.dumps(documents[0] if name else documents, indent=2))
+    else:
+        print(render_table(kind, items))
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    kind = _kind(args.kind)
+    try:
+        name = normalise_name(args.name, kind)
+    except InvalidName as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        with open_channel(args) as channel:
+            getattr(_stub(kind, channel), f"Delete{kind.method_suffix}")(
+                api_pb2.DeleteResourceRequest(name=name, etag=args.etag), timeout=TIMEOUT)
+    except grpc.RpcError as exc:
+        raise rpc_error(exc, args) from None
+    print(f"{_label(kind, name)} deleted")
+    return 0
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _age(message: Any) -> str:
+    if not message.HasField("update_time"):
+        return "-"
+    seconds = max(0, int(dt.datetime.now(dt.UTC).timestamp() - message.update_time.seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _short(name: str) -> str:
+    return name.partition("/")[2] or "-"
+
+
+def _certificate_summary(pem: str) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        leaf = x509.load_pem_x509_certificates(pem.encode())[0]
+    except (ValueError, IndexError):
+        return "?", "?"
+    cn = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return (str(cn[0].value) if cn else leaf.subject.rfc4514_string()), leaf.not_valid_after_utc.date().isoformat()
+
+
+def _row(kind: Kind, m: Any) -> list[str]:
+    if kind is TRUST_CONFIG:
+        return [_short(m.name), str(sum(len(s.trust_anchors) for s in m.trust_stores)),
+                str(sum(len(s.intermediate_cas) for s in m.trust_stores)),
+                str(sum(len(s.crls) for s in m.trust_stores)), str(len(m.allowlisted_certificates)), _age(m)]
+    if kind is SERVER_TLS_POLICY:
+        if not m.HasField("mtls_policy"):
+            return [_short(m.name), "plain TLS", "-", _age(m)]
+        mode = m.mtls_policy.ClientValidationMode.Name(m.mtls_policy.client_validation_mode)
+        return [_short(m.name), mode, _short(m.mtls_policy.client_validation_trust_config), _age(m)]
+    if kind is CERTIFICATE:
+        subject, expires = _certificate_summary(m.pem_certificate)
+        return [_short(m.name), subject, expires, m.private_key_sha256[:16], _age(m)]
+    selector = ",".join(f"{k}={v}" for k, v in sorted(m.node_selector.items())) or "*"
+    return [_short(m.name), str(m.port), _short(m.certificate), _short(m.server_tls_policy), m.backend, selector,
+            _age(m)]
+
+
+_HEADERS = {
+    "TrustConfig": ["NAME", "ANCHORS", "INTERMEDIATES", "CRLS", "ALLOWLISTED", "AGE"],
+    "ServerTlsPolicy": ["NAME", "MODE", "TRUST CONFIG", "AGE"],
+    "Certificate": ["NAME", "SUBJECT", "NOT AFTER", "KEY SHA256", "AGE"],
+    "Listener": ["NAME", "PORT", "CERTIFICATE", "POLICY", "BACKEND", "NODES", "AGE"],
+}
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [headers, *rows])
+
+
+def render_table(kind: Kind, items: list[Message]) -> str:
+    if not items:
+        return f"No {kind.cli_plural} found."
+    return _table(_HEADERS[kind.kind], [_row(kind, m) for m in items])
+
+
+# ---------------------------------------------------------------- audit
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    resource = ""
+    if args.resource:
+        try:
+            resource = normalise_name(args.resource)
+        except InvalidName as exc:
+            raise UsageError(str(exc)) from None
+    entries = []
+    try:
+        with open_channel(args) as channel:
+            stub = api_pb2_grpc.AuditServiceStub(channel)
+            token = ""
+            while True:
+                response = stub.ListAuditEntries(api_pb2.ListAuditEntriesRequest(
+                    resource_name=resource, page_size=1000, page_token=token), timeout=TIMEOUT)
+                entries.extend(response.entries)
+                token = response.next_page_token
+                if not token:
+                    break
+    except grpc.RpcError as exc:
+        raise rpc_error(exc, args) from None
+    if args.output == "json":
+        print(json.dumps([{"revision": e.revision, "time": e.time.ToJsonString(), "actor": e.actor,
+                           "method": e.method, "resourceName": e.resource_name, "etagBefore": e.etag_before,
+                           "etagAfter": e.etag_after} for e in entries], indent=2))
+        return 0
+    if not entries:
+        print("No audit entries.")
+        return 0
+    rows = [[str(e.revision), e.time.ToDatetime(tzinfo=dt.UTC).isoformat(timespec="seconds"), e.actor, e.method,
+             e.resource_name, f"{e.etag_before or '-'} -> {e.etag_after or '-'}"] for e in entries]
+    print(_table(["REVISION", "TIME", "ACTOR", "METHOD", "RESOURCE", "ETAG"], rows))
+    return 0
+
