@@ -32,6 +32,10 @@ _UNSUPPORTED_CRL_EXTENSIONS = {
 }
 
 
+# What cryptography raises for a certificate or extension it cannot parse (parsing is partly lazy).
+MALFORMED = (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType, x509.InvalidVersion)
+
+
 class InvalidBundle(ValueError):
     """A TrustConfig / TrustBundle that cannot be used; the message names the field and the problem."""
 
@@ -154,9 +158,11 @@ class CompiledBundle:
 
 def _load_der(der: bytes, where: str) -> x509.Certificate:
     try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise InvalidBundle(f"{where}: not a DER certificate ({exc})") from None
+        cert = x509.load_der_x509_certificate(der)
+        cert.subject, cert.issuer, cert.extensions  # noqa: B018 - parsed lazily; fail here, not later
+        return cert
+    except MALFORMED as exc:
+        raise InvalidBundle(f"{where}: not a valid DER certificate ({exc})") from None
 
 
 def _require_ca(cert: x509.Certificate, where: str) -> None:
@@ -164,7 +170,7 @@ def _require_ca(cert: x509.Certificate, where: str) -> None:
         constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         raise InvalidBundle(f"{where}: not a CA certificate (no basicConstraints extension)") from None
-    except (ValueError, TypeError) as exc:
+    except MALFORMED as exc:
         raise InvalidBundle(f"{where}: malformed extensions ({exc})") from None
     if not constraints.ca:
         raise InvalidBundle(f"{where}: not a CA certificate (basicConstraints cA is false)")
@@ -181,7 +187,7 @@ def _compile_crl(der: bytes, where: str, cas: Sequence[x509.Certificate]) -> tup
         raise InvalidBundle(f"{where}: not a DER CRL ({exc})") from None
     try:
         extensions = list(crl.extensions)
-    except ValueError as exc:
+    except MALFORMED as exc:
         raise InvalidBundle(f"{where}: malformed CRL extensions ({exc})") from None
     for ext in extensions:
         if ext.oid in _UNSUPPORTED_CRL_EXTENSIONS:
@@ -216,7 +222,7 @@ def _compile_crl(der: bytes, where: str, cas: Sequence[x509.Certificate]) -> tup
 def _require_crl_sign(ca: x509.Certificate, where: str) -> None:
     try:
         usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
-    except (ValueError, TypeError):
+    except MALFORMED:
         raise InvalidBundle(f"{where}: issuer {_subject_label(ca.subject)} has a malformed keyUsage") from None
     except x509.ExtensionNotFound:
         return  # RFC 5280 §6.3.3(f): no keyUsage extension = every usage allowed

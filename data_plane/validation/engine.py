@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from data_plane.validation.bundle import CompiledBundle, der_digest, spki_digest
+from data_plane.validation.bundle import MALFORMED, CompiledBundle, der_digest, spki_digest
 from data_plane.validation.policy import ClientPolicy, RevocationCheck, ValidationMode, san_matches
 
 # ---------------------------------------------------------------- error strings (GCP's, then ours)
@@ -169,7 +169,7 @@ def _name_constraint_count(cert: x509.Certificate) -> int:
         nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
     except x509.ExtensionNotFound:
         return 0
-    except (ValueError, TypeError):  # malformed: the verifier rejects it with its own message
+    except MALFORMED:  # malformed: the verifier rejects it with its own message
         return 0
     return len(nc.permitted_subtrees or ()) + len(nc.excluded_subtrees or ())
 
@@ -181,9 +181,14 @@ def _parse_chain(chain: Sequence[bytes]) -> list[x509.Certificate]:
         if len(der) > MAX_CERTIFICATE_BYTES:
             raise _Failure(VALIDATION_FAILED, "malformed_certificate", f"{role}: {len(der)} bytes")
         try:
-            certs.append(x509.load_der_x509_certificate(der))
-        except ValueError as exc:
+            cert = x509.load_der_x509_certificate(der)
+            # cryptography parses these lazily: force them now so a malformed field is reported here
+            # rather than raising from deep inside path building.
+            cert.subject, cert.issuer, cert.not_valid_before_utc, cert.not_valid_after_utc  # noqa: B018
+            cert.extensions  # noqa: B018
+        except MALFORMED as exc:
             raise _Failure(VALIDATION_FAILED, "malformed_certificate", f"{role}: {exc}") from None
+        certs.append(cert)
     return certs
 
 
@@ -261,7 +266,7 @@ def _check_ekus(path: Sequence[x509.Certificate], wanted: x509.ObjectIdentifier)
                     CHAIN_INVALID_EKU, "issuer_eku",
                     f"chain[{depth}] {issuer.subject.rfc4514_string()}: extended key usage without {wanted._name}",
                 )
-    except (ValueError, TypeError) as exc:  # a malformed EKU extension
+    except MALFORMED as exc:  # a malformed EKU extension
         raise _Failure(CHAIN_INVALID_EKU, "malformed_eku", str(exc)) from None
 
 
@@ -440,6 +445,10 @@ def validate(
     except _Failure as failure:
         return Verdict(True, False, failure.error, failure.reason, _accepted(policy, failure.error), leaf_der,
                        detail=failure.detail)
+    except MALFORMED as exc:
+        # A malformed field cryptography only parses on use: never let client input crash a worker.
+        return Verdict(True, False, VALIDATION_FAILED, "malformed_certificate", _accepted(policy, VALIDATION_FAILED),
+                       leaf_der, detail=f"malformed certificate: {exc}")
 
 
 def _validate_presented(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from data_plane.validation.bundle import MALFORMED
 from data_plane.validation.engine import Verdict
 
 MAX_CUSTOM_HEADERS = 16
@@ -114,13 +115,18 @@ def _spiffe_id(uris: Sequence[str]) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def certificate_fields(leaf_der: bytes, chain: tuple[bytes, ...], verified: bool) -> CertificateFields:
-    """The leaf-derived variables (everything but present / chain_verified / error)."""
+    """The leaf-derived variables (everything but present / chain_verified / error). A leaf that does
+    not parse yields empty fields (its verdict already says client_cert_validation_failed)."""
+    try:
+        return _certificate_fields(leaf_der, chain, verified)
+    except MALFORMED:
+        return CertificateFields({name: "" for name in VARIABLES[3:]}, ())
+
+
+def _certificate_fields(leaf_der: bytes, chain: tuple[bytes, ...], verified: bool) -> CertificateFields:
     errors: list[str] = []
     values = {name: "" for name in VARIABLES[3:]}
-    try:
-        cert = x509.load_der_x509_certificate(leaf_der)
-    except ValueError:
-        return CertificateFields(values, ())
+    cert = x509.load_der_x509_certificate(leaf_der)
     values["client_cert_sha256_fingerprint"] = base64.b64encode(hashlib.sha256(leaf_der).digest()).decode().rstrip("=")
     serial = cert.serial_number
     if (serial.bit_length() + 8) // 8 > SERIAL_MAX_BYTES:
@@ -133,7 +139,7 @@ def certificate_fields(leaf_der: bytes, chain: tuple[bytes, ...], verified: bool
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
         dns = san.get_values_for_type(x509.DNSName)
-    except (x509.ExtensionNotFound, ValueError, TypeError):
+    except (x509.ExtensionNotFound, *MALFORMED):
         pass
     values["client_cert_spiffe_id"] = _spiffe_id(uris)
     values["client_cert_uri_sans"] = _limited(
@@ -308,7 +314,7 @@ def xfcc_element(verdict: Verdict, by: str = "") -> str | None:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
         dns = san.get_values_for_type(x509.DNSName)
-    except (x509.ExtensionNotFound, ValueError, TypeError):
+    except (x509.ExtensionNotFound, *MALFORMED):
         uris, dns = [], []
     pairs += [("URI", u) for u in uris[:1]]  # Envoy sends the first URI SAN only
     pairs += [("DNS", d) for d in dns]

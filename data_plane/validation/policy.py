@@ -16,6 +16,8 @@ import re2
 from cryptography import x509
 from mtlsgate.v1 import resources_pb2
 
+from data_plane.validation.bundle import MALFORMED
+
 GCP_MAX_DEPTH = 10
 MAX_SAN_MATCHERS = 64
 MAX_PATTERN_CHARS = 1024
@@ -182,7 +184,7 @@ def subject_alt_names(cert: x509.Certificate) -> Mapping[str, list[str]]:
     out: dict[str, list[str]] = {kind: [] for kind in SAN_KINDS}
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (x509.ExtensionNotFound, ValueError, TypeError):
+    except (x509.ExtensionNotFound, *MALFORMED):
         return out
     for name in san:
         if isinstance(name, x509.DNSName):

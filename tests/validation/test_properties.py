@@ -36,7 +36,7 @@ def forge(subject: x509.Name, issuer: x509.Name, signer: int, is_ca: bool, key_i
         .issuer_name(issuer)
         .public_key(key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_before(NOW - dt.timedelta(days=3))
         .not_valid_after(NOW + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
@@ -78,3 +78,15 @@ def test_property_setting_is_not_vacuous() -> None:
     real = leaf("Property Client", INTER)
     assert validate([real.der], BUNDLE, POLICY, NOW).chain_verified
     assert validate([ALLOWED.der], BUNDLE, POLICY, NOW).chain_verified
+
+
+REAL = leaf("Property Mutated", INTER)
+
+
+@settings(max_examples=150, deadline=None)
+@given(position=st.integers(0, len(REAL.der) - 1), xor=st.integers(1, 255))
+def test_any_one_byte_change_to_a_valid_leaf_is_never_verified(position: int, xor: int) -> None:
+    mutated = bytearray(REAL.der)
+    mutated[position] ^= xor
+    verdict = validate([bytes(mutated), INTER.der], BUNDLE, POLICY, NOW)
+    assert not verdict.chain_verified, (position, xor)
