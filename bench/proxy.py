@@ -135,10 +135,11 @@ class MtlsgateNode:
     """A WorkerPool with 2 workers (the node's data plane) on its own event loop thread."""
 
     def __init__(self, pki: dict[str, Path], port: int, backend_port: int) -> None:
+        from mtlsgate.v1 import resources_pb2, xds_pb2
+
         from data_plane.node.config import NodeConfig
         from data_plane.validation.bundle import trust_bundle_from_trust_config
         from data_plane.workers.pool import WorkerPool
-        from mtlsgate.v1 import resources_pb2, xds_pb2
 
         tc = resources_pb2.TrustConfig(name="trustConfigs/bench")
         store = tc.trust_stores.add()
@@ -226,7 +227,7 @@ def main() -> int:
             try:
                 wait_port(nginx_port)
                 wait_port(node_port)
-                servers = {"nginx": (nginx_port, lambda: nginx_worker_pids(nginx.pid)),
+                servers = {"nginx": (nginx_port, lambda master=nginx.pid: nginx_worker_pids(master)),
                            "mtlsgate": (node_port, node.worker_pids)}
                 for name, (port, pids) in servers.items():
                     load(binary, port, "ka", 2, 1.0, pki)  # warm up (imports, caches, upstream pool)

@@ -468,7 +468,12 @@ class ClientConnection(asyncio.Protocol):
             self._send_error_and_close(400, "protocol upgrades are not supported")
             return
         except httptools.HttpParserError as exc:
-            self._send_error_and_close(400, f"malformed request: {exc}")
+            # httptools wraps exceptions raised in our callbacks; a bound we enforce keeps its status
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ProtocolViolation):
+                self._send_error_and_close(cause.status, str(cause))
+            else:
+                self._send_error_and_close(400, f"malformed request: {exc}")
             return
         if (self._current is not None and self._current.buffered > MAX_BUFFERED_BODY) or \
                 len(self._pending) >= MAX_PIPELINED_REQUESTS:

@@ -1,0 +1,211 @@
+"""HTTP/1.1 forwarding through a worker (SPEC §5): keep-alive, pipelining, bodies in both framings,
+hop-by-hop and X-Forwarded-* headers, XFCC modes, bounds, and 502 when the backend is down."""
+
+from __future__ import annotations
+
+import json
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+import h11
+import pytest
+from mtlsgate.v1 import resources_pb2
+
+from control_plane.pki import DemoPki
+from tests.support import free_port, port_open
+from tests.workers.conftest import (
+    PoolHarness,
+    RecordingBackend,
+    client_context,
+    echoed_headers,
+    http_roundtrip,
+    https_get,
+    listener,
+    node_config,
+    policy,
+)
+
+XFCC = resources_pb2.Listener.ForwardClientCertDetails
+SLOW_STARTED = threading.Event()
+
+
+class _H11Handler(socketserver.BaseRequestHandler):
+    """A backend that reads any request framing (h11) and answers with a *chunked* JSON body."""
+
+    def handle(self) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = self.request.recv(65536)
+                conn.receive_data(data)
+                if not data:
+                    return
+                continue
+            if isinstance(event, h11.Request):
+                request, body = event, b""
+                if request.target == b"/slow":
+                    SLOW_STARTED.set()
+                    time.sleep(1.0)
+                while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(self.request.recv(65536))
+                    elif isinstance(event, h11.Data):
+                        body += event.data
+                doc = json.dumps({"method": request.method.decode(), "body": body.decode(),
+                                  "headers": {k.decode(): v.decode() for k, v in request.headers}}).encode()
+                out = conn.send(h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")]))
+                out += conn.send(h11.Data(data=doc[:10])) + conn.send(h11.Data(data=doc[10:]))
+                out += conn.send(h11.EndOfMessage())
+                self.request.sendall(out)
+                conn.start_next_cycle()
+            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                return
+
+
+@pytest.fixture(scope="module")
+def h11_backend() -> Iterator[str]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _H11Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ports(harness: PoolHarness, backend: RecordingBackend, h11_backend: str, demo_pki: DemoPki) -> dict[str, int]:
+    ports = {n: free_port() for n in ("echo", "chunky", "set", "append", "down")}
+    allow = policy("ALLOW_INVALID_OR_MISSING_CLIENT_CERT")
+    harness.apply(node_config(demo_pki, [
+        listener("echo", ports["echo"], backend.address, allow),
+        listener("chunky", ports["chunky"], h11_backend, allow),
+        listener("set", ports["set"], backend.address, allow, forward_client_cert_details=XFCC.SANITIZE_SET),
+        listener("append", ports["append"], backend.address, allow, forward_client_cert_details=XFCC.APPEND_FORWARD),
+        listener("down", ports["down"], f"127.0.0.1:{free_port()}", allow),
+    ]))
+    return ports
+
+
+def _connect(port: int, pki: DemoPki) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return client_context(pki, "client").wrap_socket(raw, server_hostname="localhost")
+
+
+def _read_response(sock: ssl.SSLSocket, conn: h11.Connection) -> tuple[int, dict[str, str], bytes]:
+    status, headers, body = 0, {}, b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.Response):
+            status, headers = event.status_code, {k.decode(): v.decode() for k, v in event.headers}
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            conn.start_next_cycle()
+            return status, headers, body
+        else:
+            raise AssertionError(f"unexpected {event!r}")
+
+
+def test_keep_alive_and_pipelining_on_one_connection(ports: dict[str, int], demo_pki: DemoPki) -> None:
+    with _connect(ports["echo"], demo_pki) as sock:
+        for i in range(3):
+            assert http_roundtrip(sock, f"/ka/{i}")[0] == 200
+        sock.sendall(b"GET /p/1 HTTP/1.1\r\nHost: a\r\n\r\nGET /p/2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method="GET", target="/p/1", headers=[("Host", "a")]))
+        client.send(h11.EndOfMessage())
+        first = json.loads(_read_response(sock, client)[2])
+        client.send(h11.Request(method="GET", target="/p/2", headers=[("Host", "a")]))
+        client.send(h11.EndOfMessage())
+        second = json.loads(_read_response(sock, client)[2])
+    assert (first["path"], second["path"]) == ("/p/1", "/p/2")
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_request_bodies_and_chunked_responses_are_streamed(ports: dict[str, int], demo_pki: DemoPki,
+                                                           framing: str) -> None:
+    body = b"x" * 100_000
+    headers = [("Host", "a")] + ([("Content-Length", str(len(body)))] if framing == "content-length"
+                                 else [("Transfer-Encoding", "chunked")])
+    client = h11.Connection(h11.CLIENT)
+    with _connect(ports["chunky"], demo_pki) as sock:
+        sock.sendall(client.send(h11.Request(method="POST", target="/upload", headers=headers)))
+        for offset in range(0, len(body), 30_000):
+            sock.sendall(client.send(h11.Data(data=body[offset:offset + 30_000])))
+        sock.sendall(client.send(h11.EndOfMessage()))
+        status, resp_headers, payload = _read_response(sock, client)
+        assert status == 200 and resp_headers.get("transfer-encoding") == "chunked"
+        seen = json.loads(payload)
+        assert seen["method"] == "POST" and len(seen["body"]) == len(body)
+        assert seen["headers"]["x-client-cert-chain-verified"] == "true"
+        # the connection is still usable afterwards
+        sock.sendall(client.send(h11.Request(method="GET", target="/again", headers=[("Host", "a")])))
+        sock.sendall(client.send(h11.EndOfMessage()))
+        assert _read_response(sock, client)[0] == 200
+
+
+def test_head_request_has_no_body_and_keeps_the_connection(ports: dict[str, int], demo_pki: DemoPki) -> None:
+    client = h11.Connection(h11.CLIENT)
+    with _connect(ports["echo"], demo_pki) as sock:
+        sock.sendall(client.send(h11.Request(method="HEAD", target="/", headers=[("Host", "a")])))
+        sock.sendall(client.send(h11.EndOfMessage()))
+        status, headers, body = _read_response(sock, client)
+        assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+        assert http_roundtrip(sock, "/after-head")[0] == 200
+
+
+def test_hop_by_hop_and_forwarded_headers(ports: dict[str, int], demo_pki: DemoPki) -> None:
+    _, _, body = https_get(ports["echo"], client_context(demo_pki, "client"), headers={
+        "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5",
+        "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "http", "X-Custom": "kept"})
+    seen = echoed_headers(body)
+    assert "x-secret-hop" not in seen and "keep-alive" not in seen
+    assert seen["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-custom"] == "kept" and seen["host"] == "localhost"
+
+
+def test_xfcc_modes(ports: dict[str, int], demo_pki: DemoPki) -> None:
+    spoof = {"X-Forwarded-Client-Cert": "By=upstream;Hash=abc"}
+    _, _, body = https_get(ports["set"], client_context(demo_pki, "client"), headers=spoof)
+    xfcc = echoed_headers(body)["x-forwarded-client-cert"]
+    assert xfcc.startswith("Hash=") and "upstream" not in xfcc
+    _, _, body = https_get(ports["append"], client_context(demo_pki, "client"), headers=spoof)
+    xfcc = echoed_headers(body)["x-forwarded-client-cert"]
+    assert xfcc.startswith("By=upstream;Hash=abc,Hash=")
+    _, _, body = https_get(ports["echo"], client_context(demo_pki, "client"), headers=spoof)
+    assert "x-forwarded-client-cert" not in echoed_headers(body)  # SANITIZE (default)
+
+
+def test_backend_down_is_502_with_a_reason(ports: dict[str, int], demo_pki: DemoPki) -> None:
+    status, _, body = https_get(ports["down"], client_context(demo_pki, "client"))
+    assert status == 502 and b"cannot connect to backend" in body
+
+
+def test_oversized_headers_get_431(ports: dict[str, int], demo_pki: DemoPki) -> None:
+    status, _, _ = https_get(ports["echo"], client_context(demo_pki, "client"), headers={"X-Big": "a" * 70_000})
+    assert status == 431
+    assert https_get(ports["echo"], client_context(demo_pki, "client"))[0] == 200
+
+
+def test_close_drains_in_flight_requests_then_stops(h11_backend: str, demo_pki: DemoPki) -> None:
+    harness = PoolHarness(workers=1)
+    port = free_port()
+    harness.apply(node_config(demo_pki, [listener("drain", port, h11_backend, None)]))
+    results: list[int] = []
+    client = threading.Thread(target=lambda: results.append(
+        https_get(port, client_context(demo_pki, None), "/slow", timeout=10)[0]))
+    SLOW_STARTED.clear()
+    client.start()
+    assert SLOW_STARTED.wait(10)
+    harness.close()  # SIGTERM path: stop accepting, finish the in-flight request, exit
+    client.join(10)
+    assert results == [200]
+    assert not port_open("127.0.0.1", port)
+    assert harness.pool.pids() == []
