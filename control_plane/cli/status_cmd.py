@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from control_plane.cli.common import CliError, add_server_argument
+from control_plane.cli.client import add_client_arguments, open_channel, rpc_error
 from control_plane.xds import resource_types as rt
 
 
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ERROR) and per type its state, acked version and last error, plus convergence time (store write → "
         "ACK). STALE = sent, not yet acknowledged; ERROR = the node rejected the last version sent.",
     )
-    add_server_argument(p)
+    add_client_arguments(p)
     p.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
     p.add_argument("--cluster", default="", help="only nodes of this cluster")
     p.set_defaults(func=run)
@@ -80,17 +80,11 @@ def run(args: argparse.Namespace) -> int:
     from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
     try:
-        from control_plane.cli.client import open_channel
-    except ImportError:  # TODO(E4): remove once control_plane/cli/client.py lands
-        def open_channel(args: argparse.Namespace) -> grpc.Channel:
-            return grpc.insecure_channel(args.server)
-
-    try:
         with open_channel(args) as channel:
             response = api_pb2_grpc.FleetServiceStub(channel).ListNodes(
                 api_pb2.ListNodesRequest(cluster=args.cluster), timeout=10)
     except grpc.RpcError as exc:
-        raise CliError(f"{args.server}: {exc.code().name}: {exc.details()}") from None
+        raise rpc_error(exc, args) from None
     if args.output == "json":
         print(json.dumps({"revision": response.revision, "nodes": [node_to_json(n) for n in response.nodes]},
                          indent=2))

@@ -1,0 +1,44 @@
+"""`mtlsgate status`: table rendering, and the real command against a token-protected control plane."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from mtlsgate.v1 import api_pb2
+
+from control_plane.cli.status_cmd import render_table
+from control_plane.xds import resource_types as rt
+from tests.control_plane.harness import start_control_plane
+from tests.support import MTLSGATE
+
+
+def test_table_shows_states_versions_and_one_copy_of_each_error():
+    node = api_pb2.NodeStatus(id="edge-1", cluster="edge", connected=True, state=api_pb2.ERROR,
+                              convergence_seconds=0.123)
+    for t in rt.ALL_TYPES:
+        node.types.add(type_url=t, state=api_pb2.ERROR, acked_version="0123456789abcdef",
+                       error="listeners/a: port 8443 is already in use on this node")
+    table = render_table(api_pb2.ListNodesResponse(nodes=[node], revision=7))
+    header, row, footer = table.splitlines()
+    assert header.split() == ["NODE", "CLUSTER", "CONNECTED", "STATE", "LISTENER", "TRUSTBUNDLE",
+                              "SERVERCERTIFICATE", "CONVERGENCE", "ERROR"]
+    assert row.startswith("edge-1") and "ERROR 01234567" in row and "123ms" in row
+    assert row.count("port 8443 is already in use") == 1
+    assert footer == "(snapshot revision 7; 1 node(s))"
+
+
+def test_status_uses_the_clients_token(tmp_path, logs_dir):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret-0123456789abcdef operator\n")
+    proc, address = start_control_plane(tmp_path, logs_dir, ["--token-file", str(tokens)])
+    try:
+        denied = subprocess.run([*MTLSGATE, "status", "--server", address], capture_output=True, text=True,
+                                timeout=30)
+        assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+        assert len(denied.stderr.strip().splitlines()) == 1
+        ok = subprocess.run([*MTLSGATE, "status", "--server", address, "--token", "s3cret-0123456789abcdef", "-o", "json"],
+                            capture_output=True, text=True, timeout=30, check=True)
+        assert json.loads(ok.stdout)["nodes"] == []
+    finally:
+        proc.stop()
