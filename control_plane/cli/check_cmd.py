@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--at", metavar="RFC3339", help="validation time, e.g. 2030-01-01T00:00:00Z (default: now)")
     p.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
     add_server_argument(p)
+    # The shared connection flags, except that --cert here is the chain being checked (SPEC §4), so the
+    # mTLS identity towards the control plane is --client-cert / --client-key.
+    group = p.add_argument_group("control plane connection (live mode)")
+    group.add_argument("--token", default=os.environ.get("MTLSGATE_TOKEN"),
+                       help="bearer token for the management API (env MTLSGATE_TOKEN)")
+    group.add_argument("--ca-cert", metavar="FILE", help="connect with TLS, trusting this CA")
+    group.add_argument("--client-cert", metavar="FILE", help="client certificate for mTLS to the control plane")
+    group.add_argument("--client-key", metavar="FILE", help="private key for --client-cert")
     p.set_defaults(func=run)
 
 
@@ -114,19 +123,18 @@ def _live(args: argparse.Namespace, chain_pem: str, when: datetime) -> dict[str,
     import grpc
     from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
-    try:
-        from control_plane.cli.client import open_channel  # type: ignore[import-not-found]
-    except ImportError:  # until E2's shared client module lands: plain channel to --server
-        def open_channel(args: argparse.Namespace) -> grpc.Channel:
-            return grpc.insecure_channel(args.server)
+    from control_plane.cli.client import open_channel, rpc_error
 
+    connection = argparse.Namespace(server=args.server, token=args.token, ca_cert=args.ca_cert,
+                                    cert=args.client_cert, key=args.client_key)
     request = api_pb2.CheckRequest(policy=args.policy, pem_chain=chain_pem, listener=args.listener or "")
     request.time.FromDatetime(when)
     try:
-        with open_channel(args) as channel:
+        with open_channel(connection) as channel:
             response = api_pb2_grpc.CheckServiceStub(channel).Check(request, timeout=30)
     except grpc.RpcError as exc:
-        raise UsageError(f"{args.server}: {exc.code().name}: {exc.details()}") from None
+        # Exit 1 means "not accepted": every failure to get a verdict is exit 2.
+        raise UsageError(str(rpc_error(exc, connection))) from None
     return {"present": response.present, "chain_verified": response.chain_verified, "error": response.error,
             "reason": response.reason, "headers": {h.name: h.value for h in response.headers},
             "_accepted": response.accepted, "_detail": ""}

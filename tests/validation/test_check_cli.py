@@ -148,3 +148,10 @@ def test_live_check_against_a_control_plane(control_plane: str, demo_pki: DemoPk
     unknown = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--policy", "serverTlsPolicies/nope",
                        "--server", control_plane)
     assert unknown.returncode == 2 and "NOT_FOUND" in unknown.stderr
+
+
+def test_live_unreachable_server_is_an_input_error(demo_pki: DemoPki) -> None:
+    result = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--policy", "serverTlsPolicies/strict",
+                      "--server", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2
+    assert "cannot reach the control plane" in result.stderr
