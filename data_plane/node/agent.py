@@ -299,6 +299,8 @@ class XdsAgent:
                 log.warning("xDS stream to %s ended: %s %s", self.server, exc.code().name, exc.details())
             except (OSError, ConnectionError) as exc:
                 log.warning("xDS stream to %s failed: %r", self.server, exc)
+            except Exception:  # a bug must not leave the node without updates for good: log, reconnect
+                log.exception("xDS stream to %s failed unexpectedly", self.server)
             finally:
                 self.connected = False
                 CONNECTED.set(0)

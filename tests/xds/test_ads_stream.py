@@ -230,3 +230,30 @@ def test_watch_nodes_streams_changes(control_plane, populated):
     finally:
         watch.cancel()
         channel.close()
+
+
+def test_a_burst_of_writes_is_debounced_into_few_pushes(control_plane, populated):
+    api = populated
+    channel = grpc.insecure_channel(control_plane.address)
+    node = RawAds(channel, "raw-burst", {"zone": "a"})
+    try:
+        node.send(LISTENER)
+        first = node.recv()
+        node.send(LISTENER, version=first.version_info, nonce=first.nonce)
+        ports = [free_port() for _ in range(10)]
+        for port in ports:  # back to back: each gap is shorter than the 50 ms quiet period of the fixture
+            api.put(listener("listeners/a", port, selector={"zone": "a"}))
+        received = [node.recv()]
+        while True:
+            try:
+                received.append(node.recv(timeout=1.0))
+            except queue.Empty:
+                break
+        assert 1 <= len(received) <= 3, [r.version_info for r in received]
+        from mtlsgate.v1 import resources_pb2
+
+        last = resources_pb2.Listener.FromString(received[-1].resources[0].value)
+        assert last.port == ports[-1]
+    finally:
+        node.close()
+        channel.close()
