@@ -20,9 +20,11 @@ from cryptography.x509.oid import ExtensionOID
 from mtlsgate.v1 import resources_pb2, xds_pb2
 
 # Bounds on what a TrustConfig may hold (every size an outsider controls is bounded, SPEC §8).
-MAX_CERTIFICATES = 1000  # anchors + intermediates + allowlisted, over all trust stores
+# At least what the control plane's write validation admits (4 stores x (200 anchors + 200
+# intermediates + 200 CRLs) + 500 allowlisted), so a stored TrustConfig never fails to compile for size.
+MAX_CERTIFICATES = 2100  # anchors + intermediates + allowlisted, over all trust stores
 MAX_CERTIFICATE_BYTES = 64 * 1024  # one PEM certificate entry
-MAX_CRLS = 100  # over all trust stores
+MAX_CRLS = 800  # over all trust stores
 MAX_CRL_BYTES = 32 * 1024 * 1024  # one PEM CRL: ~100,000 serials take ~5 MB of PEM
 
 # CRL extensions we understand; any other critical extension makes the CRL unusable (RFC 5280 §5.2).
