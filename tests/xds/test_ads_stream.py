@@ -4,8 +4,10 @@ with the current version, and node identity bound to the xDS client certificate.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,6 +206,31 @@ def test_node_id_is_bound_to_the_xds_client_certificate(tmp_path: Path, logs_dir
             assert honest.recv().type_url == LISTENER
             honest.close()
         channel.close()
+
+        # A real proxy node with its certificate: admitted as node-1; under another id: refused.
+        (tmp_path / "node.pem").write_text(node_cert.cert_pem + demo_pki.path("intermediate_cert").read_text())
+        (tmp_path / "node-key.pem").write_text(node_cert.key_pem)
+        tls = ["--xds-ca", str(demo_pki.path("ca_cert")), "--xds-cert", str(tmp_path / "node.pem"),
+               "--xds-key", str(tmp_path / "node-key.pem")]
+        proxies = []
+        for node_id in ("node-1", "node-2"):
+            admin = f"127.0.0.1:{free_port()}"
+            proxies.append((admin, Proc(["proxy", "--server", address, "--node-id", node_id, "--admin", admin,
+                                         "--workers", "1", *tls], logs_dir / f"proxy-{node_id}.log")))
+        try:
+            def dump(admin: str) -> dict:
+                with urllib.request.urlopen(f"http://{admin}/config_dump", timeout=5) as r:
+                    return json.loads(r.read())
+
+            wait_until(lambda: dump(proxies[0][0])["connected"] and dump(proxies[0][0])["ready"], timeout=20,
+                       message="node-1 connected over mTLS")
+            wait_until(lambda: "PERMISSION_DENIED" in proxies[1][1].log(), timeout=20,
+                       message="node-2 refused")
+            assert not dump(proxies[1][0])["connected"]
+            assert "does not match the client certificate" in proxies[1][1].log()
+        finally:
+            for _, p in proxies:
+                p.stop()
     finally:
         proc.stop()
 
