@@ -417,3 +417,21 @@ def test_verdict_headers_follow_the_verdict(pki: Pki) -> None:
     values = variables(v)
     assert values["client_cert_chain_verified"] == "true" and values["client_cert_leaf"]
     assert dict(DEFAULT_HEADERS.render(v))["X-Client-Cert-Present"] == "true"
+
+
+def test_expired_trust_anchor(pki: Pki) -> None:
+    old_root = ca("Old Root", not_before=NOW - dt.timedelta(days=100), not_after=NOW - dt.timedelta(days=1))
+    cert = leaf("c", old_root, not_before=NOW - dt.timedelta(days=10))
+    check(validate(chain(cert), bundle(anchors=[old_root]), STRICT, NOW), E.VALIDATION_FAILED, "expired")
+
+
+def test_several_trust_stores_are_a_union(pki: Pki) -> None:
+    other_root = ca("Second Root")
+    other_client = leaf("c2", other_root)
+    tc = trust_config(anchors=[pki.root])
+    tc.trust_stores.add().trust_anchors.add(pem_certificate=other_root.cert_pem)
+    b = compile_bundle(trust_bundle_from_trust_config(tc))
+    for cert in (chain(pki.client, pki.inter), chain(other_client)):
+        v = validate(cert, b, STRICT, NOW)
+        check(v, "", "")
+        assert tls_alert(v) is None and http_status(v) == 200
