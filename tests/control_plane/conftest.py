@@ -41,3 +41,36 @@ def control_plane(tmp_path: Path, logs_dir: Path) -> Iterator[ControlPlane]:
         yield ControlPlane(proc, address, db)
     finally:
         proc.stop()
+
+
+class Api:
+    """gRPC stubs of the management API on one channel."""
+
+    def __init__(self, address: str, **channel_kwargs: object) -> None:
+        import grpc
+        from mtlsgate.v1 import api_pb2_grpc
+
+        self.channel = grpc.insecure_channel(address)
+        self.trust_configs = api_pb2_grpc.TrustConfigServiceStub(self.channel)
+        self.policies = api_pb2_grpc.ServerTlsPolicyServiceStub(self.channel)
+        self.certificates = api_pb2_grpc.CertificateServiceStub(self.channel)
+        self.listeners = api_pb2_grpc.ListenerServiceStub(self.channel)
+        self.audit = api_pb2_grpc.AuditServiceStub(self.channel)
+
+    def revision(self) -> int:
+        from mtlsgate.v1 import api_pb2
+
+        entries = self.audit.ListAuditEntries(api_pb2.ListAuditEntriesRequest(page_size=1000), timeout=10).entries
+        return entries[-1].revision if entries else 0
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@pytest.fixture
+def api(control_plane: ControlPlane) -> Iterator[Api]:
+    client = Api(control_plane.address)
+    try:
+        yield client
+    finally:
+        client.close()
