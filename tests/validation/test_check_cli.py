@@ -10,12 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-import yaml
-from google.protobuf import json_format
-from mtlsgate.v1 import api_pb2, api_pb2_grpc, resources_pb2
+from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
 from control_plane.pki import DemoPki
-from tests.support import MTLSGATE, Proc, free_port, wait_until
+from tests.control_plane.harness import start_control_plane
+from tests.support import MTLSGATE, free_port
 
 
 def mtlsgate(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -105,22 +104,17 @@ def test_offline_input_errors(demo_pki: DemoPki, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def control_plane(tmp_path: Path, demo_pki: DemoPki) -> Iterator[str]:
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    proc = Proc(["control-plane", "--listen", address, "--db", tmp_path / "cp.db"], tmp_path / "cp.log")
+def control_plane(tmp_path: Path, logs_dir: Path, demo_pki: DemoPki) -> Iterator[str]:
+    """A real control plane holding the demo trust config and policy, imported the way a user would."""
+    proc, address = start_control_plane(tmp_path, logs_dir)
     try:
-        channel = grpc.insecure_channel(address)
-        wait_until(lambda: grpc.channel_ready_future(channel).result(timeout=0.5) is None,
-                   timeout=20, message="control plane to accept connections")
-        tc = json_format.ParseDict(yaml.safe_load(demo_pki.path("trust_config").read_text()), resources_pb2.TrustConfig())
-        api_pb2_grpc.TrustConfigServiceStub(channel).CreateTrustConfig(
-            api_pb2.CreateTrustConfigRequest(trust_config_id="demo", trust_config=tc), timeout=10)
-        policy = json_format.ParseDict(yaml.safe_load(demo_pki.path("server_tls_policy").read_text()),
-                                       resources_pb2.ServerTlsPolicy())
-        api_pb2_grpc.ServerTlsPolicyServiceStub(channel).CreateServerTlsPolicy(
-            api_pb2.CreateServerTlsPolicyRequest(server_tls_policy_id="strict", server_tls_policy=policy), timeout=10)
-        channel.close()
+        for kind, name, source in (("trust-config", "demo", "trust_config"),
+                                   ("server-tls-policy", "strict", "server_tls_policy")):
+            result = mtlsgate("import", kind, name, "--source", demo_pki.path(source), "--server", address)
+            assert result.returncode == 0, result.stderr
+        plain = tmp_path / "plain.yaml"
+        plain.write_text("description: plain TLS\n")
+        assert mtlsgate("import", "server-tls-policy", "plain", "--source", plain, "--server", address).returncode == 0
         yield address
     finally:
         proc.stop()
@@ -148,6 +142,25 @@ def test_live_check_against_a_control_plane(control_plane: str, demo_pki: DemoPk
     unknown = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--policy", "serverTlsPolicies/nope",
                        "--server", control_plane)
     assert unknown.returncode == 2 and "NOT_FOUND" in unknown.stderr
+    plain = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--policy", "serverTlsPolicies/plain",
+                     "--server", control_plane)
+    assert plain.returncode == 2 and "no mtlsPolicy" in plain.stderr
+
+
+@pytest.mark.slow
+def test_check_service_errors_over_grpc(control_plane: str, demo_pki: DemoPki) -> None:
+    with grpc.insecure_channel(control_plane) as channel:
+        stub = api_pb2_grpc.CheckServiceStub(channel)
+        none = stub.Check(api_pb2.CheckRequest(policy="serverTlsPolicies/strict"), timeout=10)
+        assert (none.present, none.error, none.accepted) == (False, "client_cert_not_provided", False)
+        assert {h.name: h.value for h in none.headers}["X-Client-Cert-Present"] == "false"
+        with pytest.raises(grpc.RpcError) as bad_pem:
+            stub.Check(api_pb2.CheckRequest(policy="serverTlsPolicies/strict", pem_chain="-----BEGIN CERTIFICATE-----\nx"),
+                       timeout=10)
+        assert bad_pem.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as bad_name:
+            stub.Check(api_pb2.CheckRequest(policy="trustConfigs/demo"), timeout=10)
+        assert bad_name.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_live_unreachable_server_is_an_input_error(demo_pki: DemoPki) -> None:
