@@ -396,6 +396,8 @@ class XdsAgent:
             return session.rejected(self.last_error)
         session.accepted(step.config)
         self.source = "control-plane"
+        log.info("configuration applied: %s", ", ".join(
+            f"{rt.short_type(t)} {v}" for t, v in sorted(step.config.versions.items())))
         return step.ack
 
     async def _apply(self, config: NodeConfig) -> None:
