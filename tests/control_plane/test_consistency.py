@@ -24,7 +24,7 @@ def test_concurrent_updates_with_the_same_etag_exactly_one_wins(control_plane: C
             barrier = threading.Barrier(2)
             outcomes: list[object] = [None, None]
 
-            def write(i: int, etag: str = etag, round_number: int = round_number) -> None:
+            def write(i: int, etag: str, round_number: int, barrier: threading.Barrier, outcomes: list[object]) -> None:
                 request = api_pb2.UpdateTrustConfigRequest(trust_config=resources_pb2.TrustConfig(
                     name="trustConfigs/race", description=f"round {round_number} writer {i}", etag=etag))
                 barrier.wait()
@@ -33,7 +33,7 @@ def test_concurrent_updates_with_the_same_etag_exactly_one_wins(control_plane: C
                 except grpc.RpcError as exc:
                     outcomes[i] = exc
 
-            threads = [threading.Thread(target=write, args=(i,)) for i in range(2)]
+            threads = [threading.Thread(target=write, args=(i, etag, round_number, barrier, outcomes)) for i in range(2)]
             for t in threads:
                 t.start()
             for t in threads:
