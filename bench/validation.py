@@ -73,8 +73,12 @@ def make_chain(key: str, depth: int) -> tuple[Issued, list[bytes], Issued]:
     return root, [leaf.der, *(i.der for i in inters)], issuer
 
 
-def bundle_for(root: Issued, crl_issuer: Issued | None = None, crl: x509.CertificateRevocationList | None = None,
-               intermediates: list[Issued] | None = None) -> tuple[CompiledBundle, float, float]:
+def bundle_for(
+    root: Issued,
+    crl_issuer: Issued | None = None,
+    crl: x509.CertificateRevocationList | None = None,
+    intermediates: list[Issued] | None = None,
+) -> tuple[CompiledBundle, float, float]:
     tc = resources_pb2.TrustConfig(name="trustConfigs/bench")
     store = tc.trust_stores.add()
     store.trust_anchors.add(pem_certificate=root.cert_pem)
@@ -97,7 +101,9 @@ def big_crl(issuer: Issued, serials: int) -> x509.CertificateRevocationList:
         for i in range(serials)
     ]
     builder = x509.CertificateRevocationListBuilder(
-        issuer_name=issuer.cert.subject, last_update=when, next_update=when + dt.timedelta(days=7),
+        issuer_name=issuer.cert.subject,
+        last_update=when,
+        next_update=when + dt.timedelta(days=7),
         revoked_certificates=revoked,
     ).add_extension(x509.CRLNumber(1), critical=False)
     return builder.sign(issuer.key, hashes.SHA256())  # type: ignore[arg-type]
@@ -124,8 +130,10 @@ def main() -> int:
             def warm(chain: list[bytes] = chain, bundle: CompiledBundle = bundle) -> object:
                 return validate(chain, bundle, POLICY, NOW)
 
-            print(f"  {label:12} depth {depth}       {per_call_us(cold, args.seconds):8.1f}"
-                  f"          {per_call_us(warm, args.seconds):8.1f}")
+            print(
+                f"  {label:12} depth {depth}       {per_call_us(cold, args.seconds):8.1f}"
+                f"          {per_call_us(warm, args.seconds):8.1f}"
+            )
 
     # B5: the leaf's issuer has a CRL with N serials vs an empty one (cold: the CRL is consulted).
     root = issue("bench crl root", ca=True)
@@ -143,6 +151,7 @@ def main() -> int:
         def once() -> object:
             bundle.cache.clear()
             return validate(chain, bundle, POLICY, NOW)
+
         return once
 
     ratios, empties, larges = [], [], []
@@ -155,10 +164,14 @@ def main() -> int:
     print(f"\nB5: CRL with {args.serials:,} serials vs empty CRL (cold validate, revocationCheck LEAF)")
     print(f"  empty CRL   {statistics.median(empties):8.1f} µs")
     print(f"  large CRL   {statistics.median(larges):8.1f} µs")
-    print(f"  ratio       {statistics.median(ratios):8.3f}x   (target ≤ 1.1x, goal ≤ 1.02x; runs: "
-          f"{', '.join(f'{r:.3f}' for r in ratios)})")
-    print(f"  compile: PEM→TrustBundle {decode_s * 1000:.0f} ms, TrustBundle→CompiledBundle {compile_s * 1000:.0f} ms "
-          f"(CRL DER {len(crl.public_bytes(Encoding.DER)) / 1e6:.1f} MB)")
+    print(
+        f"  ratio       {statistics.median(ratios):8.3f}x   (target ≤ 1.1x, goal ≤ 1.02x; runs: "
+        f"{', '.join(f'{r:.3f}' for r in ratios)})"
+    )
+    print(
+        f"  compile: PEM→TrustBundle {decode_s * 1000:.0f} ms, TrustBundle→CompiledBundle {compile_s * 1000:.0f} ms "
+        f"(CRL DER {len(crl.public_bytes(Encoding.DER)) / 1e6:.1f} MB)"
+    )
     return 0
 
 

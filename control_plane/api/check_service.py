@@ -28,7 +28,9 @@ class CheckService(api_pb2_grpc.CheckServiceServicer):
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def Check(self, request: api_pb2.CheckRequest, context: grpc.aio.ServicerContext) -> api_pb2.CheckResponse:
+    async def Check(
+        self, request: api_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.CheckResponse:
         try:
             # Compiling a bundle with a large CRL takes a while: keep the event loop free.
             return await asyncio.to_thread(self.check, request)
@@ -56,7 +58,9 @@ class CheckService(api_pb2_grpc.CheckServiceServicer):
         if policy is None:
             raise LookupError(f"{policy_name} not found")
         trust_config = None
-        reference = policy.mtls_policy.client_validation_trust_config if policy.HasField("mtls_policy") else ""
+        reference = (
+            policy.mtls_policy.client_validation_trust_config if policy.HasField("mtls_policy") else ""
+        )
         if reference:
             trust_config = state.trust_configs.get(normalise_name(reference, TRUST_CONFIG))
             if trust_config is None:

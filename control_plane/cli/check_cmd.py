@@ -28,24 +28,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "policy's trust-config reference is then ignored). Live: --policy NAME against --server. "
         "Exit 0 when the policy would accept the client, 1 when not, 2 on a usage or input error.",
     )
-    p.add_argument("--cert", required=True, metavar="CHAIN.pem",
-                   help="PEM chain: the client's leaf first, then the intermediates it would send")
-    p.add_argument("--policy", required=True, metavar="FILE|NAME",
-                   help="ServerTlsPolicy YAML file (offline) or name such as serverTlsPolicies/strict (live)")
+    p.add_argument(
+        "--cert",
+        required=True,
+        metavar="CHAIN.pem",
+        help="PEM chain: the client's leaf first, then the intermediates it would send",
+    )
+    p.add_argument(
+        "--policy",
+        required=True,
+        metavar="FILE|NAME",
+        help="ServerTlsPolicy YAML file (offline) or name such as serverTlsPolicies/strict (live)",
+    )
     p.add_argument("--trust-config", metavar="FILE", help="TrustConfig YAML file: selects offline mode")
-    p.add_argument("--listener", metavar="FILE|NAME",
-                   help="use this listener's customRequestHeaders (YAML file offline, name live); "
-                   "default: the X-Client-Cert-* set")
-    p.add_argument("--at", metavar="RFC3339", help="validation time, e.g. 2030-01-01T00:00:00Z (default: now)")
+    p.add_argument(
+        "--listener",
+        metavar="FILE|NAME",
+        help="use this listener's customRequestHeaders (YAML file offline, name live); "
+        "default: the X-Client-Cert-* set",
+    )
+    p.add_argument(
+        "--at", metavar="RFC3339", help="validation time, e.g. 2030-01-01T00:00:00Z (default: now)"
+    )
     p.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
     add_server_argument(p)
     # The shared connection flags, except that --cert here is the chain being checked (SPEC §4), so the
     # mTLS identity towards the control plane is --client-cert / --client-key.
     group = p.add_argument_group("control plane connection (live mode)")
-    group.add_argument("--token", default=os.environ.get("MTLSGATE_TOKEN"),
-                       help="bearer token for the management API (env MTLSGATE_TOKEN)")
+    group.add_argument(
+        "--token",
+        default=os.environ.get("MTLSGATE_TOKEN"),
+        help="bearer token for the management API (env MTLSGATE_TOKEN)",
+    )
     group.add_argument("--ca-cert", metavar="FILE", help="connect with TLS, trusting this CA")
-    group.add_argument("--client-cert", metavar="FILE", help="client certificate for mTLS to the control plane")
+    group.add_argument(
+        "--client-cert", metavar="FILE", help="client certificate for mTLS to the control plane"
+    )
     group.add_argument("--client-key", metavar="FILE", help="private key for --client-cert")
     p.set_defaults(func=run)
 
@@ -109,14 +127,23 @@ def _offline(args: argparse.Namespace, chain_pem: str, when: datetime) -> dict[s
     policy = load_yaml_resource(args.policy, resources_pb2.ServerTlsPolicy, "policy")
     headers: list[str] = []
     if args.listener:
-        headers = list(load_yaml_resource(args.listener, resources_pb2.Listener, "listener").custom_request_headers)
+        headers = list(
+            load_yaml_resource(args.listener, resources_pb2.Listener, "listener").custom_request_headers
+        )
     try:
         result = dry_run(parse_pem_chain(chain_pem), trust_config, policy, when, headers)
     except DryRunError as exc:
         raise UsageError(str(exc)) from None
     v = result.verdict
-    return {"present": v.present, "chain_verified": v.chain_verified, "error": v.error, "reason": v.reason,
-            "headers": dict(result.headers), "_accepted": v.accepted, "_detail": v.detail}
+    return {
+        "present": v.present,
+        "chain_verified": v.chain_verified,
+        "error": v.error,
+        "reason": v.reason,
+        "headers": dict(result.headers),
+        "_accepted": v.accepted,
+        "_detail": v.detail,
+    }
 
 
 def _live(args: argparse.Namespace, chain_pem: str, when: datetime) -> dict[str, Any]:
@@ -125,8 +152,9 @@ def _live(args: argparse.Namespace, chain_pem: str, when: datetime) -> dict[str,
 
     from control_plane.cli.client import open_channel, rpc_error
 
-    connection = argparse.Namespace(server=args.server, token=args.token, ca_cert=args.ca_cert,
-                                    cert=args.client_cert, key=args.client_key)
+    connection = argparse.Namespace(
+        server=args.server, token=args.token, ca_cert=args.ca_cert, cert=args.client_cert, key=args.client_key
+    )
     request = api_pb2.CheckRequest(policy=args.policy, pem_chain=chain_pem, listener=args.listener or "")
     request.time.FromDatetime(when)
     try:
@@ -135,9 +163,15 @@ def _live(args: argparse.Namespace, chain_pem: str, when: datetime) -> dict[str,
     except grpc.RpcError as exc:
         # Exit 1 means "not accepted": every failure to get a verdict is exit 2.
         raise UsageError(str(rpc_error(exc, connection))) from None
-    return {"present": response.present, "chain_verified": response.chain_verified, "error": response.error,
-            "reason": response.reason, "headers": {h.name: h.value for h in response.headers},
-            "_accepted": response.accepted, "_detail": ""}
+    return {
+        "present": response.present,
+        "chain_verified": response.chain_verified,
+        "error": response.error,
+        "reason": response.reason,
+        "headers": {h.name: h.value for h in response.headers},
+        "_accepted": response.accepted,
+        "_detail": "",
+    }
 
 
 def render_text(result: dict[str, Any]) -> str:

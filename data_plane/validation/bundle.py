@@ -35,7 +35,13 @@ _UNSUPPORTED_CRL_EXTENSIONS = {
 
 
 # What cryptography raises for a certificate or extension it cannot parse (parsing is partly lazy).
-MALFORMED = (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType, x509.InvalidVersion)
+MALFORMED = (
+    ValueError,
+    TypeError,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    x509.InvalidVersion,
+)
 
 
 class InvalidBundle(ValueError):
@@ -45,7 +51,9 @@ class InvalidBundle(ValueError):
 def spki_digest(cert: x509.Certificate) -> bytes:
     """SHA-256 of the certificate's SubjectPublicKeyInfo: identifies an issuer's key."""
     return hashlib.sha256(
-        cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     ).digest()
 
 
@@ -95,11 +103,15 @@ def trust_bundle_from_trust_config(tc: resources_pb2.TrustConfig) -> xds_pb2.Tru
         out = bundle.trust_stores.add()
         for j, anchor in enumerate(store.trust_anchors):
             out.trust_anchors.append(
-                _pem_certificate_to_der(anchor.pem_certificate, f"trustStores[{i}].trustAnchors[{j}].pemCertificate")
+                _pem_certificate_to_der(
+                    anchor.pem_certificate, f"trustStores[{i}].trustAnchors[{j}].pemCertificate"
+                )
             )
         for j, inter in enumerate(store.intermediate_cas):
             out.intermediate_cas.append(
-                _pem_certificate_to_der(inter.pem_certificate, f"trustStores[{i}].intermediateCas[{j}].pemCertificate")
+                _pem_certificate_to_der(
+                    inter.pem_certificate, f"trustStores[{i}].intermediateCas[{j}].pemCertificate"
+                )
             )
         for j, crl in enumerate(store.crls):
             out.crls.append(_pem_crl_to_der(crl.pem_crl, f"trustStores[{i}].crls[{j}].pemCrl"))
@@ -112,7 +124,9 @@ def trust_bundle_from_trust_config(tc: resources_pb2.TrustConfig) -> xds_pb2.Tru
 
 def _check_counts(certificates: int, crls: int) -> None:
     if certificates > MAX_CERTIFICATES:
-        raise InvalidBundle(f"trustStores: {certificates} certificates, more than the limit of {MAX_CERTIFICATES}")
+        raise InvalidBundle(
+            f"trustStores: {certificates} certificates, more than the limit of {MAX_CERTIFICATES}"
+        )
     if crls > MAX_CRLS:
         raise InvalidBundle(f"trustStores: {crls} CRLs, more than the limit of {MAX_CRLS}")
 
@@ -182,7 +196,9 @@ def _subject_label(name: x509.Name) -> str:
     return name.rfc4514_string() or "<empty name>"
 
 
-def _compile_crl(der: bytes, where: str, cas: Sequence[x509.Certificate]) -> tuple[tuple[bytes, bytes], RevocationList]:
+def _compile_crl(
+    der: bytes, where: str, cas: Sequence[x509.Certificate]
+) -> tuple[tuple[bytes, bytes], RevocationList]:
     try:
         crl = x509.load_der_x509_crl(der)
     except ValueError as exc:
@@ -203,9 +219,7 @@ def _compile_crl(der: bytes, where: str, cas: Sequence[x509.Certificate]) -> tup
     issuer_der = crl.issuer.public_bytes()
     same_name = [ca for ca in cas if ca.subject.public_bytes() == issuer_der]
     if not same_name:
-        raise InvalidBundle(
-            f"{where}: issuer {_subject_label(crl.issuer)} is not a CA of this trust config"
-        )
+        raise InvalidBundle(f"{where}: issuer {_subject_label(crl.issuer)} is not a CA of this trust config")
     for ca in same_name:
         if crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
             _require_crl_sign(ca, where)
@@ -214,7 +228,9 @@ def _compile_crl(der: bytes, where: str, cas: Sequence[x509.Certificate]) -> tup
             if next_update is not None and next_update < this_update:
                 raise InvalidBundle(f"{where}: nextUpdate is before thisUpdate")
             revoked = frozenset(entry.serial_number for entry in crl)
-            return (issuer_der, spki_digest(ca)), RevocationList(crl.issuer, revoked, this_update, next_update, where)
+            return (issuer_der, spki_digest(ca)), RevocationList(
+                crl.issuer, revoked, this_update, next_update, where
+            )
     raise InvalidBundle(
         f"{where}: signature does not verify against any trust anchor or intermediate named "
         f"{_subject_label(crl.issuer)}"
@@ -225,7 +241,9 @@ def _require_crl_sign(ca: x509.Certificate, where: str) -> None:
     try:
         usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
     except MALFORMED:
-        raise InvalidBundle(f"{where}: issuer {_subject_label(ca.subject)} has a malformed keyUsage") from None
+        raise InvalidBundle(
+            f"{where}: issuer {_subject_label(ca.subject)} has a malformed keyUsage"
+        ) from None
     except x509.ExtensionNotFound:
         return  # RFC 5280 §6.3.3(f): no keyUsage extension = every usage allowed
     if not usage.crl_sign:
@@ -239,7 +257,8 @@ def compile_bundle(tb: xds_pb2.TrustBundle) -> CompiledBundle:
     an undecodable certificate, a non-CA anchor or intermediate, a CRL whose signature does not verify
     against a CA of this bundle, or a CRL kind we do not support."""
     _check_counts(
-        sum(len(s.trust_anchors) + len(s.intermediate_cas) for s in tb.trust_stores) + len(tb.allowlisted_certificates),
+        sum(len(s.trust_anchors) + len(s.intermediate_cas) for s in tb.trust_stores)
+        + len(tb.allowlisted_certificates),
         sum(len(s.crls) for s in tb.trust_stores),
     )
     anchors: list[x509.Certificate] = []

@@ -34,7 +34,9 @@ class DryRunResult:
 def parse_pem_chain(text: str) -> list[bytes]:
     """DER certificates of a PEM chain, in file order (leaf first). Empty text = no certificate."""
     if len(text) > MAX_CHAIN_PEM_BYTES:
-        raise DryRunError(f"certificate chain: {len(text)} bytes, more than the {MAX_CHAIN_PEM_BYTES}-byte limit")
+        raise DryRunError(
+            f"certificate chain: {len(text)} bytes, more than the {MAX_CHAIN_PEM_BYTES}-byte limit"
+        )
     if not text.strip():
         return []
     try:
@@ -59,7 +61,9 @@ def dry_run(
     if not client_policy.mtls:
         raise DryRunError("policy: no mtlsPolicy, so listeners using it request no client certificate")
     try:
-        bundle = compile_bundle(trust_bundle_from_trust_config(trust_config)) if trust_config is not None else None
+        bundle = (
+            compile_bundle(trust_bundle_from_trust_config(trust_config)) if trust_config is not None else None
+        )
     except ValueError as exc:
         raise DryRunError(f"trust config: {exc}") from None
     try:

@@ -75,17 +75,23 @@ def _san_rules(_policy: verification.Policy, cert: x509.Certificate, san: x509.E
         raise ValueError("subjectAltName must not be critical when the subject is not empty")
 
 
-def _ca_aki_rule(_policy: verification.Policy, cert: x509.Certificate, aki: x509.ExtensionType | None) -> None:
+def _ca_aki_rule(
+    _policy: verification.Policy, cert: x509.Certificate, aki: x509.ExtensionType | None
+) -> None:
     if aki is None and cert.issuer != cert.subject:
         raise ValueError("authorityKeyIdentifier is required on a CA certificate that is not self-issued")
 
 
-def _ca_ski_rule(_policy: verification.Policy, cert: x509.Certificate, ski: x509.ExtensionType | None) -> None:
+def _ca_ski_rule(
+    _policy: verification.Policy, cert: x509.Certificate, ski: x509.ExtensionType | None
+) -> None:
     if ski is None:
         raise ValueError("subjectKeyIdentifier is required on CA certificates (RFC 5280 4.2.1.2)")
 
 
-def _ca_key_usage_rule(_policy: verification.Policy, cert: x509.Certificate, usage: x509.ExtensionType | None) -> None:
+def _ca_key_usage_rule(
+    _policy: verification.Policy, cert: x509.Certificate, usage: x509.ExtensionType | None
+) -> None:
     # RFC 5280 §4.2.1.3 / §6.1.4(n): no keyUsage = every usage; with one, keyCertSign must be set.
     if isinstance(usage, x509.KeyUsage) and not usage.key_cert_sign:
         raise ValueError("keyUsage of a CA certificate must include keyCertSign")
@@ -151,7 +157,9 @@ def _check_key(cert: x509.Certificate, role: str) -> None:
     try:
         key = cert.public_key()
     except (ValueError, UnsupportedAlgorithm):
-        raise _Failure(UNSUPPORTED_KEY_ALGORITHM, "unsupported_key_algorithm", f"{role}: unreadable public key") from None
+        raise _Failure(
+            UNSUPPORTED_KEY_ALGORITHM, "unsupported_key_algorithm", f"{role}: unreadable public key"
+        ) from None
     if isinstance(key, rsa.RSAPublicKey):
         if not 2048 <= key.key_size <= 4096 or key.key_size % 8:
             raise _Failure(
@@ -159,9 +167,13 @@ def _check_key(cert: x509.Certificate, role: str) -> None:
             )
     elif isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, _ALLOWED_CURVES):
-            raise _Failure(UNSUPPORTED_ELLIPTIC_CURVE_KEY, "unsupported_curve", f"{role}: curve {key.curve.name}")
+            raise _Failure(
+                UNSUPPORTED_ELLIPTIC_CURVE_KEY, "unsupported_curve", f"{role}: curve {key.curve.name}"
+            )
     else:
-        raise _Failure(UNSUPPORTED_KEY_ALGORITHM, "unsupported_key_algorithm", f"{role}: {type(key).__name__}")
+        raise _Failure(
+            UNSUPPORTED_KEY_ALGORITHM, "unsupported_key_algorithm", f"{role}: {type(key).__name__}"
+        )
 
 
 def _name_constraint_count(cert: x509.Certificate) -> int:
@@ -196,7 +208,11 @@ def _parse_chain(chain: Sequence[bytes]) -> list[x509.Certificate]:
 
 
 def _gather_candidates(
-    leaf: x509.Certificate, sent: Sequence[x509.Certificate], bundle: CompiledBundle, max_depth: int, deadline: float
+    leaf: x509.Certificate,
+    sent: Sequence[x509.Certificate],
+    bundle: CompiledBundle,
+    max_depth: int,
+    deadline: float,
 ) -> list[x509.Certificate]:
     """Intermediates (sent or configured) reachable from the leaf by issuer name within the depth limit.
     Counting what is examined implements GCP's candidate limit and keeps the verifier's input small."""
@@ -213,7 +229,9 @@ def _gather_candidates(
             for cand in (*sent_by_subject.get(issuer, ()), *bundle.intermediates_by_subject.get(issuer, ())):
                 examined += 1
                 if examined > MAX_CANDIDATES:
-                    raise _Failure(SEARCH_LIMIT_EXCEEDED, "too_many_candidates", f"more than {MAX_CANDIDATES} candidates")
+                    raise _Failure(
+                        SEARCH_LIMIT_EXCEEDED, "too_many_candidates", f"more than {MAX_CANDIDATES} candidates"
+                    )
                 key = cand.fingerprint(hashes.SHA256())
                 if key not in chosen:
                     chosen[key] = cand
@@ -233,7 +251,9 @@ def _check_candidate_limits(candidates: Sequence[x509.Certificate]) -> None:
         by_subject.setdefault(cert.subject.public_bytes(), []).append(cert)
         if _name_constraint_count(cert) > MAX_NAME_CONSTRAINTS:
             raise _Failure(
-                MAX_NAME_CONSTRAINTS_EXCEEDED, "name_constraints", f"{cert.subject.rfc4514_string()}: over {MAX_NAME_CONSTRAINTS}"
+                MAX_NAME_CONSTRAINTS_EXCEEDED,
+                "name_constraints",
+                f"{cert.subject.rfc4514_string()}: over {MAX_NAME_CONSTRAINTS}",
             )
     for group in by_subject.values():
         if len(group) > MAX_SAME_SUBJECT_AND_KEY:
@@ -263,7 +283,8 @@ def _check_ekus(path: Sequence[x509.Certificate], wanted: x509.ObjectIdentifier)
         for depth, issuer in enumerate(path[1:], start=1):
             if not _has_eku(issuer, wanted, leaf=False):
                 raise _Failure(
-                    CHAIN_INVALID_EKU, "issuer_eku",
+                    CHAIN_INVALID_EKU,
+                    "issuer_eku",
                     f"chain[{depth}] {issuer.subject.rfc4514_string()}: extended key usage without {wanted._name}",
                 )
     except MALFORMED as exc:  # a malformed EKU extension
@@ -276,10 +297,13 @@ def _check_path(path: Sequence[x509.Certificate]) -> None:
     the same quadratic cost)."""
     for depth, cert in enumerate(path):
         if depth < len(path) - 1 and cert.serial_number <= 0:  # the anchor is trusted as configured
-            raise _Failure(VALIDATION_FAILED, "invalid_serial", f"chain[{depth}]: serial number is not positive")
+            raise _Failure(
+                VALIDATION_FAILED, "invalid_serial", f"chain[{depth}]: serial number is not positive"
+            )
         if depth and _name_constraint_count(cert) > MAX_NAME_CONSTRAINTS:
             raise _Failure(
-                MAX_NAME_CONSTRAINTS_EXCEEDED, "name_constraints",
+                MAX_NAME_CONSTRAINTS_EXCEEDED,
+                "name_constraints",
                 f"chain[{depth}] {cert.subject.rfc4514_string()}: over {MAX_NAME_CONSTRAINTS}",
             )
 
@@ -292,8 +316,12 @@ def _signature_hash_is_weak(cert: x509.Certificate) -> bool:
 
 
 def _diagnose(
-    leaf: x509.Certificate, candidates: Sequence[x509.Certificate], bundle: CompiledBundle, now: datetime,
-    max_depth: int, message: str,
+    leaf: x509.Certificate,
+    candidates: Sequence[x509.Certificate],
+    bundle: CompiledBundle,
+    now: datetime,
+    max_depth: int,
+    message: str,
 ) -> _Failure:
     """Name the most specific reason the verifier refused: walk the most plausible path by issuer name
     and report the first broken link; fall back to the verifier's own message."""
@@ -307,18 +335,32 @@ def _diagnose(
         role = "leaf" if depth == 0 else f"chain[{depth}]"
         subject = cert.subject.rfc4514_string()
         if now > cert.not_valid_after_utc:
-            return _Failure(VALIDATION_FAILED, "expired", f"{role} {subject}: expired {cert.not_valid_after_utc.isoformat()}")
+            return _Failure(
+                VALIDATION_FAILED,
+                "expired",
+                f"{role} {subject}: expired {cert.not_valid_after_utc.isoformat()}",
+            )
         if now < cert.not_valid_before_utc:
             return _Failure(
-                VALIDATION_FAILED, "not_yet_valid", f"{role} {subject}: valid from {cert.not_valid_before_utc.isoformat()}"
+                VALIDATION_FAILED,
+                "not_yet_valid",
+                f"{role} {subject}: valid from {cert.not_valid_before_utc.isoformat()}",
             )
         if cert.fingerprint(hashes.SHA256()) in anchors:
             break
         if _signature_hash_is_weak(cert):
-            return _Failure(VALIDATION_FAILED, "weak_hash", f"{role} {subject}: signed with {cert.signature_hash_algorithm.name}")  # type: ignore[union-attr]
+            return _Failure(
+                VALIDATION_FAILED,
+                "weak_hash",
+                f"{role} {subject}: signed with {getattr(cert.signature_hash_algorithm, 'name', '?')}",
+            )
         issuers = [c for c in pool if c.subject == cert.issuer and c is not cert]
         if not issuers:
-            return _Failure(VALIDATION_FAILED, "unknown_issuer", f"{role} {subject}: issuer {cert.issuer.rfc4514_string()} not found")
+            return _Failure(
+                VALIDATION_FAILED,
+                "unknown_issuer",
+                f"{role} {subject}: issuer {cert.issuer.rfc4514_string()} not found",
+            )
         signer = None
         for issuer in sorted(issuers, key=lambda c: c.fingerprint(hashes.SHA256()) not in anchors):
             try:
@@ -328,12 +370,16 @@ def _diagnose(
             signer = issuer
             break
         if signer is None:
-            return _Failure(VALIDATION_FAILED, "bad_signature", f"{role} {subject}: signature does not verify")
+            return _Failure(
+                VALIDATION_FAILED, "bad_signature", f"{role} {subject}: signature does not verify"
+            )
         cert = signer
     else:
         return _Failure(VALIDATION_FAILED, "unknown_issuer", "no path to a trust anchor")
     if "exceeds max depth" in message or depth > max_depth:
-        return _Failure(SEARCH_LIMIT_EXCEEDED, "max_depth", f"{depth} certificates above the anchor, limit {max_depth}")
+        return _Failure(
+            SEARCH_LIMIT_EXCEEDED, "max_depth", f"{depth} certificates above the anchor, limit {max_depth}"
+        )
     return _Failure(VALIDATION_FAILED, _reason_from_message(message), message)
 
 
@@ -357,7 +403,11 @@ def _reason_from_message(message: str) -> str:
 
 
 def _verify_path(
-    leaf: x509.Certificate, candidates: list[x509.Certificate], bundle: CompiledBundle, policy: ClientPolicy, now: datetime
+    leaf: x509.Certificate,
+    candidates: list[x509.Certificate],
+    bundle: CompiledBundle,
+    policy: ClientPolicy,
+    now: datetime,
 ) -> list[x509.Certificate]:
     if bundle.store is None:
         raise _Failure(VALIDATION_FAILED, "unknown_issuer", "the trust config has no trust anchors")
@@ -375,7 +425,9 @@ def _verify_path(
         raise _diagnose(leaf, candidates, bundle, now, policy.max_depth, str(exc)) from None
 
 
-def _check_revocation(path: Sequence[x509.Certificate], bundle: CompiledBundle, policy: ClientPolicy, now: datetime) -> None:
+def _check_revocation(
+    path: Sequence[x509.Certificate], bundle: CompiledBundle, policy: ClientPolicy, now: datetime
+) -> None:
     if policy.revocation is RevocationCheck.OFF:
         return
     links = 1 if policy.revocation is RevocationCheck.LEAF else len(path) - 1
@@ -388,9 +440,15 @@ def _check_revocation(path: Sequence[x509.Certificate], bundle: CompiledBundle, 
         serial = cert.serial_number
         for crl in crls:
             if serial in crl.revoked:
-                raise _Failure(REVOKED, "revoked" if depth == 0 else "issuer_revoked", f"{role} serial {serial:x} ({crl.where})")
+                raise _Failure(
+                    REVOKED,
+                    "revoked" if depth == 0 else "issuer_revoked",
+                    f"{role} serial {serial:x} ({crl.where})",
+                )
         if policy.require_fresh_crl and crls[0].is_stale(now):
-            raise _Failure(CRL_STALE, "crl_stale", f"{crls[0].where}: nextUpdate {crls[0].next_update} has passed")
+            raise _Failure(
+                CRL_STALE, "crl_stale", f"{crls[0].where}: nextUpdate {crls[0].next_update} has passed"
+            )
 
 
 # ---------------------------------------------------------------- verdict cache
@@ -404,7 +462,9 @@ def _chain_key(chain: Sequence[bytes]) -> bytes:
     return h.digest()
 
 
-def _window(path: Sequence[x509.Certificate], bundle: CompiledBundle, policy: ClientPolicy) -> tuple[datetime, datetime]:
+def _window(
+    path: Sequence[x509.Certificate], bundle: CompiledBundle, policy: ClientPolicy
+) -> tuple[datetime, datetime]:
     """The time interval over which a successful verdict for this path stays the same: every
     certificate of the path valid and, with requireFreshCrl, every consulted CRL fresh."""
     start = max(c.not_valid_before_utc for c in path)
@@ -443,16 +503,34 @@ def validate(
     try:
         return _validate_presented(chain, leaf_der, bundle, policy, now, time_budget, leaf_eku)
     except _Failure as failure:
-        return Verdict(True, False, failure.error, failure.reason, _accepted(policy, failure.error), leaf_der,
-                       detail=failure.detail)
+        return Verdict(
+            True,
+            False,
+            failure.error,
+            failure.reason,
+            _accepted(policy, failure.error),
+            leaf_der,
+            detail=failure.detail,
+        )
     except MALFORMED as exc:
         # A malformed field cryptography only parses on use: never let client input crash a worker.
-        return Verdict(True, False, VALIDATION_FAILED, "malformed_certificate", _accepted(policy, VALIDATION_FAILED),
-                       leaf_der, detail=f"malformed certificate: {exc}")
+        return Verdict(
+            True,
+            False,
+            VALIDATION_FAILED,
+            "malformed_certificate",
+            _accepted(policy, VALIDATION_FAILED),
+            leaf_der,
+            detail=f"malformed certificate: {exc}",
+        )
 
 
 def _validate_presented(
-    chain: Sequence[bytes], leaf_der: bytes, bundle: CompiledBundle | None, policy: ClientPolicy, now: datetime,
+    chain: Sequence[bytes],
+    leaf_der: bytes,
+    bundle: CompiledBundle | None,
+    policy: ClientPolicy,
+    now: datetime,
     time_budget: float,
     leaf_eku: x509.ObjectIdentifier,
 ) -> Verdict:
@@ -473,7 +551,9 @@ def _validate_presented(
     for i, cert in enumerate(sent, start=1):
         _check_key(cert, f"chain[{i}]")
         if _name_constraint_count(cert) > MAX_NAME_CONSTRAINTS:
-            raise _Failure(MAX_NAME_CONSTRAINTS_EXCEEDED, "name_constraints", f"chain[{i}]: over {MAX_NAME_CONSTRAINTS}")
+            raise _Failure(
+                MAX_NAME_CONSTRAINTS_EXCEEDED, "name_constraints", f"chain[{i}]: over {MAX_NAME_CONSTRAINTS}"
+            )
 
     # Step 4: an allowlisted leaf is valid as it is (expired or self-signed included).
     if bundle is not None and der_digest(leaf_der) in bundle.allowlist:
@@ -493,7 +573,9 @@ def _validate_presented(
     _check_revocation(path, bundle, policy, now)
     _check_san(leaf, policy)
 
-    verdict = Verdict(True, True, "", "", True, leaf_der, tuple(c.public_bytes(Encoding.DER) for c in path[1:-1]))
+    verdict = Verdict(
+        True, True, "", "", True, leaf_der, tuple(c.public_bytes(Encoding.DER) for c in path[1:-1])
+    )
     if cache_key is not None:
         if len(bundle.cache) >= CACHE_ENTRIES:
             bundle.cache.clear()  # crude but bounded; the working set is normally far smaller
@@ -545,7 +627,9 @@ def tls_alert(verdict: Verdict, *, tls13: bool = True) -> TlsAlert | None:
         return TlsAlert.CERTIFICATE_REQUIRED if tls13 else TlsAlert.HANDSHAKE_FAILURE
     if verdict.valid:
         return None
-    return _ALERT_BY_ERROR.get(verdict.error) or _ALERT_BY_REASON.get(verdict.reason) or TlsAlert.BAD_CERTIFICATE
+    return (
+        _ALERT_BY_ERROR.get(verdict.error) or _ALERT_BY_REASON.get(verdict.reason) or TlsAlert.BAD_CERTIFICATE
+    )
 
 
 def http_status(verdict: Verdict) -> int:

@@ -68,15 +68,23 @@ XFCC_HEADER = "x-forwarded-client-cert"
 
 # Headers a listener may not set: framing and hop-by-hop headers the proxy owns, and XFCC (which has
 # its own option, forwardClientCertDetails).
-_RESERVED = frozenset({
-    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "te",
-    "trailer", "upgrade", XFCC_HEADER,
-})
+_RESERVED = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        XFCC_HEADER,
+    }
+)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
-_SPIFFE = re.compile(
-    r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)*"
-)
+_SPIFFE = re.compile(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 
 # ---------------------------------------------------------------- the variables
 
@@ -127,7 +135,9 @@ def _certificate_fields(leaf_der: bytes, chain: tuple[bytes, ...], verified: boo
     errors: list[str] = []
     values = {name: "" for name in VARIABLES[3:]}
     cert = x509.load_der_x509_certificate(leaf_der)
-    values["client_cert_sha256_fingerprint"] = base64.b64encode(hashlib.sha256(leaf_der).digest()).decode().rstrip("=")
+    values["client_cert_sha256_fingerprint"] = (
+        base64.b64encode(hashlib.sha256(leaf_der).digest()).decode().rstrip("=")
+    )
     serial = cert.serial_number
     if (serial.bit_length() + 8) // 8 > SERIAL_MAX_BYTES:
         errors.append("client_cert_serial_number_exceeded_size_limit")
@@ -150,12 +160,16 @@ def _certificate_fields(leaf_der: bytes, chain: tuple[bytes, ...], verified: boo
     )
     values["client_cert_valid_not_before"] = cert.not_valid_before_utc.isoformat()
     values["client_cert_valid_not_after"] = cert.not_valid_after_utc.isoformat()
-    values["client_cert_issuer_dn"] = _limited("client_cert_issuer_dn", _b64(cert.issuer.public_bytes()), DN_MAX, errors)
+    values["client_cert_issuer_dn"] = _limited(
+        "client_cert_issuer_dn", _b64(cert.issuer.public_bytes()), DN_MAX, errors
+    )
     values["client_cert_subject_dn"] = _limited(
         "client_cert_subject_dn", _b64(cert.subject.public_bytes()), DN_MAX, errors
     )
     if verified:
-        values["client_cert_leaf"] = _limited("client_cert_leaf", _sfv_bytes(leaf_der), LEAF_CHAIN_MAX, errors)
+        values["client_cert_leaf"] = _limited(
+            "client_cert_leaf", _sfv_bytes(leaf_der), LEAF_CHAIN_MAX, errors
+        )
         values["client_cert_chain"] = _limited(
             "client_cert_chain", ", ".join(_sfv_bytes(der) for der in chain), LEAF_CHAIN_MAX, errors
         )
@@ -218,7 +232,9 @@ def _compile_template(entry: str, where: str) -> HeaderTemplate:
         raise ValueError(f"{where}: the proxy sets {name!r} itself; it cannot be a custom header")
     template = template.strip()
     if len(template) > MAX_TEMPLATE_CHARS:
-        raise ValueError(f"{where}: value template of {len(template)} characters (limit {MAX_TEMPLATE_CHARS})")
+        raise ValueError(
+            f"{where}: value template of {len(template)} characters (limit {MAX_TEMPLATE_CHARS})"
+        )
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in template):
         raise ValueError(f"{where}: control characters are not allowed in a header value")
     parts: list[tuple[bool, str]] = []
@@ -254,7 +270,9 @@ def compile_headers(entries: Sequence[str]) -> HeaderSet:
     if not entries:
         return DEFAULT_HEADERS
     if len(entries) > MAX_CUSTOM_HEADERS:
-        raise ValueError(f"customRequestHeaders: {len(entries)} entries, more than the limit of {MAX_CUSTOM_HEADERS}")
+        raise ValueError(
+            f"customRequestHeaders: {len(entries)} entries, more than the limit of {MAX_CUSTOM_HEADERS}"
+        )
     templates = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(entries):
@@ -262,7 +280,9 @@ def compile_headers(entries: Sequence[str]) -> HeaderSet:
         template = _compile_template(entry, where)
         key = template.name.lower()
         if key in seen:
-            raise ValueError(f"{where}: header {template.name!r} is already set by customRequestHeaders[{seen[key]}]")
+            raise ValueError(
+                f"{where}: header {template.name!r} is already set by customRequestHeaders[{seen[key]}]"
+            )
         seen[key] = i
         templates.append(template)
     return HeaderSet(tuple(templates))
@@ -276,9 +296,16 @@ DEFAULT_HEADERS = HeaderSet(tuple(_compile_template(e, "default") for e in DEFAU
 SANITIZE = 1
 SANITIZE_SET = 2
 APPEND_FORWARD = 3
-_XFCC_MODES = {0: SANITIZE, 1: SANITIZE, 2: SANITIZE_SET, 3: APPEND_FORWARD,
-               "SANITIZE": SANITIZE, "SANITIZE_SET": SANITIZE_SET, "APPEND_FORWARD": APPEND_FORWARD,
-               "FORWARD_CLIENT_CERT_DETAILS_UNSPECIFIED": SANITIZE}
+_XFCC_MODES = {
+    0: SANITIZE,
+    1: SANITIZE,
+    2: SANITIZE_SET,
+    3: APPEND_FORWARD,
+    "SANITIZE": SANITIZE,
+    "SANITIZE_SET": SANITIZE_SET,
+    "APPEND_FORWARD": APPEND_FORWARD,
+    "FORWARD_CLIENT_CERT_DETAILS_UNSPECIFIED": SANITIZE,
+}
 
 
 def forwards_incoming_xfcc(mode: int | str) -> bool:
@@ -321,7 +348,8 @@ def xfcc_element(verdict: Verdict, by: str = "") -> str | None:
     # Envoy always quotes Cert, Chain and Subject; other values only when they need it.
     quoted = {"Cert", "Chain", "Subject"}
     return ";".join(
-        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' if k in quoted
+        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        if k in quoted
         else f"{k}={_xfcc_value(v)}"
         for k, v in pairs
     )

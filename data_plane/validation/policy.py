@@ -46,8 +46,13 @@ class RejectAt(enum.Enum):
 
 
 SAN_KINDS = ("dns", "email", "ip_address", "uri", "user_principal_name")
-_SAN_FIELD = {"dns": "dns", "email": "email", "ip_address": "ipAddress", "uri": "uri",
-              "user_principal_name": "userPrincipalName"}
+_SAN_FIELD = {
+    "dns": "dns",
+    "email": "email",
+    "ip_address": "ipAddress",
+    "uri": "uri",
+    "user_principal_name": "userPrincipalName",
+}
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,13 @@ class ClientPolicy:
     @property
     def cache_key(self) -> tuple:
         """Everything a verdict depends on, as plain values (for verdict caching)."""
-        return (self.mode, self.max_depth, tuple((m.kind, m.pattern) for m in self.san_matchers),
-                self.revocation, self.require_fresh_crl)
+        return (
+            self.mode,
+            self.max_depth,
+            tuple((m.kind, m.pattern) for m in self.san_matchers),
+            self.revocation,
+            self.require_fresh_crl,
+        )
 
 
 PLAIN_TLS = ClientPolicy()
@@ -89,14 +99,18 @@ def _compile_pattern(pattern: str, where: str) -> Any:
     if not pattern:
         raise ValueError(f"{where}: empty pattern")
     if len(pattern) > MAX_PATTERN_CHARS:
-        raise ValueError(f"{where}: pattern of {len(pattern)} characters, more than the limit of {MAX_PATTERN_CHARS}")
+        raise ValueError(
+            f"{where}: pattern of {len(pattern)} characters, more than the limit of {MAX_PATTERN_CHARS}"
+        )
     options = re2.Options()
     options.log_errors = False
     options.max_mem = _RE2_MAX_MEM
     try:
         return re2.compile(pattern, options)
     except re2.error as exc:
-        detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        detail = (
+            exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        )
         raise ValueError(f"{where}: invalid RE2 pattern {pattern!r}: {detail}") from None
 
 
@@ -115,7 +129,9 @@ def compile_policy(p: resources_pb2.ServerTlsPolicy | None) -> ClientPolicy:
             "mtlsPolicy.clientValidationMode: required (ALLOW_INVALID_OR_MISSING_CLIENT_CERT or REJECT_INVALID)"
         )
     if m.max_verify_depth < 0 or m.max_verify_depth > GCP_MAX_DEPTH:
-        raise ValueError(f"mtlsPolicy.maxVerifyDepth: {m.max_verify_depth} is outside 0..{GCP_MAX_DEPTH} (0 = {GCP_MAX_DEPTH})")
+        raise ValueError(
+            f"mtlsPolicy.maxVerifyDepth: {m.max_verify_depth} is outside 0..{GCP_MAX_DEPTH} (0 = {GCP_MAX_DEPTH})"
+        )
     if len(m.match_subject_alt_names) > MAX_SAN_MATCHERS:
         raise ValueError(
             f"mtlsPolicy.matchSubjectAltNames: {len(m.match_subject_alt_names)} entries, "
@@ -139,9 +155,11 @@ def compile_policy(p: resources_pb2.ServerTlsPolicy | None) -> ClientPolicy:
     }.get(m.revocation_check)
     if revocation is None:
         raise ValueError(f"mtlsPolicy.revocationCheck: unknown value {m.revocation_check}")
-    reject_at = {_MTLS.REJECT_AT_UNSPECIFIED: RejectAt.TLS, _MTLS.TLS: RejectAt.TLS, _MTLS.HTTP: RejectAt.HTTP}.get(
-        m.reject_at
-    )
+    reject_at = {
+        _MTLS.REJECT_AT_UNSPECIFIED: RejectAt.TLS,
+        _MTLS.TLS: RejectAt.TLS,
+        _MTLS.HTTP: RejectAt.HTTP,
+    }.get(m.reject_at)
     if reject_at is None:
         raise ValueError(f"mtlsPolicy.rejectAt: unknown value {m.reject_at}")
     return ClientPolicy(

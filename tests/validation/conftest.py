@@ -49,8 +49,11 @@ def pki() -> Pki:
     root = ca("Test Root")
     inter = ca("Test Intermediate", issuer=root)
     client = leaf(
-        "client", inter, serial=0x0123ABCDEF,
-        dns=("client.example.com", "alt.example.com"), uris=("spiffe://example.org/ns/default/sa/client",),
+        "client",
+        inter,
+        serial=0x0123ABCDEF,
+        dns=("client.example.com", "alt.example.com"),
+        uris=("spiffe://example.org/ns/default/sa/client",),
     )
     return Pki(root, inter, client)
 

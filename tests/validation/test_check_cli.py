@@ -22,8 +22,16 @@ def mtlsgate(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def offline(pki: DemoPki, cert: str, *extra: str | Path) -> subprocess.CompletedProcess[str]:
-    return mtlsgate("check", "--cert", pki.path(cert), "--trust-config", pki.path("trust_config"),
-                    "--policy", pki.path("server_tls_policy"), *extra)
+    return mtlsgate(
+        "check",
+        "--cert",
+        pki.path(cert),
+        "--trust-config",
+        pki.path("trust_config"),
+        "--policy",
+        pki.path("server_tls_policy"),
+        *extra,
+    )
 
 
 @pytest.mark.parametrize(
@@ -41,7 +49,12 @@ def test_offline_demo_certificates(demo_pki: DemoPki, cert: str, code: int, erro
     assert result.returncode == code, result.stderr
     out = json.loads(result.stdout)
     assert set(out) == {"present", "chain_verified", "error", "reason", "headers"}
-    assert (out["present"], out["chain_verified"], out["error"], out["reason"]) == (True, code == 0, error, reason)
+    assert (out["present"], out["chain_verified"], out["error"], out["reason"]) == (
+        True,
+        code == 0,
+        error,
+        reason,
+    )
     assert out["headers"]["X-Client-Cert-Error"] == error
     assert len(out["headers"]) == 14
 
@@ -56,15 +69,26 @@ def test_offline_at_and_text_output(demo_pki: DemoPki) -> None:
 def test_offline_allow_mode_accepts_everything(demo_pki: DemoPki, tmp_path: Path) -> None:
     policy = tmp_path / "allow.yaml"
     policy.write_text("mtlsPolicy:\n  clientValidationMode: ALLOW_INVALID_OR_MISSING_CLIENT_CERT\n")
-    result = mtlsgate("check", "--cert", demo_pki.path("revoked_cert"), "--trust-config",
-                      demo_pki.path("trust_config"), "--policy", policy, "-o", "json")
+    result = mtlsgate(
+        "check",
+        "--cert",
+        demo_pki.path("revoked_cert"),
+        "--trust-config",
+        demo_pki.path("trust_config"),
+        "--policy",
+        policy,
+        "-o",
+        "json",
+    )
     assert result.returncode == 0
     assert json.loads(result.stdout)["error"] == "client_cert_revoked"
 
 
 def test_offline_listener_header_set(demo_pki: DemoPki, tmp_path: Path) -> None:
     listener = tmp_path / "listener.yaml"
-    listener.write_text("kind: Listener\nport: 8443\ncustomRequestHeaders:\n- 'X-Who:{client_cert_spiffe_id}'\n")
+    listener.write_text(
+        "kind: Listener\nport: 8443\ncustomRequestHeaders:\n- 'X-Who:{client_cert_spiffe_id}'\n"
+    )
     result = offline(demo_pki, "client_cert", "--listener", listener, "-o", "json")
     assert json.loads(result.stdout)["headers"] == {"X-Who": "spiffe://demo.mtlsgate/client/valid"}
 
@@ -84,18 +108,41 @@ def test_offline_usage_errors(demo_pki: DemoPki, args: list[str], message: str) 
 
 def test_offline_input_errors(demo_pki: DemoPki, tmp_path: Path) -> None:
     bad_policy = tmp_path / "bad.yaml"
-    bad_policy.write_text("mtlsPolicy:\n  clientValidationMode: REJECT_INVALID\n  matchSubjectAltNames:\n  - dns: '(a'\n")
-    result = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--trust-config",
-                      demo_pki.path("trust_config"), "--policy", bad_policy)
+    bad_policy.write_text(
+        "mtlsPolicy:\n  clientValidationMode: REJECT_INVALID\n  matchSubjectAltNames:\n  - dns: '(a'\n"
+    )
+    result = mtlsgate(
+        "check",
+        "--cert",
+        demo_pki.path("client_cert"),
+        "--trust-config",
+        demo_pki.path("trust_config"),
+        "--policy",
+        bad_policy,
+    )
     assert result.returncode == 2
     assert "mtlsPolicy.matchSubjectAltNames[0].dns: invalid RE2 pattern" in result.stderr
     typo = tmp_path / "typo.yaml"
     typo.write_text("mtlsPolicy:\n  clientValidationMod: REJECT_INVALID\n")
-    result = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--trust-config",
-                      demo_pki.path("trust_config"), "--policy", typo)
+    result = mtlsgate(
+        "check",
+        "--cert",
+        demo_pki.path("client_cert"),
+        "--trust-config",
+        demo_pki.path("trust_config"),
+        "--policy",
+        typo,
+    )
     assert result.returncode == 2 and "clientValidationMod" in result.stderr
-    result = mtlsgate("check", "--cert", demo_pki.path("ca_key"), "--trust-config",
-                      demo_pki.path("trust_config"), "--policy", demo_pki.path("server_tls_policy"))
+    result = mtlsgate(
+        "check",
+        "--cert",
+        demo_pki.path("ca_key"),
+        "--trust-config",
+        demo_pki.path("trust_config"),
+        "--policy",
+        demo_pki.path("server_tls_policy"),
+    )
     assert result.returncode == 2 and "certificate chain" in result.stderr
     assert "PRIVATE KEY" not in result.stderr
 
@@ -108,13 +155,20 @@ def control_plane(tmp_path: Path, logs_dir: Path, demo_pki: DemoPki) -> Iterator
     """A real control plane holding the demo trust config and policy, imported the way a user would."""
     proc, address = start_control_plane(tmp_path, logs_dir)
     try:
-        for kind, name, source in (("trust-config", "demo", "trust_config"),
-                                   ("server-tls-policy", "strict", "server_tls_policy")):
+        for kind, name, source in (
+            ("trust-config", "demo", "trust_config"),
+            ("server-tls-policy", "strict", "server_tls_policy"),
+        ):
             result = mtlsgate("import", kind, name, "--source", demo_pki.path(source), "--server", address)
             assert result.returncode == 0, result.stderr
         plain = tmp_path / "plain.yaml"
         plain.write_text("description: plain TLS\n")
-        assert mtlsgate("import", "server-tls-policy", "plain", "--source", plain, "--server", address).returncode == 0
+        assert (
+            mtlsgate(
+                "import", "server-tls-policy", "plain", "--source", plain, "--server", address
+            ).returncode
+            == 0
+        )
         yield address
     finally:
         proc.stop()
@@ -123,8 +177,16 @@ def control_plane(tmp_path: Path, logs_dir: Path, demo_pki: DemoPki) -> Iterator
 @pytest.mark.slow
 def test_live_check_against_a_control_plane(control_plane: str, demo_pki: DemoPki) -> None:
     def live(cert: str, *extra: str) -> subprocess.CompletedProcess[str]:
-        return mtlsgate("check", "--cert", demo_pki.path(cert), "--policy", "serverTlsPolicies/strict",
-                        "--server", control_plane, *extra)
+        return mtlsgate(
+            "check",
+            "--cert",
+            demo_pki.path(cert),
+            "--policy",
+            "serverTlsPolicies/strict",
+            "--server",
+            control_plane,
+            *extra,
+        )
 
     ok = live("client_cert", "-o", "json")
     assert ok.returncode == 0, ok.stderr
@@ -134,16 +196,39 @@ def test_live_check_against_a_control_plane(control_plane: str, demo_pki: DemoPk
         result = live(cert, "-o", "json")
         assert result.returncode == 1
         assert json.loads(result.stdout) == json.loads(offline(demo_pki, cert, "-o", "json").stdout)
-    full_name = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--server", control_plane, "--policy",
-                         "projects/p/locations/global/serverTlsPolicies/strict", "--at", "2040-01-01T00:00:00Z")
+    full_name = mtlsgate(
+        "check",
+        "--cert",
+        demo_pki.path("client_cert"),
+        "--server",
+        control_plane,
+        "--policy",
+        "projects/p/locations/global/serverTlsPolicies/strict",
+        "--at",
+        "2040-01-01T00:00:00Z",
+    )
     assert full_name.returncode == 1 and "expired" in full_name.stdout
     missing = live("client_cert", "--listener", "listeners/nope")
     assert missing.returncode == 2 and "listeners/nope not found" in missing.stderr
-    unknown = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--policy", "serverTlsPolicies/nope",
-                       "--server", control_plane)
+    unknown = mtlsgate(
+        "check",
+        "--cert",
+        demo_pki.path("client_cert"),
+        "--policy",
+        "serverTlsPolicies/nope",
+        "--server",
+        control_plane,
+    )
     assert unknown.returncode == 2 and "NOT_FOUND" in unknown.stderr
-    plain = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--policy", "serverTlsPolicies/plain",
-                     "--server", control_plane)
+    plain = mtlsgate(
+        "check",
+        "--cert",
+        demo_pki.path("client_cert"),
+        "--policy",
+        "serverTlsPolicies/plain",
+        "--server",
+        control_plane,
+    )
     assert plain.returncode == 2 and "no mtlsPolicy" in plain.stderr
 
 
@@ -155,8 +240,12 @@ def test_check_service_errors_over_grpc(control_plane: str, demo_pki: DemoPki) -
         assert (none.present, none.error, none.accepted) == (False, "client_cert_not_provided", False)
         assert {h.name: h.value for h in none.headers}["X-Client-Cert-Present"] == "false"
         with pytest.raises(grpc.RpcError) as bad_pem:
-            stub.Check(api_pb2.CheckRequest(policy="serverTlsPolicies/strict", pem_chain="-----BEGIN CERTIFICATE-----\nx"),
-                       timeout=10)
+            stub.Check(
+                api_pb2.CheckRequest(
+                    policy="serverTlsPolicies/strict", pem_chain="-----BEGIN CERTIFICATE-----\nx"
+                ),
+                timeout=10,
+            )
         assert bad_pem.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.RpcError) as bad_name:
             stub.Check(api_pb2.CheckRequest(policy="trustConfigs/demo"), timeout=10)
@@ -164,7 +253,14 @@ def test_check_service_errors_over_grpc(control_plane: str, demo_pki: DemoPki) -
 
 
 def test_live_unreachable_server_is_an_input_error(demo_pki: DemoPki) -> None:
-    result = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--policy", "serverTlsPolicies/strict",
-                      "--server", f"127.0.0.1:{free_port()}")
+    result = mtlsgate(
+        "check",
+        "--cert",
+        demo_pki.path("client_cert"),
+        "--policy",
+        "serverTlsPolicies/strict",
+        "--server",
+        f"127.0.0.1:{free_port()}",
+    )
     assert result.returncode == 2
     assert "cannot reach the control plane" in result.stderr

@@ -48,14 +48,24 @@ def test_intermediate_only_in_intermediate_cas(pki: Pki) -> None:
     v = validate(chain(pki.client), b, STRICT, NOW)
     check(v, "", "")
     assert v.chain == (pki.inter.der,)
-    check(validate(chain(pki.client), bundle(anchors=[pki.root]), STRICT, NOW), E.VALIDATION_FAILED, "unknown_issuer")
+    check(
+        validate(chain(pki.client), bundle(anchors=[pki.root]), STRICT, NOW),
+        E.VALIDATION_FAILED,
+        "unknown_issuer",
+    )
 
 
-@pytest.mark.parametrize("mode, accepted", [("REJECT_INVALID", False), ("ALLOW_INVALID_OR_MISSING_CLIENT_CERT", True)])
+@pytest.mark.parametrize(
+    "mode, accepted", [("REJECT_INVALID", False), ("ALLOW_INVALID_OR_MISSING_CLIENT_CERT", True)]
+)
 def test_no_certificate(pki: Pki, mode: str, accepted: bool) -> None:
     v = validate([], bundle(anchors=[pki.root]), policy(mode), NOW)
     assert (v.present, v.chain_verified, v.error, v.reason, v.accepted) == (
-        False, False, E.NOT_PROVIDED, "no_certificate", accepted
+        False,
+        False,
+        E.NOT_PROVIDED,
+        "no_certificate",
+        accepted,
     )
     assert http_status(v) == 496
     assert tls_alert(v) is TlsAlert.CERTIFICATE_REQUIRED
@@ -78,8 +88,13 @@ def test_no_trust_config(pki: Pki) -> None:
 
 
 def test_allowlisted_expired_self_signed_leaf(pki: Pki) -> None:
-    old = leaf("allowlisted", None, not_before=NOW - dt.timedelta(days=30),  # type: ignore[arg-type]
-               not_after=NOW - dt.timedelta(days=1), dns=("ok.example.com",))
+    old = leaf(
+        "allowlisted",
+        None,
+        not_before=NOW - dt.timedelta(days=30),  # type: ignore[arg-type]
+        not_after=NOW - dt.timedelta(days=1),
+        dns=("ok.example.com",),
+    )
     b = bundle(anchors=[pki.root], allowlist=[old])
     v = validate(chain(old), b, STRICT, NOW)
     check(v, "", "allowlisted")
@@ -87,7 +102,9 @@ def test_allowlisted_expired_self_signed_leaf(pki: Pki) -> None:
     # Not allowlisted: the same certificate is just an expired stranger.
     check(validate(chain(old), bundle(anchors=[pki.root]), STRICT, NOW), E.VALIDATION_FAILED, "expired")
     # SAN constraints still apply to allowlisted certificates.
-    mismatch = validate(chain(old), b, policy(match_subject_alt_names=[resources_pb2.SubjectAltNameMatcher(dns="x")]), NOW)
+    mismatch = validate(
+        chain(old), b, policy(match_subject_alt_names=[resources_pb2.SubjectAltNameMatcher(dns="x")]), NOW
+    )
     check(mismatch, E.SAN_MISMATCH, "san_mismatch")
 
 
@@ -149,7 +166,12 @@ def test_gcp_depth_limit_of_ten(pki: Pki) -> None:
 @pytest.mark.parametrize("max_depth, error", [(3, E.SEARCH_LIMIT_EXCEEDED), (4, ""), (0, "")])
 def test_max_verify_depth(pki: Pki, max_depth: int, error: str) -> None:
     ladder = _ladder(pki.root, 3)  # leaf + 3 intermediates = depth 4
-    v = validate(chain(leaf("d4", ladder[0]), *ladder), bundle(anchors=[pki.root]), policy(max_verify_depth=max_depth), NOW)
+    v = validate(
+        chain(leaf("d4", ladder[0]), *ladder),
+        bundle(anchors=[pki.root]),
+        policy(max_verify_depth=max_depth),
+        NOW,
+    )
     check(v, error, "max_depth" if error else "")
 
 
@@ -160,7 +182,11 @@ def test_same_subject_and_key_more_than_ten_times(pki: Pki) -> None:
     ]
     v = validate(chain(leaf("c", first)), bundle(anchors=[pki.root], intermediates=clones), STRICT, NOW)
     check(v, E.PKI_TOO_LARGE, "same_subject_and_key")
-    check(validate(chain(leaf("c", first)), bundle(anchors=[pki.root], intermediates=clones[:10]), STRICT, NOW), "", "")
+    check(
+        validate(chain(leaf("c", first)), bundle(anchors=[pki.root], intermediates=clones[:10]), STRICT, NOW),
+        "",
+        "",
+    )
 
 
 def test_more_than_a_hundred_candidates(pki: Pki) -> None:
@@ -176,7 +202,13 @@ def test_more_than_ten_name_constraints(pki: Pki) -> None:
     v = validate(chain(cert, constrained), bundle(anchors=[pki.root]), STRICT, NOW)
     check(v, E.MAX_NAME_CONSTRAINTS_EXCEEDED, "name_constraints")
     ten = ca("Ten", pki.root, extra_extensions=[(x509.NameConstraints(subtrees[:10], None), True)])
-    check(validate(chain(leaf("c", ten, dns=("d1.example.com",)), ten), bundle(anchors=[pki.root]), STRICT, NOW), "", "")
+    check(
+        validate(
+            chain(leaf("c", ten, dns=("d1.example.com",)), ten), bundle(anchors=[pki.root]), STRICT, NOW
+        ),
+        "",
+        "",
+    )
 
 
 # ---------------------------------------------------------------- step 6: path validation
@@ -184,7 +216,9 @@ def test_more_than_ten_name_constraints(pki: Pki) -> None:
 
 def test_expired_and_not_yet_valid(pki: Pki) -> None:
     b = bundle(anchors=[pki.root])
-    expired = leaf("old", pki.inter, not_before=NOW - dt.timedelta(days=10), not_after=NOW - dt.timedelta(seconds=1))
+    expired = leaf(
+        "old", pki.inter, not_before=NOW - dt.timedelta(days=10), not_after=NOW - dt.timedelta(seconds=1)
+    )
     v = validate(chain(expired, pki.inter), b, STRICT, NOW)
     check(v, E.VALIDATION_FAILED, "expired")
     assert tls_alert(v) is TlsAlert.CERTIFICATE_EXPIRED
@@ -208,12 +242,20 @@ def test_sha1_signature_is_weak(pki: Pki) -> None:
     check(validate(chain(good, rsa_inter), bundle(anchors=[pki.root]), STRICT, NOW), "", "")
     sha1 = sha1_signed(good.cert, rsa_inter.key)  # type: ignore[arg-type]
     assert isinstance(x509.load_der_x509_certificate(sha1).signature_hash_algorithm, hashes.SHA1)
-    check(validate([sha1, rsa_inter.der], bundle(anchors=[pki.root]), STRICT, NOW), E.VALIDATION_FAILED, "weak_hash")
+    check(
+        validate([sha1, rsa_inter.der], bundle(anchors=[pki.root]), STRICT, NOW),
+        E.VALIDATION_FAILED,
+        "weak_hash",
+    )
 
 
 def test_leaf_must_not_be_a_ca(pki: Pki) -> None:
     ca_leaf = ca("CA as client", pki.inter, eku=(ExtendedKeyUsageOID.CLIENT_AUTH,))
-    check(validate(chain(ca_leaf, pki.inter), bundle(anchors=[pki.root]), STRICT, NOW), E.VALIDATION_FAILED, "leaf_is_ca")
+    check(
+        validate(chain(ca_leaf, pki.inter), bundle(anchors=[pki.root]), STRICT, NOW),
+        E.VALIDATION_FAILED,
+        "leaf_is_ca",
+    )
 
 
 @pytest.mark.parametrize(
@@ -240,8 +282,11 @@ def test_time_budget(pki: Pki) -> None:
 
 
 def test_garbage_certificate(pki: Pki) -> None:
-    check(validate([b"\x30\x03\x02\x01\x00"], bundle(anchors=[pki.root]), STRICT, NOW), E.VALIDATION_FAILED,
-          "malformed_certificate")
+    check(
+        validate([b"\x30\x03\x02\x01\x00"], bundle(anchors=[pki.root]), STRICT, NOW),
+        E.VALIDATION_FAILED,
+        "malformed_certificate",
+    )
 
 
 # ---------------------------------------------------------------- step 7: revocation
@@ -263,28 +308,48 @@ def test_revoked_intermediate_only_with_chain_checking(pki: Pki) -> None:
     root_crl = make_crl(pki.root, [pki.inter.cert.serial_number], this_update=NOW - dt.timedelta(hours=1))
     b = bundle(anchors=[pki.root], crls=[root_crl])
     check(validate(chain(pki.client, pki.inter), b, policy(revocation_check="LEAF"), NOW), "", "")
-    check(validate(chain(pki.client, pki.inter), b, policy(revocation_check="CHAIN"), NOW), E.REVOKED, "issuer_revoked")
+    check(
+        validate(chain(pki.client, pki.inter), b, policy(revocation_check="CHAIN"), NOW),
+        E.REVOKED,
+        "issuer_revoked",
+    )
 
 
 def test_stale_crl(pki: Pki) -> None:
-    stale = make_crl(pki.inter, [], this_update=NOW - dt.timedelta(days=8), next_update=NOW - dt.timedelta(days=1))
+    stale = make_crl(
+        pki.inter, [], this_update=NOW - dt.timedelta(days=8), next_update=NOW - dt.timedelta(days=1)
+    )
     b = bundle(anchors=[pki.root], intermediates=[pki.inter], crls=[stale])
-    check(validate(chain(pki.client, pki.inter), b, policy(require_fresh_crl=True), NOW), E.CRL_STALE, "crl_stale")
+    check(
+        validate(chain(pki.client, pki.inter), b, policy(require_fresh_crl=True), NOW),
+        E.CRL_STALE,
+        "crl_stale",
+    )
     check(validate(chain(pki.client, pki.inter), b, policy(), NOW), "", "")
     # The cached success for a fresh time must not answer after nextUpdate.
-    fresh = make_crl(pki.inter, [], this_update=NOW - dt.timedelta(hours=1), next_update=NOW + dt.timedelta(hours=1))
+    fresh = make_crl(
+        pki.inter, [], this_update=NOW - dt.timedelta(hours=1), next_update=NOW + dt.timedelta(hours=1)
+    )
     fb = bundle(anchors=[pki.root], intermediates=[pki.inter], crls=[fresh])
     p = policy(require_fresh_crl=True)
     check(validate(chain(pki.client, pki.inter), fb, p, NOW), "", "")
-    check(validate(chain(pki.client, pki.inter), fb, p, NOW + dt.timedelta(hours=2)), E.CRL_STALE, "crl_stale")
+    check(
+        validate(chain(pki.client, pki.inter), fb, p, NOW + dt.timedelta(hours=2)), E.CRL_STALE, "crl_stale"
+    )
 
 
 def test_cached_success_does_not_outlive_the_certificate(pki: Pki) -> None:
-    short = leaf("short", pki.inter, not_before=NOW - dt.timedelta(hours=1), not_after=NOW + dt.timedelta(minutes=1))
+    short = leaf(
+        "short", pki.inter, not_before=NOW - dt.timedelta(hours=1), not_after=NOW + dt.timedelta(minutes=1)
+    )
     b = bundle(anchors=[pki.root])
     check(validate(chain(short, pki.inter), b, STRICT, NOW), "", "")
     check(validate(chain(short, pki.inter), b, STRICT, NOW), "", "")  # served from the cache
-    check(validate(chain(short, pki.inter), b, STRICT, NOW + dt.timedelta(minutes=2)), E.VALIDATION_FAILED, "expired")
+    check(
+        validate(chain(short, pki.inter), b, STRICT, NOW + dt.timedelta(minutes=2)),
+        E.VALIDATION_FAILED,
+        "expired",
+    )
 
 
 def test_crl_lookup_after_revocation_serial_count(pki: Pki) -> None:
@@ -304,14 +369,16 @@ def _upn(value: str) -> x509.OtherName:
 
 @pytest.fixture(scope="module")
 def many_names(pki: Pki) -> Issued:
-    sans = x509.SubjectAlternativeName([
-        x509.DNSName("api.example.com"),
-        x509.RFC822Name("alice@example.com"),
-        x509.IPAddress(ipaddress.ip_address("10.1.2.3")),
-        x509.IPAddress(ipaddress.ip_address("2001:db8::1")),
-        x509.UniformResourceIdentifier("spiffe://example.org/ns/prod/sa/api"),
-        _upn("alice@corp.example"),
-    ])
+    sans = x509.SubjectAlternativeName(
+        [
+            x509.DNSName("api.example.com"),
+            x509.RFC822Name("alice@example.com"),
+            x509.IPAddress(ipaddress.ip_address("10.1.2.3")),
+            x509.IPAddress(ipaddress.ip_address("2001:db8::1")),
+            x509.UniformResourceIdentifier("spiffe://example.org/ns/prod/sa/api"),
+            _upn("alice@corp.example"),
+        ]
+    )
     return leaf("names", pki.inter, extra_extensions=[(sans, False)])
 
 
@@ -341,9 +408,12 @@ def test_san_matchers(pki: Pki, many_names: Issued, kind: str, pattern: str, ok:
 
 
 def test_san_matchers_are_any_of(pki: Pki, many_names: Issued) -> None:
-    p = policy(match_subject_alt_names=[
-        resources_pb2.SubjectAltNameMatcher(dns="nope"), resources_pb2.SubjectAltNameMatcher(email="alice@.*"),
-    ])
+    p = policy(
+        match_subject_alt_names=[
+            resources_pb2.SubjectAltNameMatcher(dns="nope"),
+            resources_pb2.SubjectAltNameMatcher(email="alice@.*"),
+        ]
+    )
     check(validate(chain(many_names, pki.inter), bundle(anchors=[pki.root]), p, NOW), "", "")
 
 
@@ -360,9 +430,14 @@ def test_hostile_pattern_is_linear() -> None:
 @pytest.mark.parametrize(
     "mtls, message",
     [
-        ({"match_subject_alt_names": [resources_pb2.SubjectAltNameMatcher(dns="(a")]},
-         "mtlsPolicy.matchSubjectAltNames[0].dns: invalid RE2 pattern '(a': missing )"),
-        ({"match_subject_alt_names": [resources_pb2.SubjectAltNameMatcher()]}, "mtlsPolicy.matchSubjectAltNames[0]: set one of"),
+        (
+            {"match_subject_alt_names": [resources_pb2.SubjectAltNameMatcher(dns="(a")]},
+            "mtlsPolicy.matchSubjectAltNames[0].dns: invalid RE2 pattern '(a': missing )",
+        ),
+        (
+            {"match_subject_alt_names": [resources_pb2.SubjectAltNameMatcher()]},
+            "mtlsPolicy.matchSubjectAltNames[0]: set one of",
+        ),
         ({"max_verify_depth": 11}, "mtlsPolicy.maxVerifyDepth: 11 is outside 0..10"),
     ],
 )
@@ -383,8 +458,12 @@ def test_compile_policy_plain_tls_and_defaults() -> None:
 
 def test_compile_bundle_errors(pki: Pki) -> None:
     tc = trust_config(anchors=[pki.root])
-    tc.trust_stores[0].trust_anchors.add(pem_certificate="-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
-    with pytest.raises(InvalidBundle, match=r"^trustStores\[0\]\.trustAnchors\[1\]\.pemCertificate: not a PEM certificate"):
+    tc.trust_stores[0].trust_anchors.add(
+        pem_certificate="-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"
+    )
+    with pytest.raises(
+        InvalidBundle, match=r"^trustStores\[0\]\.trustAnchors\[1\]\.pemCertificate: not a PEM certificate"
+    ):
         trust_bundle_from_trust_config(tc)
     with pytest.raises(InvalidBundle, match=r"^trustStores\[0\]\.trustAnchors\[0\]: not a CA certificate"):
         bundle(anchors=[pki.client])
@@ -407,7 +486,9 @@ def test_demo_pki_trust_config_compiles(demo_pki) -> None:  # type: ignore[no-un
     import yaml
     from google.protobuf import json_format
 
-    tc = json_format.ParseDict(yaml.safe_load(demo_pki.path("trust_config").read_text()), resources_pb2.TrustConfig())
+    tc = json_format.ParseDict(
+        yaml.safe_load(demo_pki.path("trust_config").read_text()), resources_pb2.TrustConfig()
+    )
     b = compile_bundle(trust_bundle_from_trust_config(tc))
     assert len(b.crls) == 1 and b.store is not None
 

@@ -104,10 +104,12 @@ def test_spiffe_id(pki: Pki, uris: tuple[str, ...], expected: str, error: str) -
 
 
 def test_custom_templates_and_escapes(pki: Pki) -> None:
-    headers = compile_headers([
-        "X-Verified:{client_cert_chain_verified}",
-        "X-Mixed: present={client_cert_present} {{literal}} serial={client_cert_serial_number}",
-    ])
+    headers = compile_headers(
+        [
+            "X-Verified:{client_cert_chain_verified}",
+            "X-Mixed: present={client_cert_present} {{literal}} serial={client_cert_serial_number}",
+        ]
+    )
     assert headers.names == frozenset({"x-verified", "x-mixed"})
     assert headers.render(_verdict(pki, pki.client.der, pki.inter.der)) == [
         ("X-Verified", "true"),
@@ -125,8 +127,14 @@ def test_custom_templates_and_escapes(pki: Pki) -> None:
         (["X-A:{client_cert_present"], "customRequestHeaders[0]: unbalanced '{'"),
         (["X-A:x}"], "customRequestHeaders[0]: unbalanced '}'"),
         (["Bad Name:x"], "customRequestHeaders[0]: 'Bad Name' is not a valid HTTP header name"),
-        (["Content-Length:{client_cert_present}"], "customRequestHeaders[0]: the proxy sets 'Content-Length'"),
-        (["X-A:1", "x-a:2"], "customRequestHeaders[1]: header 'x-a' is already set by customRequestHeaders[0]"),
+        (
+            ["Content-Length:{client_cert_present}"],
+            "customRequestHeaders[0]: the proxy sets 'Content-Length'",
+        ),
+        (
+            ["X-A:1", "x-a:2"],
+            "customRequestHeaders[1]: header 'x-a' is already set by customRequestHeaders[0]",
+        ),
         (["X-A:a\rb"], "customRequestHeaders[0]: control characters"),
         ([f"X-{i}:v" for i in range(MAX_CUSTOM_HEADERS + 1)], "customRequestHeaders: 17 entries"),
     ],
@@ -142,14 +150,18 @@ def test_xfcc_modes(pki: Pki) -> None:
     element = render_xfcc(verified, "SANITIZE_SET", by="spiffe://example.org/proxy")
     assert element is not None
     expected_hash = hashlib.sha256(pki.client.der).hexdigest()
-    assert element.startswith(f"By=spiffe://example.org/proxy;Hash={expected_hash};Cert=\"")
+    assert element.startswith(f'By=spiffe://example.org/proxy;Hash={expected_hash};Cert="')
     assert f'Cert="{urllib.parse.quote(pki.client.cert_pem, safe="")}"' in element
     assert f'Chain="{urllib.parse.quote(pki.client.cert_pem + pki.inter.cert_pem, safe="")}"' in element
-    assert element.endswith(f'Subject="CN=client,O=mtlsgate test";URI={SPIFFE};DNS=client.example.com;DNS=alt.example.com')
+    assert element.endswith(
+        f'Subject="CN=client,O=mtlsgate test";URI={SPIFFE};DNS=client.example.com;DNS=alt.example.com'
+    )
     assert render_xfcc(verified, "SANITIZE", incoming="Hash=abc") is None
     assert render_xfcc(verified, 0, incoming="Hash=abc") is None  # unspecified = SANITIZE
     assert render_xfcc(verified, "SANITIZE_SET", incoming="Hash=abc") == render_xfcc(verified, 2)
-    assert render_xfcc(verified, "APPEND_FORWARD", incoming="Hash=abc") == "Hash=abc," + render_xfcc(verified, 2)
+    assert render_xfcc(verified, "APPEND_FORWARD", incoming="Hash=abc") == "Hash=abc," + render_xfcc(
+        verified, 2
+    )
     unverified = _verdict(pki, pki.client.der)
     assert render_xfcc(unverified, "SANITIZE_SET") is None
     assert render_xfcc(unverified, "APPEND_FORWARD", incoming="Hash=abc") == "Hash=abc"

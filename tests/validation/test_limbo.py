@@ -38,7 +38,8 @@ ACCEPTED_DESPITE_FAILURE: dict[str, str] = {
     "webpki::aki::root-with-aki-all-fields": _WEBPKI_ROOT,
     "webpki::aki::root-with-aki-ski-mismatch": _WEBPKI_ROOT,
     "webpki::eku::root-has-eku": _WEBPKI_ROOT + " (GCP allows issuer EKUs that include the wanted one)",
-    "webpki::forbidden-rsa-not-divisible-by-8-in-root": _WEBPKI_ROOT + " (GCP's key rules cover leaf and intermediates)",
+    "webpki::forbidden-rsa-not-divisible-by-8-in-root": _WEBPKI_ROOT
+    + " (GCP's key rules cover leaf and intermediates)",
     "webpki::eku::ee-anyeku": "the leaf names the wanted EKU next to anyExtendedKeyUsage; GCP only asks for clientAuth",
     "webpki::san::no-san": "GCP does not require a SAN on client certificates",
     "webpki::cn::ipv4-hex-mismatch": _HOSTNAME,
@@ -107,8 +108,14 @@ def run_case(case: dict[str, Any]) -> tuple[str, str]:
             revocation=RevocationCheck.CHAIN if case["crls"] else RevocationCheck.LEAF,
         )
         chain = [_der(case["peer_certificate"])] + [_der(p) for p in case["untrusted_intermediates"]]
-        when = datetime.fromisoformat(case["validation_time"]) if case["validation_time"] else datetime.now(UTC)
-        eku = ExtendedKeyUsageOID.CLIENT_AUTH if case["validation_kind"] == "CLIENT" else ExtendedKeyUsageOID.SERVER_AUTH
+        when = (
+            datetime.fromisoformat(case["validation_time"]) if case["validation_time"] else datetime.now(UTC)
+        )
+        eku = (
+            ExtendedKeyUsageOID.CLIENT_AUTH
+            if case["validation_kind"] == "CLIENT"
+            else ExtendedKeyUsageOID.SERVER_AUTH
+        )
         verdict = validate(chain, bundle, policy, when, leaf_eku=eku)
     return ("SUCCESS" if verdict.valid else "FAILURE"), f"{verdict.error}/{verdict.reason}: {verdict.detail}"
 
@@ -121,9 +128,13 @@ def test_limbo_vector(case: dict[str, Any]) -> None:
     got, why = run_case(case)
     expected = case["expected_result"]
     if case["id"] in ACCEPTED_DESPITE_FAILURE:
-        assert (expected, got) == ("FAILURE", "SUCCESS"), "listed deviation no longer happens: remove it from the list"
+        assert (expected, got) == ("FAILURE", "SUCCESS"), (
+            "listed deviation no longer happens: remove it from the list"
+        )
     elif case["id"] in REJECTED_DESPITE_SUCCESS:
-        assert (expected, got) == ("SUCCESS", "FAILURE"), "listed deviation no longer happens: remove it from the list"
+        assert (expected, got) == ("SUCCESS", "FAILURE"), (
+            "listed deviation no longer happens: remove it from the list"
+        )
     else:
         assert got == expected, why
 

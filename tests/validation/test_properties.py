@@ -24,10 +24,16 @@ ALLOWED = leaf("Property Allowlisted", ca("Property Device CA"))
 BUNDLE = make_bundle(anchors=[ROOT], intermediates=[INTER], allowlist=[ALLOWED])
 POLICY = policy("ALLOW_INVALID_OR_MISSING_CLIENT_CERT", revocation_check="OFF")
 ATTACKER_KEYS = [ec.generate_private_key(ec.SECP256R1()) for _ in range(3)]
-NAMES = [ROOT.cert.subject, INTER.cert.subject, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Evil CA")])]
+NAMES = [
+    ROOT.cert.subject,
+    INTER.cert.subject,
+    x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Evil CA")]),
+]
 
 
-def forge(subject: x509.Name, issuer: x509.Name, signer: int, is_ca: bool, key_index: int, days: int) -> x509.Certificate:
+def forge(
+    subject: x509.Name, issuer: x509.Name, signer: int, is_ca: bool, key_index: int, days: int
+) -> x509.Certificate:
     """A certificate an attacker can make: any names, any flags, signed by an attacker key."""
     key = ATTACKER_KEYS[key_index].public_key()
     builder = (
@@ -41,7 +47,8 @@ def forge(subject: x509.Name, issuer: x509.Name, signer: int, is_ca: bool, key_i
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ATTACKER_KEYS[signer].public_key()), critical=False
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ATTACKER_KEYS[signer].public_key()),
+            critical=False,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     )
@@ -67,7 +74,9 @@ extra = st.lists(st.one_of(forged_cert, real_cert), max_size=4)
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(leaf_cert=forged_cert, rest=extra, when=st.integers(-400, 4000))
-def test_forged_chains_are_never_verified(leaf_cert: x509.Certificate, rest: list[x509.Certificate], when: int) -> None:
+def test_forged_chains_are_never_verified(
+    leaf_cert: x509.Certificate, rest: list[x509.Certificate], when: int
+) -> None:
     chain = [c.public_bytes(Encoding.DER) for c in [leaf_cert, *rest]]
     verdict = validate(chain, BUNDLE, POLICY, NOW + dt.timedelta(days=when))
     assert not verdict.chain_verified, (verdict.error, verdict.reason)
