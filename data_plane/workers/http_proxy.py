@@ -42,6 +42,13 @@ _REASONS = {200: "OK", 400: "Bad Request", 413: "Payload Too Large", 431: "Reque
             495: "SSL Certificate Error", 496: "SSL Certificate Required", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout"}
 _XFCC = b"x-forwarded-client-cert"
+_XFCC_SANITIZE = int(XFCC.SANITIZE)
+
+
+def _connection_tokens(value: bytes, listed: set[bytes] | None) -> set[bytes]:
+    """Header names a Connection header lists (they are hop-by-hop too)."""
+    tokens = {token.strip().lower() for token in value.split(b",")}
+    return tokens if listed is None else listed | tokens
 
 
 class ProtocolViolation(Exception):
@@ -217,17 +224,21 @@ class Exchange:
     # ---- to the client
 
     def _head(self) -> None:
-        strip = set(_HOP_BY_HOP)
         has_length = False
+        listed: set[bytes] | None = None  # extra hop-by-hop names listed in Connection
+        kept = []
         for name, value in self.headers:
             lname = name.lower()
-            if lname == b"connection":
-                strip.update(token.strip().lower() for token in value.split(b","))
-            elif lname == b"content-length":
+            if lname in _HOP_BY_HOP:
+                if lname == b"connection":
+                    listed = _connection_tokens(value, listed)
+                continue
+            if lname == b"content-length":
                 has_length = True
+            kept.append((lname, name + b": " + value + b"\r\n"))
         no_body = self.request.method == b"HEAD" or self.status in (204, 304)
         lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, _REASONS.get(self.status, "Status").encode())]
-        lines.extend(name + b": " + value + b"\r\n" for name, value in self.headers if name.lower() not in strip)
+        lines += [line for lname, line in kept if listed is None or lname not in listed]
         if not has_length and not no_body:
             if self.request.http_version == "1.1":
                 self.chunked_out = True
@@ -322,6 +333,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.tls: TlsConnection | None = None
         self.peer = ("", 0)
+        self.peer_bytes = b""
         self.verdict: Any = None
         self._parser: httptools.HttpRequestParser | None = None
         self._pending: collections.deque[_Request] = collections.deque()
@@ -347,6 +359,7 @@ class ClientConnection(asyncio.Protocol):
         self.listener = self._lookup()
         peer = transport.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
+        self.peer_bytes = self.peer[0].encode()
         if self.listener is None or self.worker.draining or \
                 len(self.worker.connections) >= MAX_CONNECTIONS_PER_WORKER:
             transport.close()
@@ -647,26 +660,25 @@ class ClientConnection(asyncio.Protocol):
             self._resume_reading()
 
     def _upstream_head(self, request: _Request, listener: ListenerRuntime, verdict: Any) -> bytes:
-        strip: set[bytes] = set(_HOP_BY_HOP)
-        for name, value in request.headers:
-            if name.lower() == b"connection":
-                strip.update(token.strip().lower() for token in value.split(b","))
-        strip.update(listener.spoofable_names)
+        spoofable = listener.spoofable_names
+        listed: set[bytes] | None = None  # extra hop-by-hop names listed in Connection
         incoming_xfcc = []
         forwarded_for = b""
-        lines = [request.method + b" " + request.url + b" HTTP/1.1\r\n"]
+        kept = []
         for name, value in request.headers:
             lname = name.lower()
-            if lname == _XFCC:
+            if lname in _HOP_BY_HOP:
+                if lname == b"connection":
+                    listed = _connection_tokens(value, listed)
+            elif lname == _XFCC:
                 incoming_xfcc.append(value)
-                continue
-            if lname == b"x-forwarded-for":
+            elif lname == b"x-forwarded-for":
                 forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-                continue
-            if lname == b"x-forwarded-proto" or lname in strip:
-                continue
-            lines.append(name + b": " + value + b"\r\n")
-        peer = self.peer[0].encode()
+            elif lname != b"x-forwarded-proto" and lname not in spoofable:
+                kept.append((lname, name + b": " + value + b"\r\n"))
+        lines = [request.method + b" " + request.url + b" HTTP/1.1\r\n"]
+        lines += [line for lname, line in kept if listed is None or lname not in listed]
+        peer = self.peer_bytes
         lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer if forwarded_for else peer) + b"\r\n")
         lines.append(b"X-Forwarded-Proto: https\r\n")
         if listener.mtls and verdict is not None:
@@ -676,9 +688,10 @@ class ClientConnection(asyncio.Protocol):
                     f"{name}: {value}\r\n".encode("latin-1") for name, value in listener.header_set.render(verdict))
                 self._cert_header_verdict = verdict
             lines.append(self._cert_header_lines)
-        xfcc = self._xfcc_value(listener, verdict, incoming_xfcc)
-        if xfcc:
-            lines.append(b"X-Forwarded-Client-Cert: " + xfcc + b"\r\n")
+        if listener.xfcc_mode != _XFCC_SANITIZE:
+            xfcc = self._xfcc_value(listener, verdict, incoming_xfcc)
+            if xfcc:
+                lines.append(b"X-Forwarded-Client-Cert: " + xfcc + b"\r\n")
         if request.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         elif request.content_length is not None:
@@ -687,7 +700,7 @@ class ClientConnection(asyncio.Protocol):
         return b"".join(lines)
 
     def _xfcc_value(self, listener: ListenerRuntime, verdict: Any, incoming: list[bytes]) -> bytes:
-        if listener.xfcc_mode == XFCC.SANITIZE or verdict is None:
+        if verdict is None:
             return b""
         joined = b",".join(incoming).decode("latin-1") if incoming else None
         value = headers_mod.render_xfcc(verdict, listener.xfcc_mode, joined)
