@@ -244,8 +244,6 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                 event = await stream.inbox.get()
                 if event is _END:
                     return
-                if isinstance(event, BaseException):
-                    raise event
                 if isinstance(event, GroupSnapshot):
                     for push in stream.protocol.on_snapshot(event):
                         ts = stream.protocol.types[push.type_url]
