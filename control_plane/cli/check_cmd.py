@@ -192,6 +192,11 @@ def render_text(result: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     chain_pem = _read_text(args.cert, "certificate chain")
     when = parse_time(args.at)
+    if not args.trust_config and Path(args.policy).is_file():
+        raise UsageError(
+            f"--policy {args.policy} is a file: offline mode also needs --trust-config FILE "
+            "(for a policy stored in the control plane, give its name, e.g. serverTlsPolicies/strict)"
+        )
     result = _offline(args, chain_pem, when) if args.trust_config else _live(args, chain_pem, when)
     if args.output == "json":
         print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=2))

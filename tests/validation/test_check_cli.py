@@ -106,6 +106,13 @@ def test_offline_usage_errors(demo_pki: DemoPki, args: list[str], message: str) 
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_policy_file_without_trust_config(demo_pki: DemoPki) -> None:
+    result = mtlsgate(
+        "check", "--cert", demo_pki.path("client_cert"), "--policy", demo_pki.path("server_tls_policy")
+    )
+    assert result.returncode == 2 and "offline mode also needs --trust-config FILE" in result.stderr
+
+
 def test_offline_input_errors(demo_pki: DemoPki, tmp_path: Path) -> None:
     bad_policy = tmp_path / "bad.yaml"
     bad_policy.write_text(
