@@ -20,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_client_arguments(p)
     p.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
     p.add_argument("--cluster", default="", help="only nodes of this cluster")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="keep printing the status whenever it changes (JSON: one object per line)")
     p.set_defaults(func=run)
 
 
@@ -79,15 +81,24 @@ def run(args: argparse.Namespace) -> int:
     import grpc
     from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
+    request = api_pb2.ListNodesRequest(cluster=args.cluster)
     try:
         with open_channel(args) as channel:
-            response = api_pb2_grpc.FleetServiceStub(channel).ListNodes(
-                api_pb2.ListNodesRequest(cluster=args.cluster), timeout=10)
+            fleet = api_pb2_grpc.FleetServiceStub(channel)
+            if not args.watch:
+                _print(fleet.ListNodes(request, timeout=10), args.output)
+                return 0
+            for response in fleet.WatchNodes(request):  # until interrupted
+                _print(response, args.output, watch=True)
     except grpc.RpcError as exc:
         raise rpc_error(exc, args) from None
-    if args.output == "json":
-        print(json.dumps({"revision": response.revision, "nodes": [node_to_json(n) for n in response.nodes]},
-                         indent=2))
-    else:
-        print(render_table(response))
     return 0
+
+
+def _print(response: Any, output: str, watch: bool = False) -> None:
+    """One report; while watching, JSON is one object per line and tables are separated by a blank line."""
+    if output == "json":
+        body = {"revision": response.revision, "nodes": [node_to_json(n) for n in response.nodes]}
+        print(json.dumps(body, indent=None if watch else 2), flush=True)
+    else:
+        print(render_table(response) + ("\n" if watch else ""), flush=True)

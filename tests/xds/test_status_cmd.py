@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 
+import grpc
 from mtlsgate.v1 import api_pb2
 
 from control_plane.cli.status_cmd import render_table
 from control_plane.xds import resource_types as rt
 from tests.control_plane.harness import start_control_plane
 from tests.support import MTLSGATE
+from tests.xds.raw_ads import RawAds
 
 
 def test_table_shows_states_versions_and_one_copy_of_each_error():
@@ -41,4 +43,31 @@ def test_status_uses_the_clients_token(tmp_path, logs_dir):
                             capture_output=True, text=True, timeout=30, check=True)
         assert json.loads(ok.stdout)["nodes"] == []
     finally:
+        proc.stop()
+
+
+def test_status_watch_prints_one_json_object_per_change(tmp_path, logs_dir):
+    from tests.support import Proc, wait_until
+
+    proc, address = start_control_plane(tmp_path, logs_dir)
+    watcher = Proc(["status", "--server", address, "--watch", "-o", "json"], logs_dir / "watch.log")
+    try:
+        first = wait_until(lambda: watcher.log().splitlines(), timeout=20, message="first watch line")
+        assert json.loads(first[0]) == {"revision": 0, "nodes": []}
+        channel = grpc.insecure_channel(address)
+        node = RawAds(channel, "watched", {})
+        node.send("type.googleapis.com/mtlsgate.v1.Listener")
+        response = node.recv()
+        node.send(response.type_url, version=response.version_info, nonce=response.nonce)
+
+        def synced_line() -> bool:
+            reports = [json.loads(line) for line in watcher.log().splitlines()]
+            return any(n["id"] == "watched" and n["state"] == "SYNCED" for r in reports for n in r["nodes"])
+
+        wait_until(synced_line, timeout=20, message="a watch line with the node SYNCED")
+        node.close()
+        channel.close()
+        assert watcher.alive()
+    finally:
+        watcher.stop()
         proc.stop()
