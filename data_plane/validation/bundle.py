@@ -161,6 +161,8 @@ class CompiledBundle:
     crls: Mapping[tuple[bytes, bytes], tuple[RevocationList, ...]]
     store: verification.Store | None  # None when there are no trust anchors
     anchor_subjects: frozenset[bytes]
+    # Configured CA → (subject DER, SPKI SHA-256): the CRL index key, computed once.
+    issuer_keys: Mapping[x509.Certificate, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
     # Memo of successful verdicts; see engine.VerdictCache. Not part of the bundle's value.
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -169,7 +171,12 @@ class CompiledBundle:
         return sum(len(v) for v in self.intermediates_by_subject.values())
 
     def crls_for(self, issuer: x509.Certificate) -> tuple[RevocationList, ...]:
-        return self.crls.get((issuer.subject.public_bytes(), spki_digest(issuer)), ())
+        """CRLs signed by this issuer (same name and key). Configured CAs are looked up in a table built
+        at compile time (the verifier hands back the very objects it was given); others are hashed."""
+        key = self.issuer_keys.get(issuer)
+        if key is None:
+            key = (issuer.subject.public_bytes(), spki_digest(issuer))
+        return self.crls.get(key, ())
 
 
 def _load_der(der: bytes, where: str) -> x509.Certificate:
@@ -304,4 +311,5 @@ def compile_bundle(tb: xds_pb2.TrustBundle) -> CompiledBundle:
         crls={k: tuple(sorted(v, key=lambda c: c.this_update, reverse=True)) for k, v in crls.items()},
         store=verification.Store(anchors) if anchors else None,
         anchor_subjects=frozenset(a.subject.public_bytes() for a in anchors),
+        issuer_keys={ca: (ca.subject.public_bytes(), spki_digest(ca)) for ca in anchors + intermediates},
     )

@@ -219,7 +219,7 @@ def _gather_candidates(
     sent_by_subject: dict[bytes, list[x509.Certificate]] = {}
     for cert in sent:
         sent_by_subject.setdefault(cert.subject.public_bytes(), []).append(cert)
-    chosen: dict[bytes, x509.Certificate] = {}
+    chosen: dict[x509.Certificate, None] = {}  # Certificate hashes and compares by its DER
     examined = 0
     frontier = [leaf]
     for _level in range(max_depth):
@@ -232,15 +232,14 @@ def _gather_candidates(
                     raise _Failure(
                         SEARCH_LIMIT_EXCEEDED, "too_many_candidates", f"more than {MAX_CANDIDATES} candidates"
                     )
-                key = cand.fingerprint(hashes.SHA256())
-                if key not in chosen:
-                    chosen[key] = cand
+                if cand not in chosen:
+                    chosen[cand] = None
                     frontier.append(cand)
         if not frontier:
             break
         if time.thread_time() > deadline:
             raise _Failure(VALIDATION_TIMED_OUT, "time_budget", "candidate search")
-    candidates = list(chosen.values())
+    candidates = list(chosen)
     _check_candidate_limits(candidates)
     return candidates
 
