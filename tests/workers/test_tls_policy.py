@@ -147,3 +147,15 @@ def test_config_dump_shows_each_worker(configured: PoolHarness) -> None:
     assert {w["version"] for w in status} == {configured.pool.running_version()}
     assert "listeners/strict" in status[0]["listeners"]
     assert "key" not in repr(status).lower().replace("private_key_sha256", "")
+
+
+def test_rejections_without_a_certificate_are_counted_as_such(configured: PoolHarness, demo_pki: DemoPki,
+                                                              ports: dict[str, int]) -> None:
+    with pytest.raises(ssl.SSLError):
+        https_get(ports["strict"], client_context(demo_pki, None))
+
+    def not_provided() -> float:
+        totals = configured.in_loop(lambda: configured.pool.metrics.totals())
+        return totals[("mtlsgate_handshakes_total", ("listeners/strict", "rejected", "client_cert_not_provided"))]
+
+    wait_until(lambda: not_provided() >= 1, message="a missing certificate counted as client_cert_not_provided")
