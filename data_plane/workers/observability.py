@@ -64,8 +64,9 @@ class PoolMetrics:
         self.gauges.pop(slot, None)
 
     def totals(self) -> Counter[CounterKey]:
+        # collect() runs in the admin server's thread while the event loop updates: iterate copies
         total = Counter(self._retired)
-        for counts in self._live.values():
+        for counts in list(self._live.values()):
             total.update(counts)
         return total
 
@@ -79,7 +80,7 @@ class PoolMetrics:
             yield family
         connections = GaugeMetricFamily("mtlsgate_worker_connections", "Open client connections per worker",
                                         labels=("worker",))
-        for slot, gauges in sorted(self.gauges.items()):
+        for slot, gauges in sorted(list(self.gauges.items())):
             connections.add_metric([str(slot)], gauges.get("connections", 0))
         yield connections
 

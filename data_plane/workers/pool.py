@@ -149,8 +149,9 @@ class WorkerPool:
             results = await self._distribute(wire)
             failures = [detail for kind, detail in results if kind != "applied"]
             if failures:
+                # back to the last good configuration (or nothing) everywhere, ports included
+                self.reservations.update(self.current_config.listeners if self.current is not None else {})
                 if self.current is not None:
-                    self.reservations.update(self.current_config.listeners)
                     await self._distribute(self.current)
                 raise ConfigRejected(failures[0])
             self.current, self.current_config = wire, config
