@@ -98,6 +98,10 @@ def check_node(node_id: str, cluster: str, identities: set[str]) -> None:
                            f"(SPIFFE ID / CN: {', '.join(sorted(identities))})")
 
 
+_END = object()  # the node closed its side
+_SNAPSHOT = object()  # a newer snapshot is waiting: see _Stream.offer
+
+
 class _Stream:
     """One open ADS stream: its node, its protocol state and its inbox."""
 
@@ -107,9 +111,20 @@ class _Stream:
         self.protocol = StreamProtocol()
         self.labels: dict[str, str] | None = None
         self.node_id = ""
+        self._latest: GroupSnapshot | None = None
+
+    def offer(self, snapshot: GroupSnapshot) -> None:
+        """Queue a snapshot; a stream still busy with an older one skips to the newest (a slow node gets
+        the current state, not every intermediate one)."""
+        if self._latest is None:
+            self.inbox.put_nowait(_SNAPSHOT)
+        self._latest = snapshot
+
+    def take_snapshot(self) -> GroupSnapshot | None:
+        snapshot, self._latest = self._latest, None
+        return snapshot
 
 
-_END = object()
 
 
 class XdsServer(api_pb2_grpc.FleetServiceServicer):
@@ -213,7 +228,7 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         metrics.SNAPSHOT_REVISION.set(state.revision)
         for stream in self._streams.values():
             if stream.labels is not None:
-                stream.inbox.put_nowait(self.snapshots.for_labels(stream.labels))
+                stream.offer(self.snapshots.for_labels(stream.labels))
         self._notify_fleet()
 
     def _snapshot_for(self, labels: Mapping[str, str]) -> GroupSnapshot | None:
@@ -244,8 +259,11 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                 event = await stream.inbox.get()
                 if event is _END:
                     return
-                if isinstance(event, GroupSnapshot):
-                    for push in stream.protocol.on_snapshot(event):
+                if event is _SNAPSHOT:
+                    snapshot = stream.take_snapshot()
+                    if snapshot is None:
+                        continue
+                    for push in stream.protocol.on_snapshot(snapshot):
                         ts = stream.protocol.types[push.type_url]
                         yield self._encode(push, ts.sent_names)
                     self._notify_fleet()
