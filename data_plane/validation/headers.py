@@ -118,6 +118,8 @@ def _spiffe_id(uris: Sequence[str]) -> str:
     # A SPIFFE SVID carries exactly one SPIFFE ID; anything else is not a usable identity.
     if len(spiffe) != 1 or len(spiffe[0].encode()) > SPIFFE_MAX or not _SPIFFE.fullmatch(spiffe[0]):
         return ""
+    if any(segment in (".", "..") for segment in spiffe[0][len("spiffe://") :].split("/")[1:]):
+        return ""  # SPIFFE ID spec: no relative path segments
     return spiffe[0]
 
 

@@ -91,6 +91,7 @@ def test_size_limits_empty_the_field_and_append_an_error(pki: Pki) -> None:
         (("spiffe://example.org/a", "spiffe://example.org/b"), "", ""),  # more than one SPIFFE ID
         (("spiffe://Example.org/a",), "", ""),  # trust domain must be lowercase
         (("spiffe://example.org/a//b",), "", ""),  # empty path segment
+        (("spiffe://example.org/a/../b",), "", ""),  # relative path segment
         # > 2048 bytes: no SPIFFE ID (silently, as GCP), and the URI SAN list is over its limit too
         (("spiffe://example.org/" + "a" * 2100,), "", "client_cert_uri_sans_exceeded_size_limit"),
         (("https://example.org/a",), "", ""),
