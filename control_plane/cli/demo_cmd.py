@@ -265,7 +265,7 @@ class Child:
         self.name = name
         self.log_path = log_path
         self.command = [sys.executable, "-m", "control_plane.cli.main", *args]
-        with open(log_path, "ab") as log:
+        with open(log_path, "wb") as log:  # one run per log: the tail then explains this run
             self.popen = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -40,7 +40,8 @@ PORT_VARIABLES = (
     "MTLSGATE_PROXY_B_STRICT_PORT", "MTLSGATE_PROXY_B_PERMISSIVE_PORT", "MTLSGATE_PROXY_B_ADMIN_PORT",
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.docker]
+# A cold CI run builds the image (pip downloads every dependency) inside this test's setup.
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(900)]
 
 
 def skip_or_fail(reason: str) -> None:
