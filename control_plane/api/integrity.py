@@ -54,8 +54,8 @@ def check_write(state: StoreState, name: str, new: Message | None) -> None:
                 f"{tc_name} has no trust anchor and no allowlisted certificate: REJECT_INVALID would refuse "
                 "every client")])
     if isinstance(new, resources_pb2.TrustConfig) and trust_config_is_empty(new):
-        users = [p_name for p_name, p in state.server_tls_policies.items()
+        policies = [p_name for p_name, p in state.server_tls_policies.items()
                  if p.mtls_policy.client_validation_trust_config == name and _rejecting_policy_violation(p, new)]
-        if users:
+        if policies:
             raise ReferenceConflict([FieldViolation(
-                "trustStores", f"would leave {name} empty, but REJECT_INVALID policies use it: {', '.join(users)}")])
+                "trustStores", f"would leave {name} empty, but REJECT_INVALID policies use it: {', '.join(policies)}")])

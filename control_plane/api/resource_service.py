@@ -4,6 +4,7 @@ allow_missing, update masks) parameterised by the resource kind."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,8 @@ from control_plane.resource_names import KINDS, InvalidName, Kind, normalise_nam
 from control_plane.store.base import AlreadyExists, EtagMismatch, NotFound, Store, StoreError, StoreState
 from data_plane.validation import resources as validation
 from data_plane.validation.resources import FieldViolation
+
+log = logging.getLogger("mtlsgate.api")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -110,6 +113,7 @@ class ResourceApi:
             check_write(state, name, prepared)
             return redact(prepared)
         result = self.store.create(prepared, actor=actor, check=self._checker(name))
+        log.info("created %s (revision %d, by %s)", name, result.revision, actor)
         assert result.resource is not None
         return redact(result.resource)
 
@@ -147,6 +151,9 @@ class ResourceApi:
             return redact(prepared)
         result = self.store.update(prepared, actor=actor, expected_etag=incoming.etag,
                                    allow_missing=request.allow_missing, check=self._checker(name))
+        if result.changed:
+            verb = "created" if result.before is None else "updated"
+            log.info("%s %s (revision %d, by %s)", verb, name, result.revision, actor)
         assert result.resource is not None
         return redact(result.resource)
 
@@ -168,11 +175,16 @@ class ResourceApi:
         name = self._name(request.name)
         if request.validate_only:
             state = self.store.state()
-            if state.get(name) is None:
+            existing = state.get(name)
+            if existing is None:
                 raise NotFound(f"{name} not found")
+            if request.etag and request.etag != existing.etag:  # type: ignore[attr-defined]
+                raise EtagMismatch(f"etag mismatch for {name}: the request carries {request.etag!r} but the "
+                                   f"stored resource has {existing.etag!r}")  # type: ignore[attr-defined]
             check_write(state, name, None)
             return
-        self.store.delete(name, actor=actor, expected_etag=request.etag, check=self._checker(name))
+        result = self.store.delete(name, actor=actor, expected_etag=request.etag, check=self._checker(name))
+        log.info("deleted %s (revision %d, by %s)", name, result.revision, actor)
 
 
 def _unary(api: ResourceApi, call: Callable[[Any, str], Any], request_type: type[Message],
@@ -202,13 +214,16 @@ def resource_service_handlers(store: Store, tokens: Tokens | None) -> list[grpc.
             items, token = api.list(request)
             return list_response(**{api.kind.list_field: items, "next_page_token": token})
 
+        def do_get(request: Any, actor: str, api: ResourceApi = api) -> Any:
+            return api.get(request)
+
         def do_delete(request: Any, actor: str, api: ResourceApi = api) -> Any:
             api.delete(request, actor)
             return empty_pb2.Empty()
 
         calls: dict[str, Callable[[Any, str], Any]] = {
             f"Create{kind.method_suffix}": api.create,
-            f"Get{kind.method_suffix}": lambda request, actor, api=api: api.get(request),
+            f"Get{kind.method_suffix}": do_get,
             f"List{kind.plural_suffix}": do_list,
             f"Update{kind.method_suffix}": api.update,
             f"Delete{kind.method_suffix}": do_delete,

@@ -4,6 +4,7 @@ snapshots of the whole state, and a notification after every committed write."""
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ class Store(Protocol):
         from its event loop, so callbacks run on that loop). Returns an unsubscribe function."""
         ...
 
-    def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> list[AuditRecord]:
+    def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> builtins.list[AuditRecord]:
         """Audit records in revision order, optionally for one resource, starting after `after_revision`."""
         ...
 

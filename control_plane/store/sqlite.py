@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import builtins
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -67,6 +70,9 @@ class SqliteStore:
         self.path = str(path)
         self._lock = threading.RLock()
         self._subscribers: list[Callable[[int], None]] = []
+        self._owner_lock: int | None = None
+        if self.path != ":memory:":
+            self._owner_lock = _lock_owner(self.path)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             if self.path != ":memory:":
@@ -76,6 +82,7 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
+            self._release_owner_lock()
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._state = self._load()
 
@@ -110,7 +117,7 @@ class SqliteStore:
     def list(self, collection: str) -> list[Message]:
         return [_copy(m) for m in self._state.collection(collection).values()]
 
-    def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> list[AuditRecord]:
+    def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> builtins.list[AuditRecord]:
         query = ("SELECT revision, time, actor, method, resource_name, etag_before, etag_after FROM audit "
                  "WHERE revision > ?")
         params: list[object] = [after_revision]
@@ -238,4 +245,26 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._release_owner_lock()
+
+    def _release_owner_lock(self) -> None:
+        if self._owner_lock is not None:
+            os.close(self._owner_lock)
+            self._owner_lock = None
+
+
+def _lock_owner(path: str) -> int:
+    """Hold an exclusive flock on the database file for the store's lifetime: the in-memory state is only
+    right if this process is the file's only writer. (flock is independent of SQLite's POSIX locks; the
+    descriptor is closed only after SQLite closed the file, which keeps SQLite's locks intact.)"""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open store {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(f"store {path} is in use by another control plane process") from None
+    return fd
 

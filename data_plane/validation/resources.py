@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from mtlsgate.v1 import resources_pb2
 
 from data_plane.validation.headers import compile_headers
@@ -169,9 +170,9 @@ def validate_trust_config(tc: resources_pb2.TrustConfig) -> list[FieldViolation]
                 except ValueError as exc:
                     out.append(FieldViolation(path, f"not a PEM CRL ({_reason(exc)})"))
     for path, crl in crls:
-        problem = _crl_problem(crl, cas)
-        if problem:
-            out.append(FieldViolation(path, problem))
+        crl_problem = _crl_problem(crl, cas)
+        if crl_problem:
+            out.append(FieldViolation(path, crl_problem))
 
     if len(tc.allowlisted_certificates) > MAX_ALLOWLISTED_CERTIFICATES:
         out.append(FieldViolation("allowlistedCertificates", f"too many entries "
@@ -259,16 +260,16 @@ def validate_certificate(cert: resources_pb2.Certificate) -> list[FieldViolation
     elif len(key_pem.encode()) > MAX_PRIVATE_KEY_PEM_BYTES:
         out.append(FieldViolation("pemPrivateKey", f"too large (limit {MAX_PRIVATE_KEY_PEM_BYTES} bytes)"))
     else:
-        key, problem = _load_private_key(key_pem)
-        if problem:
-            out.append(FieldViolation("pemPrivateKey", problem))
+        key, key_problem = _load_private_key(key_pem)
+        if key_problem:
+            out.append(FieldViolation("pemPrivateKey", key_problem))
     if chain and key is not None and _public_key_der(chain[0].public_key()) != _public_key_der(key.public_key()):
         out.append(FieldViolation("pemPrivateKey", "does not match the public key of the first certificate "
                                   "in pemCertificate"))
     return out
 
 
-def _load_private_key(pem: str) -> tuple[object | None, str | None]:
+def _load_private_key(pem: str) -> tuple[PrivateKeyTypes | None, str | None]:
     # Never put key material or the parser's message (which may quote input) into the error.
     try:
         key = serialization.load_pem_private_key(pem.encode(), password=None)

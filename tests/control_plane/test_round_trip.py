@@ -114,3 +114,26 @@ def test_delete_and_cli_errors(control_plane: ControlPlane) -> None:
     unreachable = control_plane.cli("get", "listeners", env={"MTLSGATE_SERVER": "127.0.0.1:1"})
     assert unreachable.returncode == 1 and "cannot reach the control plane at 127.0.0.1:1" in unreachable.stderr
     assert len(unreachable.stderr.strip().splitlines()) == 1
+
+
+def test_update_mask_and_write_only_key(control_plane: ControlPlane, tmp_path: Path) -> None:
+    from mtlsgate.v1 import api_pb2, resources_pb2
+
+    from tests.control_plane.conftest import Api
+
+    control_plane.cli("apply", "-f", str(EXAMPLES / "mtlsgate.yaml"), check=True)
+    # `get -o yaml`, edit, apply: the key is not in the file, and the stored key is kept.
+    exported = control_plane.cli("get", "certificate", "edge", "-o", "yaml", check=True).stdout
+    edited = tmp_path / "edge.yaml"
+    edited.write_text(exported.replace("description: the demo", "description: edited, the demo"))
+    assert control_plane.cli("apply", "-f", str(edited), check=True).stdout.strip() == "certificate/edge configured"
+    api = Api(control_plane.address)
+    try:
+        cert = api.certificates.GetCertificate(api_pb2.GetResourceRequest(name="edge"))
+        assert cert.description.startswith("edited") and cert.private_key_sha256 and not cert.pem_private_key
+        listener = api.listeners.UpdateListener(api_pb2.UpdateListenerRequest(
+            listener=resources_pb2.Listener(name="listeners/strict", port=9443, backend="ignored:1"),
+            update_mask={"paths": ["port"]}))
+        assert (listener.port, listener.backend) == (9443, "127.0.0.1:9000")
+    finally:
+        api.close()

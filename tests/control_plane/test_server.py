@@ -42,3 +42,11 @@ def test_unreadable_tls_file_is_refused(tmp_path: Path) -> None:
                              str(tmp_path / "missing-key.pem")], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "cannot read TLS" in result.stderr
+
+
+def test_a_second_control_plane_on_the_same_database_is_refused(control_plane: ControlPlane) -> None:
+    result = subprocess.run([*MTLSGATE, "control-plane", "--listen", f"127.0.0.1:{free_port()}", "--db",
+                             str(control_plane.db)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"mtlsgate control-plane: store {control_plane.db} is in use by another "
+                                     "control plane process")
