@@ -29,8 +29,14 @@ def chain(*certs: Issued | bytes) -> list[bytes]:
 
 
 def check(verdict: E.Verdict, error: str, reason: str) -> None:
+    """The verdict, and what the backend would be told about it (default header set)."""
     assert (verdict.error, verdict.reason) == (error, reason), verdict.detail
     assert verdict.chain_verified is (error == "")
+    sent = dict(DEFAULT_HEADERS.render(verdict))
+    assert sent["X-Client-Cert-Present"] == ("true" if verdict.present else "false")
+    assert sent["X-Client-Cert-Chain-Verified"] == ("true" if error == "" else "false")
+    assert sent["X-Client-Cert-Error"].split(",")[0] == error
+    assert (sent["X-Client-Cert-Leaf"] != "") is (error == "" and verdict.present)
 
 
 # ---------------------------------------------------------------- steps 1, 4, 5 and the happy path
