@@ -485,6 +485,7 @@ def run(args: argparse.Namespace) -> int:
              "--server", layout.control_plane],
             capture_output=True, text=True, timeout=args.timeout,
         )
+        stack.check()  # Ctrl-C reaches `apply` too (same process group): that is a stop, not a failure
         if apply.returncode != 0:
             output = (apply.stderr.strip() or apply.stdout.strip()).splitlines() or ["no output"]
             raise CliError(f"mtlsgate apply -f {directory / 'mtlsgate.yaml'} failed (exit {apply.returncode}): "
