@@ -18,7 +18,15 @@ from control_plane.api.auth import Tokens, caller_identity
 from control_plane.api.errors import InvalidResource, status_for
 from control_plane.api.integrity import check_write
 from control_plane.resource_names import KINDS, InvalidName, Kind, normalise_name, normalise_references
-from control_plane.store.base import AlreadyExists, EtagMismatch, NotFound, Store, StoreError, StoreState
+from control_plane.store.base import (
+    AlreadyExists,
+    EtagMismatch,
+    NotFound,
+    Store,
+    StoreError,
+    StoreState,
+    content_etag,
+)
 from data_plane.validation import resources as validation
 from data_plane.validation.resources import FieldViolation
 
@@ -111,6 +119,7 @@ class ResourceApi:
             if state.get(name) is not None:
                 raise AlreadyExists(f"{name} already exists")
             check_write(state, name, prepared)
+            prepared.etag = content_etag(prepared)  # type: ignore[attr-defined]  # the etag it would get
             return redact(prepared)
         result = self.store.create(prepared, actor=actor, check=self._checker(name))
         log.info("created %s (revision %d, by %s)", name, result.revision, actor)
@@ -148,6 +157,7 @@ class ResourceApi:
             if existing is not None and incoming.etag and incoming.etag != existing.etag:  # type: ignore[attr-defined]
                 raise EtagMismatch(f"etag mismatch for {name}")
             check_write(self.store.state(), name, prepared)
+            prepared.etag = content_etag(prepared)  # type: ignore[attr-defined]  # the etag it would get
             return redact(prepared)
         result = self.store.update(prepared, actor=actor, expected_etag=incoming.etag,
                                    allow_missing=request.allow_missing, check=self._checker(name))

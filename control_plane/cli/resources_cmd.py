@@ -195,9 +195,18 @@ def run_apply(args: argparse.Namespace) -> int:
     try:
         with open_channel(args) as channel:
             _check_references(items, channel)
+            not_yet_stored: set[str] = set()  # dry run: created by this apply, so the server cannot see them
             for item in order_for_apply(items):
-                outcome = _upsert(item.kind, _stub(item.kind, channel), item.resource, dry_run=args.dry_run)
+                stub = _stub(item.kind, channel)
+                name = item.resource.name  # type: ignore[attr-defined]
                 suffix = " (dry run)" if args.dry_run else ""
+                if args.dry_run and any(r.target in not_yet_stored for r in references(item.resource)):
+                    outcome = "created" if _get(item.kind, stub, name) is None else "configured"
+                    suffix = " (dry run, validated locally)"
+                else:
+                    outcome = _upsert(item.kind, stub, item.resource, dry_run=args.dry_run)
+                if args.dry_run and outcome == "created":
+                    not_yet_stored.add(name)
                 print(f"{_label(item.kind, item.resource.name)} {outcome}{suffix}", flush=True)  # type: ignore[attr-defined]
     except grpc.RpcError as exc:
         raise rpc_error(exc, args) from None

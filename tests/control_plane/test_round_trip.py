@@ -137,3 +137,17 @@ def test_update_mask_and_write_only_key(control_plane: ControlPlane, tmp_path: P
         assert (listener.port, listener.backend) == (9443, "127.0.0.1:9000")
     finally:
         api.close()
+
+
+def test_apply_dry_run_writes_nothing(control_plane: ControlPlane) -> None:
+    manifest = str(EXAMPLES / "mtlsgate.yaml")
+    lines = control_plane.cli("apply", "-f", manifest, "--dry-run", check=True).stdout.splitlines()
+    assert lines[0] == "trustconfig/demo created (dry run)"
+    assert lines[-1] == "listener/permissive created (dry run, validated locally)"
+    assert control_plane.cli("audit", check=True).stdout.strip() == "No audit entries."
+    control_plane.cli("apply", "-f", manifest, check=True)
+    lines = control_plane.cli("apply", "-f", manifest, "--dry-run", check=True).stdout.splitlines()
+    assert lines == [line.replace("created", "unchanged") for line in
+                     ["trustconfig/demo created (dry run)", "certificate/edge created (dry run)",
+                      "servertlspolicy/strict created (dry run)", "servertlspolicy/permissive created (dry run)",
+                      "listener/strict created (dry run)", "listener/permissive created (dry run)"]]
