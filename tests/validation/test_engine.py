@@ -522,3 +522,14 @@ def test_several_trust_stores_are_a_union(pki: Pki) -> None:
         v = validate(cert, b, STRICT, NOW)
         check(v, "", "")
         assert tls_alert(v) is None and http_status(v) == 200
+
+
+def test_verdict_cache_is_per_policy(pki: Pki) -> None:
+    b = bundle(anchors=[pki.root])
+    sent = chain(pki.client, pki.inter)
+    check(validate(sent, b, STRICT, NOW), "", "")  # cached now
+    picky = policy(match_subject_alt_names=[resources_pb2.SubjectAltNameMatcher(dns="other\\.example\\.com")])
+    check(validate(sent, b, picky, NOW), E.SAN_MISMATCH, "san_mismatch")
+    shallow = policy(max_verify_depth=1)
+    check(validate(sent, b, shallow, NOW), E.SEARCH_LIMIT_EXCEEDED, "max_depth")
+    assert validate(sent, b, ALLOW, NOW).accepted and validate(sent, b, STRICT, NOW).accepted

@@ -7,12 +7,15 @@ import hashlib
 import urllib.parse
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_plane.validation import engine as E
 from data_plane.validation.engine import validate
 from data_plane.validation.headers import (
     DEFAULT_HEADERS,
     MAX_CUSTOM_HEADERS,
+    VARIABLES,
     compile_headers,
     forwards_incoming_xfcc,
     render_xfcc,
@@ -24,6 +27,11 @@ CLIENT_DN = "MCkxFjAUBgNVBAoMDW10bHNnYXRlIHRlc3QxDzANBgNVBAMMBmNsaWVudA=="
 SPIFFE = "spiffe://example.org/ns/default/sa/client"
 URI_SANS = "c3BpZmZlOi8vZXhhbXBsZS5vcmcvbnMvZGVmYXVsdC9zYS9jbGllbnQ="
 DNS_SANS = "Y2xpZW50LmV4YW1wbGUuY29t,YWx0LmV4YW1wbGUuY29t"
+
+
+@pytest.fixture(scope="module")
+def pki_for_property(pki: Pki) -> Pki:
+    return pki  # hypothesis wants fixtures that are not reset between examples
 
 
 def _verdict(pki: Pki, *certs: bytes) -> E.Verdict:
@@ -179,3 +187,22 @@ def test_allowlisted_leaf_is_verified_with_an_empty_chain(pki: Pki) -> None:
     assert values["X-Client-Cert-Chain-Verified"] == "true"
     assert values["X-Client-Cert-Leaf"] == ":" + base64.b64encode(device.der).decode() + ":"
     assert values["X-Client-Cert-Chain"] == ""
+
+
+@settings(max_examples=200, deadline=None)
+@given(literal=st.text(max_size=40), variable=st.sampled_from(VARIABLES))
+def test_any_accepted_template_renders_a_safe_value(
+    pki_for_property: Pki, literal: str, variable: str
+) -> None:
+    entry = f"X-T:{literal}{{{variable}}}"
+    try:
+        headers = compile_headers([entry])
+    except ValueError:
+        return  # refused with a message: fine
+    for verdict in (
+        _verdict(pki_for_property, pki_for_property.client.der, pki_for_property.inter.der),
+        _verdict(pki_for_property),
+    ):
+        [(name, value)] = headers.render(verdict)
+        assert name == "X-T"
+        assert not any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)
