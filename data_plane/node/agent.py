@@ -268,6 +268,8 @@ class XdsAgent:
         self.applied_count = 0
         self.source = ""  # "cache" or "control-plane": where the active configuration came from
         self._apply_lock = asyncio.Lock()
+        self._to_persist: NodeConfig | None = None
+        self._persister: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -414,7 +416,23 @@ class XdsAgent:
                 if config.versions.get(type_url):
                     CONFIG_INFO.labels(rt.short_type(type_url), config.versions[type_url]).set(1)
             if self.cache_dir is not None:
-                try:
-                    save_cached(self.cache_dir, config)
-                except OSError as exc:  # the config is active; only a restart without a control plane suffers
-                    log.error("could not persist the configuration in %s: %s", self.cache_dir, exc)
+                # Off the ACK path (an fsync can stall on a busy disk): the newest config is written by
+                # one background task, in order. Losing it in a crash only means starting from an older
+                # cache, which the control plane then updates.
+                self._to_persist = config
+                if self._persister is None or self._persister.done():
+                    self._persister = asyncio.create_task(self._persist())
+
+    async def _persist(self) -> None:
+        assert self.cache_dir is not None
+        while self._to_persist is not None:
+            config, self._to_persist = self._to_persist, None
+            try:
+                await asyncio.to_thread(save_cached, self.cache_dir, config)
+            except OSError as exc:  # the config is active; only a restart without a control plane suffers
+                log.error("could not persist the configuration in %s: %s", self.cache_dir, exc)
+
+    async def flush_cache(self) -> None:
+        """Wait until the active configuration is on disk (shutdown, tests)."""
+        if self._persister is not None:
+            await self._persister

@@ -101,6 +101,8 @@ async def run_proxy(options: ProxyOptions) -> None:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        with contextlib.suppress(Exception):  # reported by the persister itself
+            await agent.flush_cache()
         await applier.close()
         admin.close()
         log.info("proxy node %s stopped in %.2fs", options.node_id, time.monotonic() - started)
