@@ -533,3 +533,12 @@ def test_verdict_cache_is_per_policy(pki: Pki) -> None:
     shallow = policy(max_verify_depth=1)
     check(validate(sent, b, shallow, NOW), E.SEARCH_LIMIT_EXCEEDED, "max_depth")
     assert validate(sent, b, ALLOW, NOW).accepted and validate(sent, b, STRICT, NOW).accepted
+
+
+def test_client_sending_the_root_too(pki: Pki) -> None:
+    """Many clients send their whole chain, root included; the configured anchor still ends the path."""
+    v = validate(
+        chain(pki.client, pki.inter, pki.root), bundle(anchors=[pki.root]), policy(max_verify_depth=2), NOW
+    )
+    check(v, "", "")
+    assert v.chain == (pki.inter.der,)
