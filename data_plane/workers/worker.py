@@ -22,6 +22,7 @@ from data_plane.workers.listeners import ListenerConfigError, ListenerRuntime, W
 from data_plane.workers.observability import WorkerCounters, log_event
 
 STATS_INTERVAL = 1.0
+SWEEP_INTERVAL = 0.25  # granularity of the handshake, idle and backend-response timeouts
 LISTEN_BACKLOG = 1024
 
 
@@ -48,8 +49,10 @@ class Worker:
         loop.add_signal_handler(signal.SIGINT, lambda: None)
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(self.drain(10.0)))
         stats = loop.create_task(self._report_stats())
+        sweeper = loop.create_task(self._sweep())
         await self._done.wait()
         stats.cancel()
+        sweeper.cancel()
         self._send_stats()
 
     # ---- pipe
@@ -74,6 +77,13 @@ class Worker:
 
     def _send_stats(self) -> None:
         self._send(("stats", self.counters.snapshot(), {"connections": len(self.connections)}))
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.check_deadlines(now)
 
     async def _report_stats(self) -> None:
         while True:
