@@ -50,3 +50,15 @@ def test_a_second_control_plane_on_the_same_database_is_refused(control_plane: C
     assert result.returncode == 1
     assert result.stderr.strip() == (f"mtlsgate control-plane: store {control_plane.db} is in use by another "
                                      "control plane process")
+
+
+def test_reflection_serves_the_api_descriptors(control_plane: ControlPlane) -> None:
+    from google.protobuf import descriptor_pb2
+
+    with grpc.insecure_channel(control_plane.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="mtlsgate.v1.TrustConfigService")
+        [response] = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in response.file_descriptor_response.file_descriptor_proto]
+    assert "mtlsgate/v1/api.proto" in {f.name for f in files}
