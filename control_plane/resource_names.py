@@ -32,6 +32,12 @@ class Kind:
     def name(self, resource_id: str) -> str:
         return f"{self.collection}/{resource_id}"
 
+    @property
+    def json_field(self) -> str:
+        """The request field as error paths spell it: `trustConfig`, `serverTlsPolicy`, …"""
+        head, *rest = self.field.split("_")
+        return head + "".join(part.title() for part in rest)
+
 
 TRUST_CONFIG = Kind("TrustConfig", "trustConfigs", resources_pb2.TrustConfig, "trust-configs", "trust-config",
                     "trust_config", "trust_configs", "TrustConfig", "TrustConfigs")

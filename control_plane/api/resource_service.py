@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from google.protobuf import empty_pb2, field_mask_pb2
+from google.protobuf import empty_pb2, field_mask_pb2, message_factory
 from google.protobuf.message import Message
 from mtlsgate.v1 import api_pb2, resources_pb2
 
@@ -104,7 +104,7 @@ class ResourceApi:
     def create(self, request: Any, actor: str) -> Message:
         resource = getattr(request, self.kind.field)
         given_id = getattr(request, f"{self.kind.field}_id")
-        field = self.kind.field.split("_")[0] + "".join(p.title() for p in self.kind.field.split("_")[1:])
+        field = self.kind.json_field
         if given_id and resource.name:
             name = self._name(resource.name, f"{field}.name")
             if name != self._name(given_id, f"{field}Id"):
@@ -145,7 +145,7 @@ class ResourceApi:
 
     def update(self, request: Any, actor: str) -> Message:
         incoming = getattr(request, self.kind.field)
-        field = self.kind.field.split("_")[0] + "".join(p.title() for p in self.kind.field.split("_")[1:])
+        field = self.kind.json_field
         name = self._name(incoming.name, f"{field}.name")
         existing = self.store.get(name)
         if existing is None and not request.allow_missing:
@@ -241,18 +241,8 @@ def resource_service_handlers(store: Store, tokens: Tokens | None) -> list[grpc.
         rpc_handlers = {}
         for method_name, call in calls.items():
             method = methods[method_name]
-            request_type = _message_class(method.input_type.full_name)
-            response_type = _message_class(method.output_type.full_name)
+            request_type = message_factory.GetMessageClass(method.input_type)
+            response_type = message_factory.GetMessageClass(method.output_type)
             rpc_handlers[method_name] = _unary(api, call, request_type, response_type)
         handlers.append(grpc.method_handlers_generic_handler(service.full_name, rpc_handlers))
     return handlers
-
-
-def _message_class(full_name: str) -> type[Message]:
-    package, _, name = full_name.rpartition(".")
-    if full_name == "google.protobuf.Empty":
-        return empty_pb2.Empty
-    module = {"mtlsgate.v1": api_pb2}[package]
-    found = getattr(module, name, None) or getattr(resources_pb2, name)
-    return found  # type: ignore[no-any-return]
-
