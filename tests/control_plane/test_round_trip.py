@@ -25,7 +25,8 @@ def test_import_gcp_files_then_get_yaml_returns_the_same_content(control_plane: 
     exported = tmp_path / "exported.yaml"
     exported.write_text("name: projects/p1/locations/global/trustConfigs/old\n"
                         "createTime: '2024-01-02T03:04:05.123456Z'\nupdateTime: 2024-01-02T03:04:05Z\n"
-                        "etag: abc123\n" + tc_file.read_text())
+                        "etag: abc123\n" + tc_file.read_text(), newline="\r\n")
+    assert b"\r\n" in exported.read_bytes()
     result = control_plane.cli("import", "trust-config", "demo", "--source", str(exported), check=True)
     assert result.stdout.strip() == "trustconfig/demo created"
     result = control_plane.cli("import", "server-tls-policy", "strict", "--source",
