@@ -45,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
         if args.metrics:
             from control_plane.xds.metrics import serve_metrics
 
-            serve_metrics(args.metrics)
+            try:
+                serve_metrics(args.metrics)
+            except (OSError, ValueError) as exc:
+                raise CliError(f"cannot serve metrics on {args.metrics}: {exc}") from None
         asyncio.run(serve(options))
     except (ConfigError, TokenFileError, StoreError) as exc:
         raise CliError(str(exc)) from None

@@ -18,5 +18,7 @@ SNAPSHOT_REVISION = Gauge("mtlsgate_xds_snapshot_revision", "Store revision the 
 
 def serve_metrics(address: str) -> None:
     """Serve /metrics on HOST:PORT in a daemon thread (`mtlsgate control-plane --metrics`)."""
-    host, _, port = address.rpartition(":")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError("expected HOST:PORT")
     start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1")
