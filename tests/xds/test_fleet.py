@@ -97,6 +97,11 @@ def test_fleet_distribution_end_to_end(control_plane, api, start_node, demo_pki)
         assert 0 < after[i]["types"][BUNDLE]["convergenceSeconds"] < 5
         assert after[i]["convergenceSeconds"] == after[i]["types"][BUNDLE]["convergenceSeconds"]
     assert after["node-b1"]["types"] == before["node-b1"]["types"]
+    node_metrics = a1.get("/metrics")[1]
+    new_bundle = after["node-a1"]["types"][BUNDLE]["version"]
+    assert metric(node_metrics, "mtlsgate_config_info", f'type="TrustBundle",version="{new_bundle}"') == 1.0
+    old_bundle = before["node-a1"]["types"][BUNDLE]["version"]
+    assert f'version="{old_bundle}"' not in node_metrics
     crls = {json.dumps(n.dump()["bundles"][0]["trustStores"][0]["crls"]) for n in (a1, a2)}
     assert len(crls) == 1 and crls != {json.dumps(dump["bundles"][0]["trustStores"][0]["crls"])}
 
