@@ -201,7 +201,12 @@ class Exchange:
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         if 100 <= self.status < 200:
-            self.interim = True  # not relayed; the final response follows on the same connection
+            # Interim responses are not relayed, except the 100 Continue a client asked for (it holds
+            # its body back until then); the final response follows on the same connection.
+            self.interim = True
+            if self.status == 100 and self.request.expect_continue:
+                self.request.expect_continue = False
+                self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
             return
         self._head()
 
@@ -313,6 +318,7 @@ class _Request:
     content_length: bytes | None
     body: asyncio.Queue[bytes | None] | None = None  # only for requests that have a body
     body_complete: bool = False
+    expect_continue: bool = False
     buffered: int = 0
 
 
@@ -522,16 +528,19 @@ class ClientConnection(asyncio.Protocol):
         assert parser is not None
         chunked = False
         content_length = None
+        expect_continue = False
         for name, value in self._cur_headers:
             lname = name.lower()
             if lname == b"transfer-encoding":
                 chunked = b"chunked" in value.lower()
             elif lname == b"content-length":
                 content_length = value.strip()
+            elif lname == b"expect":
+                expect_continue = value.strip().lower() == b"100-continue"
         request = _Request(
             method=parser.get_method(), url=self._cur_url, http_version=parser.get_http_version(),
             headers=self._cur_headers, keep_alive=parser.should_keep_alive(), chunked=chunked,
-            content_length=content_length,
+            content_length=content_length, expect_continue=expect_continue,
         )
         if chunked or content_length not in (None, b"0"):
             request.body = asyncio.Queue()

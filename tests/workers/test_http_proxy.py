@@ -4,12 +4,15 @@ hop-by-hop and X-Forwarded-* headers, XFCC modes, bounds, and 502 when the backe
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import socketserver
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import h11
 import pytest
@@ -209,3 +212,20 @@ def test_close_drains_in_flight_requests_then_stops(h11_backend: str, demo_pki: 
     assert results == [200]
     assert not port_open("127.0.0.1", port)
     assert harness.pool.pids() == []
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_expect_100_continue_is_relayed(ports: dict[str, int], demo_pki: DemoPki, tmp_path: Path) -> None:
+    """curl holds an upload back until 100 Continue (here up to 20 s): the backend's 100 must reach it."""
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(b"u" * 300_000)
+    started = time.monotonic()
+    done = subprocess.run(
+        ["curl", "-sS", "--max-time", "30", "--expect100-timeout", "20", "-T", str(upload),
+         "-H", "Expect: 100-continue", "--cacert", str(demo_pki.path("ca_cert")),
+         "--cert", str(demo_pki.path("client_cert")), "--key", str(demo_pki.path("client_key")),
+         "--resolve", f"localhost:{ports['echo']}:127.0.0.1", f"https://localhost:{ports['echo']}/up"],
+        capture_output=True, text=True, timeout=40)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["body_bytes"] == 300_000
+    assert time.monotonic() - started < 10
