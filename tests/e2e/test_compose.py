@@ -131,6 +131,7 @@ def stack(docker_client, tmp_path: Path) -> Iterator[Stack]:  # type: ignore[no-
     finally:
         logs = running.compose("logs", "--no-color", timeout=60)
         (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr)
+        print("\n".join((logs.stdout + logs.stderr).splitlines()[-80:]))  # shown by pytest on failure
         running.compose("down", "-v", "--remove-orphans", timeout=120)
 
 

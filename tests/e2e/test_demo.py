@@ -89,6 +89,8 @@ def demo(tmp_path: Path) -> Iterator[RunningDemo]:
                           json.loads((directory / "pids.json").read_text()))
     finally:
         proc.stop(timeout=30)
+        for log in sorted((directory / "logs").glob("*.log")):  # shown by pytest on failure
+            print(f"--- {log.name}", *log.read_text(errors="replace").splitlines()[-20:], sep="\n")
 
 
 @pytest.mark.slow
