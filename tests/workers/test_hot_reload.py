@@ -10,6 +10,7 @@ import socket
 import ssl
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,29 @@ def test_a_dead_worker_is_replaced_and_runs_the_current_config(harness: PoolHarn
                timeout=20, message="the new worker runs the current version")
     for _ in range(6):  # SO_REUSEPORT spreads these over both workers
         assert https_get(port, client_context(demo_pki, "client"))[0] == 200
+
+
+def _listen_inodes(port: int) -> set[str]:
+    """Inodes of the LISTEN sockets on `port` (from /proc/net/tcp): the same inodes = not rebound."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+            inodes.add(fields[9])
+    return inodes
+
+
+def test_policy_change_applies_to_new_handshakes_without_rebinding(harness: PoolHarness, backend: RecordingBackend,
+                                                                   demo_pki: DemoPki) -> None:
+    port = free_port()
+    allow = listener("switch", port, backend.address, policy("ALLOW_INVALID_OR_MISSING_CLIENT_CERT"))
+    harness.apply(node_config(demo_pki, [allow]))
+    assert https_get(port, client_context(demo_pki, "untrusted"))[0] == 200
+    inodes = _listen_inodes(port)
+    assert len(inodes) == 2  # one SO_REUSEPORT socket per worker
+    strict = listener("switch", port, backend.address, policy("REJECT_INVALID"))
+    harness.apply(node_config(demo_pki, [strict]))
+    with pytest.raises(ssl.SSLError):
+        https_get(port, client_context(demo_pki, "untrusted"))
+    assert https_get(port, client_context(demo_pki, "client"))[0] == 200
+    assert _listen_inodes(port) == inodes
