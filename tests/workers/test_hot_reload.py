@@ -4,6 +4,7 @@ and closing ports; port conflicts refused; dead workers replaced."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -13,8 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from control_plane.pki import DemoPki
+from control_plane.pki import DemoPki, Issued, issue
 from data_plane.node.apply import ConfigRejected
 from tests.support import free_port, port_open, wait_until
 from tests.workers.conftest import (
@@ -185,3 +189,25 @@ def test_policy_change_applies_to_new_handshakes_without_rebinding(harness: Pool
         https_get(port, client_context(demo_pki, "untrusted"))
     assert https_get(port, client_context(demo_pki, "client"))[0] == 200
     assert _listen_inodes(port) == inodes
+
+
+def test_rotated_server_certificate_is_served_to_new_handshakes(harness: PoolHarness, backend: RecordingBackend,
+                                                                demo_pki: DemoPki) -> None:
+    port = free_port()
+    config = _config(demo_pki, backend, port, revoked=False, revalidate=False)
+    harness.apply(config)
+    open_conn = _open_connection(port, client_context(demo_pki, "client"))
+    old_serial = open_conn.getpeercert()["serialNumber"]
+    intermediate = Issued(x509.load_pem_x509_certificate(demo_pki.path("intermediate_cert").read_bytes()),
+                          serialization.load_pem_private_key(demo_pki.path("intermediate_key").read_bytes(), None))
+    rotated = issue("mtlsgate demo server", issuer=intermediate, eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
+                    dns=("localhost",), ips=("127.0.0.1",))
+    certificate = config.certificates["certificates/edge"]
+    new_cert = type(certificate)(name=certificate.name, pem_certificate_chain=rotated.cert_pem + intermediate.cert_pem,
+                                 pem_private_key=rotated.key_pem)
+    harness.apply(dataclasses.replace(config, certificates={certificate.name: new_cert}))
+    with _open_connection(port, client_context(demo_pki, "client")) as fresh:
+        assert int(fresh.getpeercert()["serialNumber"], 16) == rotated.cert.serial_number
+        assert int(old_serial, 16) != rotated.cert.serial_number
+    assert http_roundtrip(open_conn)[0] == 200  # the existing connection is unaffected
+    open_conn.close()
