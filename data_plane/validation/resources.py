@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from mtlsgate.v1 import resources_pb2
 
+from data_plane.validation.bundle import InvalidBundle, compile_bundle, trust_bundle_from_trust_config
 from data_plane.validation.headers import compile_headers
 from data_plane.validation.policy import compile_policy
 
@@ -182,7 +183,22 @@ def validate_trust_config(tc: resources_pb2.TrustConfig) -> list[FieldViolation]
             _, problem = _one_certificate(f"allowlistedCertificates[{i}].pemCertificate", entry.pem_certificate)
             if problem is not None:
                 out.append(problem)
+    if not out:
+        out += _node_compile_problems(tc)
     return out
+
+
+def _node_compile_problems(tc: resources_pb2.TrustConfig) -> list[FieldViolation]:
+    """Compile the TrustConfig exactly as every proxy node will, so that nothing the API accepts can be
+    NACKed by the whole fleet (a CRL without cRLNumber, a delta CRL, a CA without key identifiers…)."""
+    try:
+        compile_bundle(trust_bundle_from_trust_config(tc))
+    except InvalidBundle as exc:
+        field, _, description = str(exc).partition(": ")
+        if field.endswith("]"):  # the node names the entry; the API names the PEM field inside it
+            field += ".pemCrl" if field.rpartition(".")[2].startswith("crls[") else ".pemCertificate"
+        return [FieldViolation(field, description or field)]
+    return []
 
 
 def _crl_problem(crl: x509.CertificateRevocationList, cas: Sequence[x509.Certificate]) -> str | None:

@@ -136,6 +136,31 @@ def test_crl_must_verify_against_a_ca_of_the_trust_config(api: Api, base: DemoPk
     assert by_field["trustStores[0].crls[3].pemCrl"].startswith("not a PEM CRL")
 
 
+def test_crl_every_node_would_reject_is_refused_on_write(api: Api, base: DemoPki) -> None:
+    """Write validation compiles the TrustConfig as the nodes do: a CRL without the cRLNumber that
+    RFC 5280 requires would be NACKed by the whole fleet, so the API refuses it up front."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from control_plane.pki import now
+
+    inter = base.path("intermediate_cert").read_bytes()
+    issuer_cert = x509.load_pem_x509_certificate(inter)
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    issuer_key = load_pem_private_key(base.path("intermediate_key").read_bytes(), None)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(issuer_cert.subject).last_update(now())
+           .next_update(now() + dt.timedelta(days=1)).sign(issuer_key, hashes.SHA256()))  # type: ignore[arg-type]
+    tc = trust_config(base)
+    tc.trust_stores[0].crls.add(pem_crl=crl_pem(crl))
+    _, violations = refused(api, create_tc(api, tc), grpc.StatusCode.INVALID_ARGUMENT)
+    assert len(violations) == 1
+    assert violations[0][0] == "trustStores[0].crls[1].pemCrl"
+    assert "cRLNumber" in violations[0][1]
+
+
 def test_size_and_count_limits(api: Api, base: DemoPki) -> None:
     from data_plane.validation import resources as limits
 
