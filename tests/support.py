@@ -17,10 +17,15 @@ T = TypeVar("T")
 MTLSGATE = [sys.executable, "-m", "control_plane.cli.main"]
 
 
+class GiveUp(Exception):
+    """Raised by a `wait_until` condition when waiting longer cannot help (e.g. the process died)."""
+
+
 def wait_until(condition: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.02,
                message: str = "condition") -> T:
     """Poll `condition` until it returns a truthy value (returned) or `timeout` passes (AssertionError).
-    Exceptions raised by `condition` count as "not yet"; the last one is reported on timeout."""
+    Exceptions raised by `condition` count as "not yet" (the last one is reported on timeout), except
+    `GiveUp`, which ends the wait at once as an AssertionError."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
     while True:
@@ -28,6 +33,8 @@ def wait_until(condition: Callable[[], T], *, timeout: float = 10.0, interval: f
             value = condition()
             if value:
                 return value
+        except GiveUp as exc:
+            raise AssertionError(f"gave up waiting for {message}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - reported below
             last_error = exc
         if time.monotonic() >= deadline:

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import Proc, free_port, wait_until
+from tests.support import GiveUp, Proc, free_port, wait_until
 
 
 def health_serving(address: str, *, credentials: grpc.ChannelCredentials | None = None) -> bool:
@@ -41,5 +41,5 @@ def start_control_plane(tmp_path: Path, logs_dir: Path, extra_args: Sequence[str
 
 def _ready(proc: Proc, address: str, credentials: grpc.ChannelCredentials | None) -> bool:
     if not proc.alive():
-        raise AssertionError(f"control plane exited with {proc.popen.returncode}:\n{proc.log()}")
+        raise GiveUp(f"control plane exited with {proc.popen.returncode}")
     return health_serving(address, credentials=credentials)
