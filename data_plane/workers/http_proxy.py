@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import http
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,9 +40,8 @@ _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-authenticate", b"proxy-authorization",
 })
-_REASONS = {200: "OK", 400: "Bad Request", 413: "Payload Too Large", 431: "Request Header Fields Too Large",
-            495: "SSL Certificate Error", 496: "SSL Certificate Required", 502: "Bad Gateway",
-            503: "Service Unavailable", 504: "Gateway Timeout"}
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus} | {
+    495: "SSL Certificate Error", 496: "SSL Certificate Required"}  # nginx's codes
 _XFCC = b"x-forwarded-client-cert"
 _XFCC_SANITIZE = int(XFCC.SANITIZE)
 
@@ -53,6 +53,8 @@ def _connection_tokens(value: bytes, listed: set[bytes] | None) -> set[bytes]:
 
 
 class ProtocolViolation(Exception):
+    """A client broke one of our bounds; answered with `status` and the connection closed."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -159,6 +161,7 @@ class Exchange:
         self.deadline = time.monotonic() + BACKEND_RESPONSE_TIMEOUT  # checked by the worker's sweeper
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
         self.started = False  # the response head went to the client
         self.interim = False
         self.chunked_out = False
@@ -195,6 +198,9 @@ class Exchange:
 
     # ---- httptools callbacks
 
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
@@ -222,6 +228,7 @@ class Exchange:
         if self.interim:
             self.interim = False
             self.headers = []
+            self.reason = b""
             return
         if self.chunked_out:
             self.out.append(b"0\r\n\r\n")
@@ -244,7 +251,8 @@ class Exchange:
                 has_length = True
             kept.append((lname, name + b": " + value + b"\r\n"))
         no_body = self.request.method == b"HEAD" or self.status in (204, 304)
-        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, _REASONS.get(self.status, "Status").encode())]
+        reason = self.reason or _REASONS.get(self.status, "Unknown").encode()
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, reason)]
         lines += [line for lname, line in kept if listed is None or lname not in listed]
         if not has_length and not no_body:
             if self.request.http_version == "1.1":

@@ -61,7 +61,9 @@ class _H11Handler(socketserver.BaseRequestHandler):
                         body += event.data
                 doc = json.dumps({"method": request.method.decode(), "body": body.decode(),
                                   "headers": {k.decode(): v.decode() for k, v in request.headers}}).encode()
-                out = conn.send(h11.Response(status_code=200, headers=[("Transfer-Encoding", "chunked")]))
+                status, reason = (418, b"Custom Teapot") if request.target == b"/teapot" else (200, b"OK")
+                out = conn.send(h11.Response(status_code=status, reason=reason,
+                                             headers=[("Transfer-Encoding", "chunked")]))
                 out += conn.send(h11.Data(data=doc[:10])) + conn.send(h11.Data(data=doc[10:]))
                 out += conn.send(h11.EndOfMessage())
                 self.request.sendall(out)
@@ -229,3 +231,12 @@ def test_expect_100_continue_is_relayed(ports: dict[str, int], demo_pki: DemoPki
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["body_bytes"] == 300_000
     assert time.monotonic() - started < 10
+
+
+def test_status_and_reason_are_relayed(ports: dict[str, int], demo_pki: DemoPki) -> None:
+    with _connect(ports["chunky"], demo_pki) as sock:
+        sock.sendall(b"GET /teapot HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 418 Custom Teapot\r\n")
