@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
 import subprocess
 from dataclasses import dataclass
@@ -96,3 +97,15 @@ def all_synced(server: str, node_ids: set[str]) -> bool:
 def apply(manifest: Path, server: str) -> None:
     done = mtlsgate("apply", "-f", str(manifest), "--server", server)
     assert done.returncode == 0, f"mtlsgate apply -f {manifest} failed: {done.stderr}{done.stdout}"
+
+
+def distinct_free_ports(host: str, count: int) -> list[int]:
+    """`count` different free ports (all held open while choosing, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

@@ -4,7 +4,7 @@ through both proxy containers, a CRL rotation with `mtlsgate apply` that both ru
 
 Skipped with the reason when no engine is reachable; with CI=true that is a failure instead (.ci/run starts
 an engine). `COMPOSE_FILE` (colon-separated, as compose itself reads it) selects override files such as
-compose.ci.yaml.
+compose.ci.yaml; unset, compose.ci.yaml is added when the engine has .ci/run's `mtlsgate-base:ci` image.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from tests.e2e.scenario import (
     accepted_and_verified,
     all_synced,
     apply,
+    distinct_free_ports,
     forwarded_with_error,
     rejected,
     request,
 )
-from tests.support import free_port, wait_until
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 LONG_RUNNING = ("control-plane", "backend", "proxy-a", "proxy-b")
@@ -109,8 +110,12 @@ class Stack:
 def stack(docker_client, tmp_path: Path) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
     cli = compose_cli()
     assert cli is not None
-    env = {**os.environ, **{v: str(free_port()) for v in PORT_VARIABLES}}
-    env.setdefault("COMPOSE_FILE", "compose.yaml")
+    env = {**os.environ, **dict(zip(PORT_VARIABLES, map(str, distinct_free_ports("127.0.0.1", len(PORT_VARIABLES))),
+                                    strict=True))}
+    if "COMPOSE_FILE" not in env:
+        # An engine holding .ci/run's registry-less base image is a CI-style engine: build like CI does.
+        ci_style = any("mtlsgate-base:ci" in image.tags for image in docker_client.images.list("mtlsgate-base"))
+        env["COMPOSE_FILE"] = os.pathsep.join(["compose.yaml", "compose.ci.yaml"] if ci_style else ["compose.yaml"])
     project = f"mtlsgate-e2e-{os.getpid()}"
     running = Stack(cli, env, docker_client, project, tmp_path / "pki")
     try:

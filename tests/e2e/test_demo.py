@@ -18,11 +18,12 @@ from tests.e2e.scenario import (
     accepted_and_verified,
     all_synced,
     apply,
+    distinct_free_ports,
     forwarded_with_error,
     rejected,
     request,
 )
-from tests.support import Proc, free_port, port_open, wait_until
+from tests.support import Proc, port_open, wait_until
 
 
 def descendants(pid: int) -> set[int]:
@@ -72,12 +73,12 @@ class RunningDemo:
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[RunningDemo]:
     directory = tmp_path / "demo"
-    control_plane = f"127.0.0.1:{free_port()}"
+    control_plane, backend, admin_a, admin_b = distinct_free_ports("127.0.0.1", 4)
+    strict, permissive = distinct_free_ports("127.0.0.2", 2)
     args = [
-        "demo", "--dir", str(directory), "--control-plane", control_plane,
-        "--backend", f"127.0.0.1:{free_port()}",
-        "--strict-port", str(free_port("127.0.0.2")), "--permissive-port", str(free_port("127.0.0.2")),
-        "--admin-ports", f"{free_port()},{free_port()}", "--timeout", "60",
+        "demo", "--dir", str(directory), "--control-plane", f"127.0.0.1:{control_plane}",
+        "--backend", f"127.0.0.1:{backend}", "--strict-port", str(strict), "--permissive-port", str(permissive),
+        "--admin-ports", f"{admin_a},{admin_b}", "--timeout", "60",
     ]
     proc = Proc(args, tmp_path / "demo.log")
     try:
