@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -499,11 +500,11 @@ def run(args: argparse.Namespace) -> int:
                 "--cache-dir", str(directory / "cache" / node.node_id), "--listen-address", node.listen_address,
             ])
         for node in layout.nodes:
-            stack.wait_for(f"{node.node_id} /ready", lambda n=node: http_ok(f"http://{n.admin}/ready"), args.timeout)
+            stack.wait_for(f"{node.node_id} /ready", partial(http_ok, f"http://{node.admin}/ready"), args.timeout)
         node_ids = [n.node_id for n in layout.nodes]
         stack.wait_for("both nodes SYNCED", lambda: fleet_problem(layout.control_plane, node_ids), args.timeout)
         for url in layout.listener_urls(layout.strict_port) + layout.listener_urls(layout.permissive_port):
-            stack.wait_for(f"{url} to serve", lambda u=url: listener_problem(u, directory), args.timeout)
+            stack.wait_for(f"{url} to serve", partial(listener_problem, url, directory), args.timeout)
 
         (directory / "pids.json").write_text(json.dumps(stack.pids(), indent=2) + "\n")
         tmp = endpoints_path.with_suffix(".tmp")
