@@ -89,7 +89,7 @@ def demo_manifest(pki_dir: Path, layout: DemoLayout, crl_file: str = "crl.pem") 
     ]
     certificate = {
         "kind": "Certificate",
-        "name": "demo-server",
+        "name": "edge",
         "description": "the demo server certificate (localhost, 127.0.0.1-3)",
         "pemCertificate": _block(read("server.pem")),
         "pemPrivateKey": _block(read("server-key.pem")),
@@ -100,7 +100,7 @@ def demo_manifest(pki_dir: Path, layout: DemoLayout, crl_file: str = "crl.pem") 
             "name": name,
             "description": f"{name} mTLS in front of the echo backend",
             "port": port,
-            "certificate": "certificates/demo-server",
+            "certificate": "certificates/edge",
             "serverTlsPolicy": f"serverTlsPolicies/{name}",
             "backend": layout.backend_target,
         }

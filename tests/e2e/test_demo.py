@@ -168,7 +168,7 @@ def test_demo_prepare_only_writes_apply_ready_manifests(tmp_path: Path) -> None:
     documents = list(yaml.safe_load_all((tmp_path / "mtlsgate.yaml").read_text()))
     kinds = [(d["kind"], d["name"]) for d in documents]
     assert kinds == [("TrustConfig", "demo"), ("ServerTlsPolicy", "strict"), ("ServerTlsPolicy", "permissive"),
-                     ("Certificate", "demo-server"), ("Listener", "strict"), ("Listener", "permissive")]
+                     ("Certificate", "edge"), ("Listener", "strict"), ("Listener", "permissive")]
     modes = {d["name"]: d["mtlsPolicy"]["clientValidationMode"] for d in documents if d["kind"] == "ServerTlsPolicy"}
     assert modes == {"strict": "REJECT_INVALID", "permissive": "ALLOW_INVALID_OR_MISSING_CLIENT_CERT"}
     assert {d["backend"] for d in documents if d["kind"] == "Listener"} == {"backend:9000"}
