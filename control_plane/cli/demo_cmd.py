@@ -4,7 +4,7 @@ Creates the demo PKI, starts a control plane (SQLite file in DIR), the echo back
 one group (127.0.0.2 and 127.0.0.3), applies a ready configuration with the CLI, waits until both nodes
 are SYNCED and serving, writes `DIR/endpoints.json` (SPEC §3), prints what to try, and stops everything on
 Ctrl-C / SIGTERM. `--prepare-only` writes the PKI and manifests without starting anything (compose uses
-it). The pure parts (manifests, endpoints, instructions) come first; process handling after.
+it). What the stack is configured with lives in `control_plane.demo_config`; this module runs it.
 """
 
 from __future__ import annotations
@@ -22,227 +22,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import yaml
-
 from control_plane.cli.common import CliError, UsageError
+from control_plane.demo_config import (
+    DemoLayout,
+    DemoNode,
+    display_path,
+    endpoints_document,
+    instructions,
+    prepare,
+)
 
 CLUSTER = "demo"
-
-
-# ---------------------------------------------------------------- what the demo stack is (pure)
-
-
-@dataclass(frozen=True)
-class DemoNode:
-    node_id: str
-    listen_address: str  # where this node's listeners bind
-    admin: str  # HOST:PORT of its admin HTTP server
-
-
-@dataclass(frozen=True)
-class DemoLayout:
-    """Addresses and ports of one demo stack."""
-
-    control_plane: str
-    backend: str  # where the echo backend listens
-    backend_target: str  # what listeners forward to (differs from `backend` only in compose)
-    strict_port: int
-    permissive_port: int
-    nodes: tuple[DemoNode, ...]
-
-    def listener_urls(self, port: int) -> list[str]:
-        return [f"https://{_url_host(node.listen_address)}:{port}/" for node in self.nodes]
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _block(pem: str) -> str:
-    return pem.strip() + "\n"
-
-
-def demo_manifest(pki_dir: Path, layout: DemoLayout, crl_file: str = "crl.pem") -> list[dict]:
-    """The `apply`-able documents: TrustConfig `demo` (root anchor, intermediate, CRL), policies `strict`
-    (REJECT_INVALID) and `permissive` (ALLOW_INVALID_OR_MISSING_CLIENT_CERT), the server Certificate and
-    the two Listeners. Dependencies come before the resources that reference them."""
-
-    def read(name: str) -> str:
-        return (pki_dir / name).read_text()
-
-    trust_config = demo_trust_config(pki_dir, crl_file)
-    policies = [
-        {
-            "kind": "ServerTlsPolicy",
-            "name": name,
-            "description": description,
-            "mtlsPolicy": {"clientValidationMode": mode, "clientValidationTrustConfig": "trustConfigs/demo"},
-        }
-        for name, mode, description in (
-            ("strict", "REJECT_INVALID", "reject connections without a valid client certificate"),
-            ("permissive", "ALLOW_INVALID_OR_MISSING_CLIENT_CERT", "forward everyone; headers tell the backend"),
-        )
-    ]
-    certificate = {
-        "kind": "Certificate",
-        "name": "edge",
-        "description": "the demo server certificate (localhost, 127.0.0.1-3)",
-        "pemCertificate": _block(read("server.pem")),
-        "pemPrivateKey": _block(read("server-key.pem")),
-    }
-    listeners = [
-        {
-            "kind": "Listener",
-            "name": name,
-            "description": f"{name} mTLS in front of the echo backend",
-            "port": port,
-            "certificate": "certificates/edge",
-            "serverTlsPolicy": f"serverTlsPolicies/{name}",
-            "backend": layout.backend_target,
-        }
-        for name, port in (("strict", layout.strict_port), ("permissive", layout.permissive_port))
-    ]
-    return [trust_config, *policies, certificate, *listeners]
-
-
-def demo_trust_config(pki_dir: Path, crl_file: str) -> dict:
-    return {
-        "kind": "TrustConfig",
-        "name": "demo",
-        "description": f"demo root CA and intermediate; CRL from {crl_file}",
-        "trustStores": [
-            {
-                "trustAnchors": [{"pemCertificate": _block((pki_dir / "ca.pem").read_text())}],
-                "intermediateCas": [{"pemCertificate": _block((pki_dir / "intermediate.pem").read_text())}],
-                "crls": [{"pemCrl": _block((pki_dir / crl_file).read_text())}],
-            }
-        ],
-    }
-
-
-def dump_manifest(documents: Sequence[dict]) -> str:
-    class Literal(str):
-        pass
-
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    # PEM blocks as YAML literal blocks, so the manifest reads like the SPEC's example.
-    Dumper.add_representer(Literal, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|"))
-
-    def literal_pems(value: object) -> object:
-        if isinstance(value, dict):
-            return {k: literal_pems(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [literal_pems(v) for v in value]
-        if isinstance(value, str) and value.startswith("-----BEGIN"):
-            return Literal(value)
-        return value
-
-    return yaml.dump_all([literal_pems(d) for d in documents], Dumper=Dumper, sort_keys=False)
-
-
-def endpoints_document(layout: DemoLayout, pki_dir: Path) -> dict:
-    """`DIR/endpoints.json`, exactly the keys SPEC §3 names; paths absolute."""
-    pki = pki_dir.resolve()
-    return {
-        "control_plane": layout.control_plane,
-        "listeners": {
-            "strict": layout.listener_urls(layout.strict_port),
-            "permissive": layout.listener_urls(layout.permissive_port),
-        },
-        "ca_cert": str(pki / "ca.pem"),
-        "client_cert": str(pki / "client.pem"),
-        "client_key": str(pki / "client-key.pem"),
-        "revoked_cert": str(pki / "revoked.pem"),
-        "revoked_key": str(pki / "revoked-key.pem"),
-    }
-
-
-def instructions(layout: DemoLayout, directory: Path, cli: str) -> str:
-    d = _display_path(directory)
-    strict = layout.listener_urls(layout.strict_port)
-    permissive = layout.listener_urls(layout.permissive_port)
-    ca = f"--cacert {d}/ca.pem"
-    valid = f"{ca} --cert {d}/client.pem --key {d}/client-key.pem"
-    revoked = f"{ca} --cert {d}/revoked.pem --key {d}/revoked-key.pem"
-    server = f"--server {layout.control_plane}"
-    nodes = "\n".join(
-        f"  proxy node {n.node_id:7} listeners on {n.listen_address}, admin http://{n.admin}/config_dump"
-        for n in layout.nodes
-    )
-    return f"""
-mtlsgate demo is running. Ctrl-C stops everything.
-
-  control plane        {layout.control_plane} (store {d}/mtlsgate.db)
-{nodes}
-  echo backend         http://{layout.backend}/
-  logs                 {d}/logs/
-  listeners            strict = REJECT_INVALID on port {layout.strict_port}, \
-permissive = ALLOW_INVALID_OR_MISSING_CLIENT_CERT on port {layout.permissive_port}
-
-Try it:
-  # valid client certificate: 200, the backend echoes the X-Client-Cert-* headers it received
-  curl {valid} {strict[0]}
-  # revoked certificate: the strict listener refuses the handshake (alert: certificate revoked) ...
-  curl {revoked} {strict[-1]}
-  # ... the permissive one forwards it with X-Client-Cert-Error: client_cert_revoked
-  curl {revoked} {permissive[0]}
-  # no certificate: refused by strict, forwarded with X-Client-Cert-Present: false by permissive
-  curl {ca} {strict[0]}
-  curl {ca} {permissive[-1]}
-
-Rotate the CRL (the new one revokes client-valid too); both nodes enforce it without a restart:
-  {cli} apply -f {d}/trust-config-rotated.yaml {server}
-  {cli} status {server}
-  curl {valid} {strict[-1]}     # now refused
-Put the original CRL back:
-  {cli} apply -f {d}/mtlsgate.yaml {server}
-See what a node runs:  curl http://{layout.nodes[0].admin}/config_dump
-Dry-run a certificate: {cli} check --cert {d}/revoked.pem --policy serverTlsPolicies/strict {server}
-"""
-
-
-def _display_path(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path.resolve())
-
-
-# ---------------------------------------------------------------- preparing files
-
-
-def prepare(directory: Path, layout: DemoLayout) -> None:
-    """PKI (kept if DIR already has one, so a re-run keeps trusting the same CA), the demo manifest and
-    the CRL-rotation manifest."""
-    from control_plane.pki import Issued, crl_pem, init_demo_pki, make_crl
-
-    directory.mkdir(parents=True, exist_ok=True)
-    if not (directory / "pki.json").exists():
-        init_demo_pki(directory)
-    (directory / "mtlsgate.yaml").write_text(dump_manifest(demo_manifest(directory, layout)))
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    def load_cert(name: str) -> x509.Certificate:
-        return x509.load_pem_x509_certificate((directory / name).read_bytes())
-
-    intermediate = Issued(
-        load_cert("intermediate.pem"),
-        load_pem_private_key((directory / "intermediate-key.pem").read_bytes(), password=None),  # type: ignore[arg-type]
-    )
-    serials = [load_cert("revoked.pem").serial_number, load_cert("client.pem").serial_number]
-    (directory / "crl-rotated.pem").write_text(crl_pem(make_crl(intermediate, serials)))
-    (directory / "trust-config-rotated.yaml").write_text(
-        "# The demo TrustConfig with a rotated CRL that also revokes client-valid (client.pem).\n"
-        + dump_manifest([demo_trust_config(directory, "crl-rotated.pem")])
-    )
 
 
 # ---------------------------------------------------------------- child processes
@@ -443,7 +236,7 @@ def layout_from_args(args: argparse.Namespace) -> DemoLayout:
 
 def _cli_display() -> str:
     script = Path(sys.executable).parent / "mtlsgate"
-    return _display_path(script) if script.exists() else "mtlsgate"
+    return display_path(script) if script.exists() else "mtlsgate"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -511,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(endpoints_document(layout, directory), indent=2) + "\n")
         tmp.replace(endpoints_path)  # atomically: readers never see half a file
         print(instructions(layout, directory, _cli_display()), flush=True)
-        print(f"endpoints: {_display_path(endpoints_path)}", flush=True)
+        print(f"endpoints: {display_path(endpoints_path)}", flush=True)
 
         while True:
             stack.check()
