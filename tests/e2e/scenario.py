@@ -94,6 +94,14 @@ def all_synced(server: str, node_ids: set[str]) -> bool:
     )
 
 
+def acked_versions(server: str) -> dict[str, dict[str, str]]:
+    """node id → {short type name (Listener, TrustBundle, ServerCertificate): acked version}."""
+    return {
+        node["id"]: {type_url.rsplit(".", 1)[-1]: entry["version"] for type_url, entry in node["types"].items()}
+        for node in fleet_status(server)
+    }
+
+
 def apply(manifest: Path, server: str) -> None:
     done = mtlsgate("apply", "-f", str(manifest), "--server", server)
     assert done.returncode == 0, f"mtlsgate apply -f {manifest} failed: {done.stderr}{done.stdout}"

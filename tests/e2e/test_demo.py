@@ -16,6 +16,7 @@ import pytest
 from tests.e2e.scenario import (
     ClientIdentity,
     accepted_and_verified,
+    acked_versions,
     all_synced,
     apply,
     distinct_free_ports,
@@ -117,6 +118,7 @@ def test_demo_end_to_end(demo: RunningDemo) -> None:
         assert no_cert.status == 200 and no_cert.backend_headers["x-client-cert-present"] == "false", no_cert
 
     assert all_synced(server, {"demo-a", "demo-b"})
+    versions_before = acked_versions(server)
     proxies = {name: demo.pids[name] for name in ("demo-a", "demo-b")}
     workers_before = {name: descendants(pid) for name, pid in proxies.items()}
 
@@ -128,6 +130,12 @@ def test_demo_end_to_end(demo: RunningDemo) -> None:
     for url in permissive:
         assert forwarded_with_error(answer := request(url, demo.ca, valid), "client_cert_revoked"), answer
     wait_until(lambda: all_synced(server, {"demo-a", "demo-b"}), timeout=10, message="status all SYNCED")
+    # Only the TrustBundle changed version: listeners and the server certificate were not re-sent.
+    versions_after = acked_versions(server)
+    for node in ("demo-a", "demo-b"):
+        before, after = versions_before[node], versions_after[node]
+        assert after["TrustBundle"] != before["TrustBundle"], (node, before, after)
+        assert after["Listener"] == before["Listener"] and after["ServerCertificate"] == before["ServerCertificate"]
 
     # No restart: same supervisors, same workers.
     for name, pid in proxies.items():
