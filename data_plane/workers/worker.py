@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -200,5 +201,9 @@ def worker_main(pipe: Connection, worker_id: int, listen_address: str) -> None:
         import uvloop
 
         uvloop.install()
+    # Modules and startup objects never die: freezing them keeps every collection from re-walking
+    # them (perf: gc 2.5 % -> 1.7 % of a worker's CPU under kept-alive load; raising the gen-0
+    # threshold instead made it worse, 3-9 %).
+    gc.freeze()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(Worker(pipe, worker_id, listen_address).run())
