@@ -11,7 +11,6 @@ import asyncio
 import collections
 import contextlib
 import functools
-import http
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any, Protocol
 import httptools
 
 from data_plane.validation import headers as headers_mod
+from data_plane.workers.forwarding import REASONS as _REASONS
+from data_plane.workers.forwarding import request_head, response_head
 from data_plane.workers.listeners import XFCC, ListenerRuntime
 from data_plane.workers.observability import WorkerCounters, log_event
 from data_plane.workers.tls import TlsConnection, TlsFailed
@@ -36,20 +37,7 @@ BACKEND_RESPONSE_TIMEOUT = 60.0
 MAX_IDLE_BACKEND_CONNECTIONS = 64
 MAX_CONNECTIONS_PER_WORKER = 4096
 
-_HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-    b"proxy-authenticate", b"proxy-authorization",
-})
-_REASONS = {status.value: status.phrase for status in http.HTTPStatus} | {
-    495: "SSL Certificate Error", 496: "SSL Certificate Required"}  # nginx's codes
-_XFCC = b"x-forwarded-client-cert"
 _XFCC_SANITIZE = int(XFCC.SANITIZE)
-
-
-def _connection_tokens(value: bytes, listed: set[bytes] | None) -> set[bytes]:
-    """Header names a Connection header lists (they are hop-by-hop too)."""
-    tokens = {token.strip().lower() for token in value.split(b",")}
-    return tokens if listed is None else listed | tokens
 
 
 class ProtocolViolation(Exception):
@@ -238,32 +226,10 @@ class Exchange:
     # ---- to the client
 
     def _head(self) -> None:
-        has_length = False
-        listed: set[bytes] | None = None  # extra hop-by-hop names listed in Connection
-        kept = []
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname in _HOP_BY_HOP:
-                if lname == b"connection":
-                    listed = _connection_tokens(value, listed)
-                continue
-            if lname == b"content-length":
-                has_length = True
-            kept.append((lname, name + b": " + value + b"\r\n"))
-        no_body = self.request.method == b"HEAD" or self.status in (204, 304)
-        reason = self.reason or _REASONS.get(self.status, "Unknown").encode()
-        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, reason)]
-        lines += [line for lname, line in kept if listed is None or lname not in listed]
-        if not has_length and not no_body:
-            if self.request.http_version == "1.1":
-                self.chunked_out = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-            else:
-                self.client_keep_alive = False
-        if not self.client_keep_alive:
-            lines.append(b"Connection: close\r\n")
-        lines.append(b"\r\n")
-        self.out.append(b"".join(lines))
+        head = response_head(self.status, self.reason, self.headers, request_method=self.request.method,
+                             request_http_version=self.request.http_version, keep_alive=self.client_keep_alive)
+        self.chunked_out, self.client_keep_alive = head.chunked, head.keep_alive
+        self.out.append(head.data)
         self.started = True
 
     def _flush(self) -> None:
@@ -681,44 +647,20 @@ class ClientConnection(asyncio.Protocol):
             self._resume_reading()
 
     def _upstream_head(self, request: _Request, listener: ListenerRuntime, verdict: Any) -> bytes:
-        spoofable = listener.spoofable_names
-        listed: set[bytes] | None = None  # extra hop-by-hop names listed in Connection
-        incoming_xfcc = []
-        forwarded_for = b""
-        kept = []
-        for name, value in request.headers:
-            lname = name.lower()
-            if lname in _HOP_BY_HOP:
-                if lname == b"connection":
-                    listed = _connection_tokens(value, listed)
-            elif lname == _XFCC:
-                incoming_xfcc.append(value)
-            elif lname == b"x-forwarded-for":
-                forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-            elif lname != b"x-forwarded-proto" and lname not in spoofable:
-                kept.append((lname, name + b": " + value + b"\r\n"))
-        lines = [request.method + b" " + request.url + b" HTTP/1.1\r\n"]
-        lines += [line for lname, line in kept if listed is None or lname not in listed]
-        peer = self.peer_bytes
-        lines.append(b"X-Forwarded-For: " + (forwarded_for + b", " + peer if forwarded_for else peer) + b"\r\n")
-        lines.append(b"X-Forwarded-Proto: https\r\n")
+        certificate_headers = b""
         if listener.mtls and verdict is not None:
             if self._cert_header_lines is None or self._cert_header_verdict is not verdict:
                 # rendered once per connection (and again if revalidation replaced the verdict)
                 self._cert_header_lines = b"".join(
                     f"{name}: {value}\r\n".encode("latin-1") for name, value in listener.header_set.render(verdict))
                 self._cert_header_verdict = verdict
-            lines.append(self._cert_header_lines)
+            certificate_headers = self._cert_header_lines
+        xfcc = None
         if listener.xfcc_mode != _XFCC_SANITIZE:
-            xfcc = self._xfcc_value(listener, verdict, incoming_xfcc)
-            if xfcc:
-                lines.append(b"X-Forwarded-Client-Cert: " + xfcc + b"\r\n")
-        if request.chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        elif request.content_length is not None:
-            lines.append(b"Content-Length: " + request.content_length + b"\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
+            xfcc = functools.partial(self._xfcc_value, listener, verdict)
+        return request_head(request.method, request.url, request.headers, peer=self.peer_bytes,
+                            spoofable=listener.spoofable_names, certificate_headers=certificate_headers, xfcc=xfcc,
+                            chunked=request.chunked, content_length=request.content_length)
 
     def _xfcc_value(self, listener: ListenerRuntime, verdict: Any, incoming: list[bytes]) -> bytes:
         if verdict is None:
