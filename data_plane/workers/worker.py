@@ -42,6 +42,7 @@ class Worker:
         self.by_port: dict[int, ListenerRuntime] = {}
         self.servers: dict[int, asyncio.Server] = {}
         self._done = asyncio.Event()
+        self._apply_lock = asyncio.Lock()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -95,7 +96,9 @@ class Worker:
 
     async def _apply(self, wire: WireConfig) -> None:
         try:
-            await self.apply(wire)
+            # one at a time, in arrival order: a restart's catch-up config and a new one may both be queued
+            async with self._apply_lock:
+                await self.apply(wire)
         except ListenerConfigError as exc:
             self._send(("rejected", wire.version, str(exc)))
             return
