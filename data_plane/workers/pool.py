@@ -37,6 +37,7 @@ class _Slot:
     waiters: dict[str, asyncio.Future[tuple[str, Any]]] = field(default_factory=dict)
     restarts: int = 0
     started_at: float = 0.0
+    sent_version: str = ""
 
 
 class WorkerPool:
@@ -74,7 +75,7 @@ class WorkerPool:
         self._loop.add_reader(parent.fileno(), self._on_message, slot)
         self._loop.add_reader(process.sentinel, self._on_exit, slot)
         if self.current is not None:
-            self._send(slot, ("config", self.current))
+            self._send_config(slot, self.current)
 
     def _on_exit(self, slot: _Slot) -> None:
         assert self._loop is not None
@@ -123,6 +124,12 @@ class WorkerPool:
             elif kind == "rejected":
                 log_event("worker_config_rejected", worker=slot.index, version=version, message=message[2])
 
+    def _send_config(self, slot: _Slot, wire: WireConfig) -> bool:
+        sent = self._send(slot, ("config", wire))
+        if sent:
+            slot.sent_version = wire.version
+        return sent
+
     def _send(self, slot: _Slot, message: tuple[Any, ...]) -> bool:
         if slot.pipe is None:
             return False
@@ -155,6 +162,10 @@ class WorkerPool:
                     await self._distribute(self.current)
                 raise ConfigRejected(failures[0])
             self.current, self.current_config = wire, config
+            for slot in self._slots:
+                # a worker restarted while this version was being distributed got the previous one
+                if slot.process is not None and slot.sent_version != wire.version:
+                    self._send_config(slot, wire)
 
     async def _distribute(self, wire: WireConfig) -> list[tuple[str, Any]]:
         assert self._loop is not None
@@ -162,7 +173,7 @@ class WorkerPool:
         for slot in self._slots:
             future: asyncio.Future[tuple[str, Any]] = self._loop.create_future()
             slot.waiters[wire.version] = future
-            if not self._send(slot, ("config", wire)):
+            if not self._send_config(slot, wire):
                 # Dead right now: the restart will bring the newest config; nothing to wait for.
                 slot.waiters.pop(wire.version, None)
                 continue
