@@ -152,6 +152,10 @@ def fleet_problem(control_plane: str, node_ids: Sequence[str]) -> str | None:
         node = nodes.get(node_id)
         if node is None:
             return f"node {node_id} has not connected"
+        if node.state == api_pb2.ERROR:
+            # A NACKed version is not re-sent (SPEC §6): waiting longer cannot help.
+            errors = "; ".join(dict.fromkeys(t.error for t in node.types if t.error))  # one NACK, many types
+            raise CliError(f"node {node_id} rejected the configuration: {errors or 'no detail'}")
         if not node.connected or node.state != api_pb2.SYNCED:
             return f"node {node_id} is {api_pb2.SyncState.Name(node.state)} (connected={node.connected})"
     return None
@@ -292,10 +296,10 @@ def run(args: argparse.Namespace) -> int:
                 "--label", f"node={node.node_id}", "--workers", str(args.workers), "--admin", node.admin,
                 "--cache-dir", str(directory / "cache" / node.node_id), "--listen-address", node.listen_address,
             ])
-        for node in layout.nodes:
-            stack.wait_for(f"{node.node_id} /ready", partial(http_ok, f"http://{node.admin}/ready"), args.timeout)
         node_ids = [n.node_id for n in layout.nodes]
         stack.wait_for("both nodes SYNCED", lambda: fleet_problem(layout.control_plane, node_ids), args.timeout)
+        for node in layout.nodes:
+            stack.wait_for(f"{node.node_id} /ready", partial(http_ok, f"http://{node.admin}/ready"), args.timeout)
         for url in layout.listener_urls(layout.strict_port) + layout.listener_urls(layout.permissive_port):
             stack.wait_for(f"{url} to serve", partial(listener_problem, url, directory), args.timeout)
 

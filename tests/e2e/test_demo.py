@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,3 +195,22 @@ def test_demo_prepare_only_writes_apply_ready_manifests(tmp_path: Path) -> None:
     wait_until(lambda: not again.alive(), message="second prepare to exit")
     assert again.stop() == 0
     assert (tmp_path / "ca.pem").read_bytes() == ca_before
+
+
+def test_demo_fails_fast_with_the_nodes_reason_when_a_listener_port_is_taken(tmp_path: Path) -> None:
+    control_plane, backend, admin_a, admin_b = distinct_free_ports("127.0.0.1", 4)
+    strict, permissive = distinct_free_ports("127.0.0.2", 2)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.2", strict))
+        squatter.listen()
+        proc = Proc([
+            "demo", "--dir", str(tmp_path / "d"), "--control-plane", f"127.0.0.1:{control_plane}",
+            "--backend", f"127.0.0.1:{backend}", "--strict-port", str(strict), "--permissive-port", str(permissive),
+            "--admin-ports", f"{admin_a},{admin_b}",
+        ], tmp_path / "demo.log")
+        wait_until(lambda: not proc.alive(), timeout=45, message="the demo to give up")
+    assert proc.stop() == 1
+    log = proc.log()
+    assert f"port {strict} is already in use" in log, log
+    assert "everything stopped" in log
+    assert not (tmp_path / "d" / "endpoints.json").exists()
