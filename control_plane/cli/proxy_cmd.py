@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster", default="default", help="node group (xDS node.cluster; default %(default)s)")
     p.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE",
                    help="node label matched by listeners' nodeSelector (repeatable)")
-    p.add_argument("--workers", type=int, default=2, help="worker processes (default %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (default: the CPU count, %(default)s here)")
     p.add_argument("--admin", type=_host_port, default="127.0.0.1:9901",
                    help="admin HTTP HOST:PORT (default %(default)s)")
     p.add_argument("--cache-dir", type=Path, help="directory for the last good configuration (holds keys: 0700)")
