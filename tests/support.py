@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -35,7 +36,7 @@ def wait_until(condition: Callable[[], T], *, timeout: float = 10.0, interval: f
                 return value
         except GiveUp as exc:
             raise AssertionError(f"gave up waiting for {message}: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:
             last_error = exc
         if time.monotonic() >= deadline:
             detail = f" (last error: {last_error!r})" if last_error else ""
@@ -94,10 +95,8 @@ class Proc:
             except subprocess.TimeoutExpired:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(10)
-        try:  # leftover children (workers) of a dead supervisor
+        with contextlib.suppress(ProcessLookupError):  # leftover children (workers) of a dead supervisor
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self._log.close()
         return self.popen.returncode
 
