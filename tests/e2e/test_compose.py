@@ -24,6 +24,7 @@ import pytest
 from tests.e2e.scenario import (
     ClientIdentity,
     accepted_and_verified,
+    acked_versions,
     all_synced,
     apply,
     distinct_free_ports,
@@ -164,6 +165,7 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
         return out
 
     before = incarnations()
+    versions_before = acked_versions(server)
     # CRL rotation from the host with the CLI: the new CRL also revokes client-valid.
     apply(stack.pki / "trust-config-rotated.yaml", server)
     for url in strict:
@@ -173,6 +175,10 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
         assert forwarded_with_error(answer := request(url, ca, valid), "client_cert_revoked"), (url, answer)
     wait_until(lambda: all_synced(server, {"proxy-a", "proxy-b"}), timeout=15, message="status all SYNCED")
     assert incarnations() == before, "a container restarted during the rotation"
+    versions_after = acked_versions(server)
+    for node in ("proxy-a", "proxy-b"):  # only the TrustBundle was re-sent
+        assert versions_after[node]["TrustBundle"] != versions_before[node]["TrustBundle"]
+        assert versions_after[node]["Listener"] == versions_before[node]["Listener"]
 
     # Clean shutdown: every process honours SIGTERM (no 10 s kill), then `down` removes everything.
     started = time.monotonic()
