@@ -63,7 +63,11 @@ def demo_manifest(pki_dir: Path, layout: DemoLayout, crl_file: str = "crl.pem") 
         }
         for name, mode, description in (
             ("strict", "REJECT_INVALID", "reject connections without a valid client certificate"),
-            ("permissive", "ALLOW_INVALID_OR_MISSING_CLIENT_CERT", "forward everyone; headers tell the backend"),
+            (
+                "permissive",
+                "ALLOW_INVALID_OR_MISSING_CLIENT_CERT",
+                "forward everyone; headers tell the backend",
+            ),
         )
     ]
     certificate = {

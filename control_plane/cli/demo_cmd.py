@@ -61,10 +61,14 @@ class Child:
         self.command = [sys.executable, "-m", "control_plane.cli.main", *args]
         with open(log_path, "wb") as log:  # one run per log: the tail then explains this run
             self.popen = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 # Own process group: Ctrl-C reaches only the demo, which then stops children in order.
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
 
     def alive(self) -> bool:
@@ -123,7 +127,9 @@ class Stack:
             if problem is None:
                 return
             if time.monotonic() > deadline:
-                raise CliError(f"timed out after {timeout:.0f}s waiting for {what}: {problem} (logs: {self.log_dir})")
+                raise CliError(
+                    f"timed out after {timeout:.0f}s waiting for {what}: {problem} (logs: {self.log_dir})"
+                )
             self.stop_requested.wait(0.2)
 
     def stop_all(self) -> None:
@@ -161,7 +167,9 @@ def fleet_problem(control_plane: str, node_ids: Sequence[str]) -> str | None:
     return None
 
 
-def mtls_get(url: str, *, ca: Path, cert: Path | None, key: Path | None, timeout: float = 3.0) -> tuple[int, bytes]:
+def mtls_get(
+    url: str, *, ca: Path, cert: Path | None, key: Path | None, timeout: float = 3.0
+) -> tuple[int, bytes]:
     """One HTTPS GET presenting a client certificate (or none); raises OSError/ssl.SSLError when refused."""
     from urllib.parse import urlsplit
 
@@ -169,7 +177,9 @@ def mtls_get(url: str, *, ca: Path, cert: Path | None, key: Path | None, timeout
     context = ssl.create_default_context(cafile=str(ca))
     if cert is not None:
         context.load_cert_chain(str(cert), str(key) if key else None)
-    conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=context, timeout=timeout)
+    conn = http.client.HTTPSConnection(
+        parts.hostname or "", parts.port or 443, context=context, timeout=timeout
+    )
     try:
         conn.request("GET", parts.path or "/")
         reply = conn.getresponse()
@@ -180,7 +190,9 @@ def mtls_get(url: str, *, ca: Path, cert: Path | None, key: Path | None, timeout
 
 def listener_problem(url: str, pki_dir: Path) -> str | None:
     try:
-        status, _ = mtls_get(url, ca=pki_dir / "ca.pem", cert=pki_dir / "client.pem", key=pki_dir / "client-key.pem")
+        status, _ = mtls_get(
+            url, ca=pki_dir / "ca.pem", cert=pki_dir / "client.pem", key=pki_dir / "client-key.pem"
+        )
     except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
         return f"{url}: {exc}"
     return None if status == 200 else f"{url}: HTTP {status}"
@@ -198,22 +210,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "permissive (ALLOW_INVALID_OR_MISSING_CLIENT_CERT) listener with a CRL, waits until both nodes are "
         "SYNCED, writes DIR/endpoints.json and prints what to try. Ctrl-C stops everything.",
     )
-    parser.add_argument("--dir", default="demo", help="working directory: PKI, store, logs (default %(default)s)")
-    parser.add_argument("--control-plane", default="127.0.0.1:18000", metavar="HOST:PORT",
-                        help="control plane address (default %(default)s)")
-    parser.add_argument("--backend", default="127.0.0.1:9000", metavar="HOST:PORT",
-                        help="echo backend address (default %(default)s)")
-    parser.add_argument("--strict-port", type=int, default=8443, help="REJECT_INVALID listener port (default %(default)s)")
-    parser.add_argument("--permissive-port", type=int, default=8444,
-                        help="ALLOW_INVALID_OR_MISSING_CLIENT_CERT listener port (default %(default)s)")
-    parser.add_argument("--node-addresses", default="127.0.0.2,127.0.0.3", metavar="ADDR,ADDR",
-                        help="listen addresses of the two proxy nodes (default %(default)s)")
-    parser.add_argument("--admin-ports", default="9901,9902", metavar="PORT,PORT",
-                        help="admin ports of the two proxy nodes, on 127.0.0.1 (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes per proxy node (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each step (default %(default)s)")
-    parser.add_argument("--prepare-only", action="store_true",
-                        help="write the PKI and manifests into DIR and exit (the compose stack's pki-init uses this)")
+    parser.add_argument(
+        "--dir", default="demo", help="working directory: PKI, store, logs (default %(default)s)"
+    )
+    parser.add_argument(
+        "--control-plane",
+        default="127.0.0.1:18000",
+        metavar="HOST:PORT",
+        help="control plane address (default %(default)s)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="127.0.0.1:9000",
+        metavar="HOST:PORT",
+        help="echo backend address (default %(default)s)",
+    )
+    parser.add_argument(
+        "--strict-port", type=int, default=8443, help="REJECT_INVALID listener port (default %(default)s)"
+    )
+    parser.add_argument(
+        "--permissive-port",
+        type=int,
+        default=8444,
+        help="ALLOW_INVALID_OR_MISSING_CLIENT_CERT listener port (default %(default)s)",
+    )
+    parser.add_argument(
+        "--node-addresses",
+        default="127.0.0.2,127.0.0.3",
+        metavar="ADDR,ADDR",
+        help="listen addresses of the two proxy nodes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--admin-ports",
+        default="9901,9902",
+        metavar="PORT,PORT",
+        help="admin ports of the two proxy nodes, on 127.0.0.1 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes per proxy node (default %(default)s)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for each step (default %(default)s)"
+    )
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="write the PKI and manifests into DIR and exit (the compose stack's pki-init uses this)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -225,8 +268,11 @@ def layout_from_args(args: argparse.Namespace) -> DemoLayout:
         raise UsageError(f"--admin-ports {args.admin_ports!r}: expected PORT,PORT") from exc
     if len(addresses) != 2 or len(admin_ports) != 2:
         raise UsageError("--node-addresses and --admin-ports need exactly two entries each (two proxy nodes)")
-    for flag, port in (("--strict-port", args.strict_port), ("--permissive-port", args.permissive_port),
-                       *(("--admin-ports", p) for p in admin_ports)):
+    for flag, port in (
+        ("--strict-port", args.strict_port),
+        ("--permissive-port", args.permissive_port),
+        *(("--admin-ports", p) for p in admin_ports),
+    ):
         if not 0 < port < 65536:
             raise UsageError(f"{flag}: {port} is not a port (1-65535)")
     if args.strict_port == args.permissive_port:
@@ -235,7 +281,9 @@ def layout_from_args(args: argparse.Namespace) -> DemoLayout:
         DemoNode(f"demo-{letter}", address, f"127.0.0.1:{port}")
         for letter, address, port in zip("ab", addresses, admin_ports, strict=True)
     )
-    return DemoLayout(args.control_plane, args.backend, args.backend, args.strict_port, args.permissive_port, nodes)
+    return DemoLayout(
+        args.control_plane, args.backend, args.backend, args.strict_port, args.permissive_port, nodes
+    )
 
 
 def _cli_display() -> str:
@@ -270,36 +318,73 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         print(f"demo: starting the control plane on {layout.control_plane} …", flush=True)
-        stack.start("control-plane", ["control-plane", "--listen", layout.control_plane,
-                                      "--db", str(directory / "mtlsgate.db")])
+        stack.start(
+            "control-plane",
+            ["control-plane", "--listen", layout.control_plane, "--db", str(directory / "mtlsgate.db")],
+        )
         stack.start("echo-backend", ["echo-backend", "--listen", layout.backend])
         stack.wait_for("the control plane", lambda: grpc_serving(layout.control_plane), args.timeout)
         stack.wait_for("the echo backend", lambda: http_ok(f"http://{layout.backend}/healthz"), args.timeout)
 
-        print("demo: applying mtlsgate.yaml (trust config with CRL, 2 policies, certificate, 2 listeners) …",
-              flush=True)
+        print(
+            "demo: applying mtlsgate.yaml (trust config with CRL, 2 policies, certificate, 2 listeners) …",
+            flush=True,
+        )
         apply = subprocess.run(
-            [sys.executable, "-m", "control_plane.cli.main", "apply", "-f", str(directory / "mtlsgate.yaml"),
-             "--server", layout.control_plane],
-            capture_output=True, text=True, timeout=args.timeout,
+            [
+                sys.executable,
+                "-m",
+                "control_plane.cli.main",
+                "apply",
+                "-f",
+                str(directory / "mtlsgate.yaml"),
+                "--server",
+                layout.control_plane,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
         )
         stack.check()  # Ctrl-C reaches `apply` too (same process group): that is a stop, not a failure
         if apply.returncode != 0:
             output = (apply.stderr.strip() or apply.stdout.strip()).splitlines() or ["no output"]
-            raise CliError(f"mtlsgate apply -f {directory / 'mtlsgate.yaml'} failed (exit {apply.returncode}): "
-                           f"{output[-1]}")
+            raise CliError(
+                f"mtlsgate apply -f {directory / 'mtlsgate.yaml'} failed (exit {apply.returncode}): "
+                f"{output[-1]}"
+            )
 
         for node in layout.nodes:
             print(f"demo: starting proxy node {node.node_id} on {node.listen_address} …", flush=True)
-            stack.start(node.node_id, [
-                "proxy", "--server", layout.control_plane, "--node-id", node.node_id, "--cluster", CLUSTER,
-                "--label", f"node={node.node_id}", "--workers", str(args.workers), "--admin", node.admin,
-                "--cache-dir", str(directory / "cache" / node.node_id), "--listen-address", node.listen_address,
-            ])
+            stack.start(
+                node.node_id,
+                [
+                    "proxy",
+                    "--server",
+                    layout.control_plane,
+                    "--node-id",
+                    node.node_id,
+                    "--cluster",
+                    CLUSTER,
+                    "--label",
+                    f"node={node.node_id}",
+                    "--workers",
+                    str(args.workers),
+                    "--admin",
+                    node.admin,
+                    "--cache-dir",
+                    str(directory / "cache" / node.node_id),
+                    "--listen-address",
+                    node.listen_address,
+                ],
+            )
         node_ids = [n.node_id for n in layout.nodes]
-        stack.wait_for("both nodes SYNCED", lambda: fleet_problem(layout.control_plane, node_ids), args.timeout)
+        stack.wait_for(
+            "both nodes SYNCED", lambda: fleet_problem(layout.control_plane, node_ids), args.timeout
+        )
         for node in layout.nodes:
-            stack.wait_for(f"{node.node_id} /ready", partial(http_ok, f"http://{node.admin}/ready"), args.timeout)
+            stack.wait_for(
+                f"{node.node_id} /ready", partial(http_ok, f"http://{node.admin}/ready"), args.timeout
+            )
         for url in layout.listener_urls(layout.strict_port) + layout.listener_urls(layout.permissive_port):
             stack.wait_for(f"{url} to serve", partial(listener_problem, url, directory), args.timeout)
 

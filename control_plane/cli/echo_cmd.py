@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="An HTTP/1.1 server that answers every request with its method, path and headers as "
         "JSON, so you can see what the proxy forwarded. GET /healthz answers 'ok'.",
     )
-    parser.add_argument("--listen", default="127.0.0.1:9000", help="HOST:PORT to listen on (default %(default)s)")
+    parser.add_argument(
+        "--listen", default="127.0.0.1:9000", help="HOST:PORT to listen on (default %(default)s)"
+    )
     parser.set_defaults(func=run)
 
 

@@ -35,7 +35,9 @@ def request(url: str, ca: Path, client: ClientIdentity, timeout: float = 5.0) ->
     context = ssl.create_default_context(cafile=str(ca))
     if client.cert is not None:
         context.load_cert_chain(str(client.cert), str(client.key))
-    conn = http.client.HTTPSConnection(parts.hostname or "", parts.port or 443, context=context, timeout=timeout)
+    conn = http.client.HTTPSConnection(
+        parts.hostname or "", parts.port or 443, context=context, timeout=timeout
+    )
     try:
         conn.request("GET", "/e2e", headers={"X-Client-Cert-Chain-Verified": "spoofed"})
         reply = conn.getresponse()
@@ -97,7 +99,9 @@ def all_synced(server: str, node_ids: set[str]) -> bool:
 def acked_versions(server: str) -> dict[str, dict[str, str]]:
     """node id → {short type name (Listener, TrustBundle, ServerCertificate): acked version}."""
     return {
-        node["id"]: {type_url.rsplit(".", 1)[-1]: entry["version"] for type_url, entry in node["types"].items()}
+        node["id"]: {
+            type_url.rsplit(".", 1)[-1]: entry["version"] for type_url, entry in node["types"].items()
+        }
         for node in fleet_status(server)
     }
 

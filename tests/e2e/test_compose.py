@@ -38,8 +38,12 @@ ROOT = Path(__file__).resolve().parents[2]
 LONG_RUNNING = ("control-plane", "backend", "proxy-a", "proxy-b")
 PORT_VARIABLES = (
     "MTLSGATE_CONTROL_PLANE_PORT",
-    "MTLSGATE_PROXY_A_STRICT_PORT", "MTLSGATE_PROXY_A_PERMISSIVE_PORT", "MTLSGATE_PROXY_A_ADMIN_PORT",
-    "MTLSGATE_PROXY_B_STRICT_PORT", "MTLSGATE_PROXY_B_PERMISSIVE_PORT", "MTLSGATE_PROXY_B_ADMIN_PORT",
+    "MTLSGATE_PROXY_A_STRICT_PORT",
+    "MTLSGATE_PROXY_A_PERMISSIVE_PORT",
+    "MTLSGATE_PROXY_A_ADMIN_PORT",
+    "MTLSGATE_PROXY_B_STRICT_PORT",
+    "MTLSGATE_PROXY_B_PERMISSIVE_PORT",
+    "MTLSGATE_PROXY_B_ADMIN_PORT",
 )
 
 # A cold CI run builds the image (pip downloads every dependency) inside this test's setup.
@@ -54,7 +58,10 @@ def skip_or_fail(reason: str) -> None:
 
 def compose_cli() -> list[str] | None:
     """`docker compose` (v2) when the plugin is there, else Debian's `docker-compose` (v1)."""
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+    if (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
         return ["docker", "compose"]
     if shutil.which("docker-compose"):
         return ["docker-compose"]
@@ -85,13 +92,28 @@ class Stack:
     pki: Path
 
     def compose(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        files = [arg for f in self.env.get("COMPOSE_FILE", "compose.yaml").split(os.pathsep) for arg in ("-f", f)]
-        return subprocess.run([*self.cli, "-p", self.project, *files, *args], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        files = [
+            arg for f in self.env.get("COMPOSE_FILE", "compose.yaml").split(os.pathsep) for arg in ("-f", f)
+        ]
+        return subprocess.run(
+            [*self.cli, "-p", self.project, *files, *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def container(self, service: str):  # type: ignore[no-untyped-def]
-        found = self.client.containers.list(all=True, filters={  # type: ignore[attr-defined]
-            "label": [f"com.docker.compose.project={self.project}", f"com.docker.compose.service={service}"]})
+        found = self.client.containers.list(
+            all=True,
+            filters={  # type: ignore[attr-defined]
+                "label": [
+                    f"com.docker.compose.project={self.project}",
+                    f"com.docker.compose.service={service}",
+                ]
+            },
+        )
         assert len(found) == 1, f"{service}: {len(found)} containers"
         return found[0]
 
@@ -111,23 +133,38 @@ class Stack:
 def stack(docker_client, tmp_path: Path) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
     cli = compose_cli()
     assert cli is not None
-    env = {**os.environ, **dict(zip(PORT_VARIABLES, map(str, distinct_free_ports("127.0.0.1", len(PORT_VARIABLES))),
-                                    strict=True))}
+    env = {
+        **os.environ,
+        **dict(
+            zip(PORT_VARIABLES, map(str, distinct_free_ports("127.0.0.1", len(PORT_VARIABLES))), strict=True)
+        ),
+    }
     if "COMPOSE_FILE" not in env:
         # An engine holding .ci/run's registry-less base image is a CI-style engine: build like CI does.
-        ci_style = any("mtlsgate-base:ci" in image.tags for image in docker_client.images.list("mtlsgate-base"))
-        env["COMPOSE_FILE"] = os.pathsep.join(["compose.yaml", "compose.ci.yaml"] if ci_style else ["compose.yaml"])
+        ci_style = any(
+            "mtlsgate-base:ci" in image.tags for image in docker_client.images.list("mtlsgate-base")
+        )
+        env["COMPOSE_FILE"] = os.pathsep.join(
+            ["compose.yaml", "compose.ci.yaml"] if ci_style else ["compose.yaml"]
+        )
     project = f"mtlsgate-e2e-{os.getpid()}"
     running = Stack(cli, env, docker_client, project, tmp_path / "pki")
     try:
         up = running.compose("up", "-d", "--build", timeout=900)
         assert up.returncode == 0, f"compose up failed:\n{up.stdout}\n{up.stderr}"
         for service in LONG_RUNNING:
-            wait_until(lambda s=service: running.health(s) == "healthy", timeout=120, interval=0.5,
-                       message=f"{service} healthy")
+            wait_until(
+                lambda s=service: running.health(s) == "healthy",
+                timeout=120,
+                interval=0.5,
+                message=f"{service} healthy",
+            )
         configure = running.container("configure")
-        wait_until(lambda: (configure.reload(), configure.status)[1] == "exited", timeout=60,
-                   message="configure to finish")
+        wait_until(
+            lambda: (configure.reload(), configure.status)[1] == "exited",
+            timeout=60,
+            message="configure to finish",
+        )
         assert configure.attrs["State"]["ExitCode"] == 0, configure.logs().decode()
         # The PKI lives in the stack's `pki` volume: copy it out as a user would (`docker cp`).
         stream, _ = running.container("control-plane").get_archive("/pki")
@@ -146,7 +183,10 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
     valid = ClientIdentity(stack.pki / "client.pem", stack.pki / "client-key.pem")
     revoked = ClientIdentity(stack.pki / "revoked.pem", stack.pki / "revoked-key.pem")
     strict = [stack.url("MTLSGATE_PROXY_A_STRICT_PORT"), stack.url("MTLSGATE_PROXY_B_STRICT_PORT")]
-    permissive = [stack.url("MTLSGATE_PROXY_A_PERMISSIVE_PORT"), stack.url("MTLSGATE_PROXY_B_PERMISSIVE_PORT")]
+    permissive = [
+        stack.url("MTLSGATE_PROXY_A_PERMISSIVE_PORT"),
+        stack.url("MTLSGATE_PROXY_B_PERMISSIVE_PORT"),
+    ]
     server = f"127.0.0.1:{stack.port('MTLSGATE_CONTROL_PLANE_PORT')}"
 
     for url in strict:
@@ -161,7 +201,11 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
         for service in LONG_RUNNING:
             container = stack.container(service)
             container.reload()
-            out[service] = (container.id, container.attrs["RestartCount"], container.attrs["State"]["StartedAt"])
+            out[service] = (
+                container.id,
+                container.attrs["RestartCount"],
+                container.attrs["State"]["StartedAt"],
+            )
         return out
 
     before = incarnations()
@@ -169,8 +213,11 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
     # CRL rotation from the host with the CLI: the new CRL also revokes client-valid.
     apply(stack.pki / "trust-config-rotated.yaml", server)
     for url in strict:
-        wait_until(lambda u=url: rejected(request(u, ca, valid)), timeout=15,
-                   message=f"{url} to refuse the newly revoked client")
+        wait_until(
+            lambda u=url: rejected(request(u, ca, valid)),
+            timeout=15,
+            message=f"{url} to refuse the newly revoked client",
+        )
     for url in permissive:
         assert forwarded_with_error(answer := request(url, ca, valid), "client_cert_revoked"), (url, answer)
     wait_until(lambda: all_synced(server, {"proxy-a", "proxy-b"}), timeout=15, message="status all SYNCED")
@@ -193,5 +240,6 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
     down = stack.compose("down", "-v", timeout=120)
     assert down.returncode == 0, down.stderr
     leftovers = stack.client.containers.list(  # type: ignore[attr-defined]
-        all=True, filters={"label": f"com.docker.compose.project={stack.project}"})
+        all=True, filters={"label": f"com.docker.compose.project={stack.project}"}
+    )
     assert leftovers == []

@@ -78,18 +78,38 @@ def demo(tmp_path: Path) -> Iterator[RunningDemo]:
     control_plane, backend, admin_a, admin_b = distinct_free_ports("127.0.0.1", 4)
     strict, permissive = distinct_free_ports("127.0.0.2", 2)
     args = [
-        "demo", "--dir", str(directory), "--control-plane", f"127.0.0.1:{control_plane}",
-        "--backend", f"127.0.0.1:{backend}", "--strict-port", str(strict), "--permissive-port", str(permissive),
-        "--admin-ports", f"{admin_a},{admin_b}", "--timeout", "60",
+        "demo",
+        "--dir",
+        str(directory),
+        "--control-plane",
+        f"127.0.0.1:{control_plane}",
+        "--backend",
+        f"127.0.0.1:{backend}",
+        "--strict-port",
+        str(strict),
+        "--permissive-port",
+        str(permissive),
+        "--admin-ports",
+        f"{admin_a},{admin_b}",
+        "--timeout",
+        "60",
     ]
     proc = Proc(args, tmp_path / "demo.log")
     try:
         endpoints_file = directory / "endpoints.json"
-        wait_until(lambda: endpoints_file.exists() or not proc.alive(), timeout=90, interval=0.2,
-                   message="the demo to write endpoints.json")
+        wait_until(
+            lambda: endpoints_file.exists() or not proc.alive(),
+            timeout=90,
+            interval=0.2,
+            message="the demo to write endpoints.json",
+        )
         assert proc.alive(), f"demo exited early:\n{proc.log()}"
-        yield RunningDemo(proc, directory, json.loads(endpoints_file.read_text()),
-                          json.loads((directory / "pids.json").read_text()))
+        yield RunningDemo(
+            proc,
+            directory,
+            json.loads(endpoints_file.read_text()),
+            json.loads((directory / "pids.json").read_text()),
+        )
     finally:
         proc.stop(timeout=30)
         for log in sorted((directory / "logs").glob("*.log")):  # shown by pytest on failure
@@ -99,8 +119,15 @@ def demo(tmp_path: Path) -> Iterator[RunningDemo]:
 @pytest.mark.slow
 def test_demo_end_to_end(demo: RunningDemo) -> None:
     endpoints = demo.endpoints
-    assert set(endpoints) == {"control_plane", "listeners", "ca_cert", "client_cert", "client_key",
-                              "revoked_cert", "revoked_key"}
+    assert set(endpoints) == {
+        "control_plane",
+        "listeners",
+        "ca_cert",
+        "client_cert",
+        "client_key",
+        "revoked_cert",
+        "revoked_key",
+    }
     strict, permissive = endpoints["listeners"]["strict"], endpoints["listeners"]["permissive"]
     assert len(strict) == len(permissive) == 2, "one URL per proxy node"
     valid, revoked = demo.identity("client"), demo.identity("revoked")
@@ -126,8 +153,11 @@ def test_demo_end_to_end(demo: RunningDemo) -> None:
     # CRL rotation with the CLI: the new CRL revokes client-valid too. Both running nodes enforce it.
     apply(demo.directory / "trust-config-rotated.yaml", server)
     for url in strict:
-        wait_until(lambda u=url: rejected(request(u, demo.ca, valid)), timeout=10,
-                   message=f"{url} to refuse the newly revoked client")
+        wait_until(
+            lambda u=url: rejected(request(u, demo.ca, valid)),
+            timeout=10,
+            message=f"{url} to refuse the newly revoked client",
+        )
     for url in permissive:
         assert forwarded_with_error(answer := request(url, demo.ca, valid), "client_cert_revoked"), answer
     wait_until(lambda: all_synced(server, {"demo-a", "demo-b"}), timeout=10, message="status all SYNCED")
@@ -136,7 +166,10 @@ def test_demo_end_to_end(demo: RunningDemo) -> None:
     for node in ("demo-a", "demo-b"):
         before, after = versions_before[node], versions_after[node]
         assert after["TrustBundle"] != before["TrustBundle"], (node, before, after)
-        assert after["Listener"] == before["Listener"] and after["ServerCertificate"] == before["ServerCertificate"]
+        assert (
+            after["Listener"] == before["Listener"]
+            and after["ServerCertificate"] == before["ServerCertificate"]
+        )
 
     # No restart: same supervisors, same workers.
     for name, pid in proxies.items():
@@ -146,15 +179,19 @@ def test_demo_end_to_end(demo: RunningDemo) -> None:
     # And back: the original CRL makes client-valid valid again, still without restarts.
     apply(demo.directory / "mtlsgate.yaml", server)
     for url in strict:
-        wait_until(lambda u=url: accepted_and_verified(request(u, demo.ca, valid)), timeout=10,
-                   message=f"{url} to accept client-valid again")
+        wait_until(
+            lambda u=url: accepted_and_verified(request(u, demo.ca, valid)),
+            timeout=10,
+            message=f"{url} to accept client-valid again",
+        )
 
     # Ctrl-C: everything stops, ports are released.
     everything = set(demo.pids.values()) | set().union(*workers_before.values())
     demo.proc.popen.send_signal(signal.SIGINT)
     assert demo.proc.popen.wait(30) == 0, demo.proc.log()
-    wait_until(lambda: not any(pid_alive(p) for p in everything), timeout=10,
-               message="every demo process to exit")
+    wait_until(
+        lambda: not any(pid_alive(p) for p in everything), timeout=10, message="every demo process to exit"
+    )
     host, port = server.rsplit(":", 1)
     assert not port_open(host, int(port))
     assert "everything stopped" in demo.proc.log()
@@ -171,14 +208,26 @@ def test_demo_refuses_bad_arguments(tmp_path: Path) -> None:
 def test_demo_prepare_only_writes_apply_ready_manifests(tmp_path: Path) -> None:
     import yaml
 
-    proc = Proc(["demo", "--dir", str(tmp_path), "--prepare-only", "--backend", "backend:9000"], tmp_path / "log")
+    proc = Proc(
+        ["demo", "--dir", str(tmp_path), "--prepare-only", "--backend", "backend:9000"], tmp_path / "log"
+    )
     wait_until(lambda: not proc.alive(), message="demo --prepare-only to exit")
     assert proc.stop() == 0, proc.log()
     documents = list(yaml.safe_load_all((tmp_path / "mtlsgate.yaml").read_text()))
     kinds = [(d["kind"], d["name"]) for d in documents]
-    assert kinds == [("TrustConfig", "demo"), ("ServerTlsPolicy", "strict"), ("ServerTlsPolicy", "permissive"),
-                     ("Certificate", "edge"), ("Listener", "strict"), ("Listener", "permissive")]
-    modes = {d["name"]: d["mtlsPolicy"]["clientValidationMode"] for d in documents if d["kind"] == "ServerTlsPolicy"}
+    assert kinds == [
+        ("TrustConfig", "demo"),
+        ("ServerTlsPolicy", "strict"),
+        ("ServerTlsPolicy", "permissive"),
+        ("Certificate", "edge"),
+        ("Listener", "strict"),
+        ("Listener", "permissive"),
+    ]
+    modes = {
+        d["name"]: d["mtlsPolicy"]["clientValidationMode"]
+        for d in documents
+        if d["kind"] == "ServerTlsPolicy"
+    }
     assert modes == {"strict": "REJECT_INVALID", "permissive": "ALLOW_INVALID_OR_MISSING_CLIENT_CERT"}
     assert {d["backend"] for d in documents if d["kind"] == "Listener"} == {"backend:9000"}
 
@@ -203,11 +252,24 @@ def test_demo_fails_fast_with_the_nodes_reason_when_a_listener_port_is_taken(tmp
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.2", strict))
         squatter.listen()
-        proc = Proc([
-            "demo", "--dir", str(tmp_path / "d"), "--control-plane", f"127.0.0.1:{control_plane}",
-            "--backend", f"127.0.0.1:{backend}", "--strict-port", str(strict), "--permissive-port", str(permissive),
-            "--admin-ports", f"{admin_a},{admin_b}",
-        ], tmp_path / "demo.log")
+        proc = Proc(
+            [
+                "demo",
+                "--dir",
+                str(tmp_path / "d"),
+                "--control-plane",
+                f"127.0.0.1:{control_plane}",
+                "--backend",
+                f"127.0.0.1:{backend}",
+                "--strict-port",
+                str(strict),
+                "--permissive-port",
+                str(permissive),
+                "--admin-ports",
+                f"{admin_a},{admin_b}",
+            ],
+            tmp_path / "demo.log",
+        )
         wait_until(lambda: not proc.alive(), timeout=45, message="the demo to give up")
     assert proc.stop() == 1
     log = proc.log()

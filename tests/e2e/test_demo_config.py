@@ -8,8 +8,11 @@ from control_plane.demo_config import DemoLayout, DemoNode, demo_manifest, endpo
 from control_plane.pki import DemoPki
 
 LAYOUT = DemoLayout(
-    control_plane="127.0.0.1:18000", backend="127.0.0.1:9000", backend_target="127.0.0.1:9000",
-    strict_port=8443, permissive_port=8444,
+    control_plane="127.0.0.1:18000",
+    backend="127.0.0.1:9000",
+    backend_target="127.0.0.1:9000",
+    strict_port=8443,
+    permissive_port=8444,
     nodes=(DemoNode("demo-a", "127.0.0.2", "127.0.0.1:9901"), DemoNode("demo-b", "::1", "127.0.0.1:9902")),
 )
 
