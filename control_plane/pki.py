@@ -19,7 +19,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
-_CURVES = {"p256": ec.SECP256R1, "p384": ec.SECP384R1, "p521": ec.SECP521R1, "k256": ec.SECP256K1}
+_CURVES: dict[str, ec.EllipticCurve] = {
+    "p256": ec.SECP256R1(), "p384": ec.SECP384R1(), "p521": ec.SECP521R1(), "k256": ec.SECP256K1(),
+}
 _YEAR = dt.timedelta(days=365)
 
 
@@ -27,7 +29,7 @@ def make_key(kind: str = "ec-p256") -> PrivateKey:
     """`ec-p256`, `ec-p384`, `ec-p521`, `ec-k256`, `rsa-1024` … `rsa-4096`, `ed25519`."""
     family, _, size = kind.partition("-")
     if family == "ec":
-        return ec.generate_private_key(_CURVES[size]())
+        return ec.generate_private_key(_CURVES[size])
     if family == "rsa":
         return rsa.generate_private_key(public_exponent=65537, key_size=int(size))
     if family == "ed25519":
@@ -197,8 +199,9 @@ class DemoPki:
 
 def init_demo_pki(directory: str | Path, *, server_names: Sequence[str] = ("localhost",),
                   server_ips: Sequence[str] = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "::1")) -> DemoPki:
-    """Root CA → intermediate CA → server and client certificates, a CRL revoking one client, and
-    GCP-format `trust-config.yaml` / `server-tls-policy.yaml` plus an `apply`-able `mtlsgate.yaml`."""
+    """Root CA → intermediate CA → server and client certificates, a CRL revoking one client, and the
+    GCP-format `trust-config.yaml` / `server-tls-policy.yaml` that `mtlsgate import` takes. (The demo's
+    `apply`-able manifests are written by `control_plane/demo_config.py`.)"""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     root = issue("mtlsgate demo root CA", ca=True)
