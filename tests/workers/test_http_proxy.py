@@ -19,7 +19,7 @@ import pytest
 from mtlsgate.v1 import resources_pb2
 
 from control_plane.pki import DemoPki
-from tests.support import free_port, port_open
+from tests.support import free_port, port_open, wait_until
 from tests.workers.conftest import (
     PoolHarness,
     RecordingBackend,
@@ -34,6 +34,7 @@ from tests.workers.conftest import (
 
 XFCC = resources_pb2.Listener.ForwardClientCertDetails
 SLOW_STARTED = threading.Event()
+SLOW_RELEASE = threading.Event()  # the test decides when the in-flight /slow request may finish
 
 
 class _H11Handler(socketserver.BaseRequestHandler):
@@ -53,7 +54,7 @@ class _H11Handler(socketserver.BaseRequestHandler):
                 request, body = event, b""
                 if request.target == b"/slow":
                     SLOW_STARTED.set()
-                    time.sleep(1.0)
+                    SLOW_RELEASE.wait(10)
                 while not isinstance(event := conn.next_event(), h11.EndOfMessage):
                     if event is h11.NEED_DATA:
                         conn.receive_data(self.request.recv(65536))
@@ -207,12 +208,17 @@ def test_close_drains_in_flight_requests_then_stops(h11_backend: str, demo_pki: 
     client = threading.Thread(target=lambda: results.append(
         https_get(port, client_context(demo_pki, None), "/slow", timeout=10)[0]))
     SLOW_STARTED.clear()
+    SLOW_RELEASE.clear()
     client.start()
     assert SLOW_STARTED.wait(10)
-    harness.close()  # SIGTERM path: stop accepting, finish the in-flight request, exit
+    closer = threading.Thread(target=harness.close)  # SIGTERM path: stop accepting, drain, exit
+    closer.start()
+    wait_until(lambda: not port_open("127.0.0.1", port), timeout=10, message="the listener to stop accepting")
+    assert client.is_alive() and closer.is_alive(), "the pool must wait for the in-flight request"
+    SLOW_RELEASE.set()
+    closer.join(15)
     client.join(10)
     assert results == [200]
-    assert not port_open("127.0.0.1", port)
     assert harness.pool.pids() == []
 
 
