@@ -1,5 +1,6 @@
 """Cross-resource rules, checked atomically inside each store write: references must resolve, a
-REJECT_INVALID policy needs a non-empty TrustConfig, and a referenced resource cannot be deleted.
+REJECT_INVALID policy needs a non-empty TrustConfig, a referenced resource cannot be deleted, and no
+node may be given two listeners on one port.
 Pure functions of (store state, the write)."""
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def _rejecting_policy_violation(policy: resources_pb2.ServerTlsPolicy, trust_con
             and trust_config_is_empty(trust_config))  # type: ignore[arg-type]
 
 
+def selectors_overlap(a: dict[str, str] | object, b: dict[str, str] | object) -> bool:
+    """Could one node match both node selectors? Yes unless some label is required with two values."""
+    first, second = dict(a), dict(b)  # type: ignore[call-overload]
+    return all(second.get(key, value) == value for key, value in first.items())
+
+
 def check_write(state: StoreState, name: str, new: Message | None) -> None:
     """Raise ReferenceConflict / InvalidResource if writing `new` (None = deleting `name`) onto `state`
     would break a cross-resource rule."""
@@ -59,3 +66,11 @@ def check_write(state: StoreState, name: str, new: Message | None) -> None:
         if policies:
             raise ReferenceConflict([FieldViolation(
                 "trustStores", f"would leave {name} empty, but REJECT_INVALID policies use it: {', '.join(policies)}")])
+    if isinstance(new, resources_pb2.Listener):
+        clashes = [other_name for other_name, other in state.listeners.items()
+                   if other_name != name and other.port == new.port
+                   and selectors_overlap(other.node_selector, new.node_selector)]
+        if clashes:
+            raise ReferenceConflict([FieldViolation(
+                "port", f"port {new.port} is already used by {', '.join(sorted(clashes))} on nodes this "
+                "listener's nodeSelector also selects; use another port or disjoint nodeSelectors")])

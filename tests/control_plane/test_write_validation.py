@@ -161,6 +161,34 @@ def test_crl_every_node_would_reject_is_refused_on_write(api: Api, base: DemoPki
     assert "cRLNumber" in violations[0][1]
 
 
+def test_two_listeners_on_one_port_for_the_same_nodes_are_refused(api: Api, base: DemoPki) -> None:
+    def listener(port: int, selector: dict[str, str]) -> R.Listener:
+        return R.Listener(port=port, certificate="certificates/edge", backend="127.0.0.1:9000",
+                          node_selector=selector)
+
+    def create(listener_id: str, msg: R.Listener) -> Callable[[], object]:
+        return lambda: api.listeners.CreateListener(
+            api_pb2.CreateListenerRequest(listener_id=listener_id, listener=msg), timeout=10)
+
+    create("zone-a", listener(18443, {"zone": "a"}))()
+    try:
+        create("zone-b", listener(18443, {"zone": "b"}))()  # disjoint selectors: allowed
+        for selector, clashes in (({}, "listeners/zone-a, listeners/zone-b"),  # every node
+                                  ({"zone": "a", "tier": "edge"}, "listeners/zone-a")):  # part of zone a
+            _, violations = refused(api, create("clash", listener(18443, selector)),
+                                    grpc.StatusCode.FAILED_PRECONDITION)
+            assert violations == [("port", f"port 18443 is already used by {clashes} on nodes this "
+                                   "listener's nodeSelector also selects; use another port or disjoint "
+                                   "nodeSelectors")]
+        # Updating a listener in place on its own port is not a clash with itself.
+        api.listeners.UpdateListener(api_pb2.UpdateListenerRequest(
+            listener=R.Listener(name="listeners/zone-a", port=18443, certificate="certificates/edge",
+                                backend="127.0.0.1:9001", node_selector={"zone": "a"})), timeout=10)
+    finally:
+        for listener_id in ("zone-a", "zone-b"):
+            api.listeners.DeleteListener(api_pb2.DeleteResourceRequest(name=f"listeners/{listener_id}"))
+
+
 def test_size_and_count_limits(api: Api, base: DemoPki) -> None:
     from data_plane.validation import resources as limits
 
