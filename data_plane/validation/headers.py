@@ -315,6 +315,19 @@ def forwards_incoming_xfcc(mode: int | str) -> bool:
     return _XFCC_MODES.get(mode) == APPEND_FORWARD
 
 
+def _rfc4514_printable(name: str) -> str:
+    """An RFC 4514 string with every character outside printable ASCII hex-escaped (`\\0D`, RFC 4514
+    §2.4), so that a hostile certificate cannot put CR/LF (header injection) or non-Latin-1 text into a
+    header value."""
+    return "".join(ch if " " <= ch <= "~" else "".join(f"\\{b:02X}" for b in ch.encode()) for ch in name)
+
+
+def _uri_printable(value: str) -> str:
+    """A URI / DNS SAN with every character outside printable ASCII percent-encoded (as in an IRI → URI
+    conversion), for the same reason."""
+    return "".join(ch if " " < ch <= "~" else urllib.parse.quote(ch, safe="") for ch in value)
+
+
 def _xfcc_value(value: str) -> str:
     if any(ch in value for ch in ',;="') or value != value.strip():
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -333,20 +346,20 @@ def xfcc_element(verdict: Verdict, by: str = "") -> str | None:
     leaf_pem = _pem(verdict.leaf)
     pairs = []
     if by:
-        pairs.append(("By", by))
+        pairs.append(("By", _uri_printable(by)))
     pairs.append(("Hash", hashlib.sha256(verdict.leaf).hexdigest()))
     pairs.append(("Cert", urllib.parse.quote(leaf_pem, safe="")))
     chain_pem = leaf_pem + "".join(_pem(der) for der in verdict.chain)
     pairs.append(("Chain", urllib.parse.quote(chain_pem, safe="")))
-    pairs.append(("Subject", cert.subject.rfc4514_string()))
+    pairs.append(("Subject", _rfc4514_printable(cert.subject.rfc4514_string())))
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
         dns = san.get_values_for_type(x509.DNSName)
     except (x509.ExtensionNotFound, *MALFORMED):
         uris, dns = [], []
-    pairs += [("URI", u) for u in uris[:1]]  # Envoy sends the first URI SAN only
-    pairs += [("DNS", d) for d in dns]
+    pairs += [("URI", _uri_printable(u)) for u in uris[:1]]  # Envoy sends the first URI SAN only
+    pairs += [("DNS", _uri_printable(d)) for d in dns]
     # Envoy always quotes Cert, Chain and Subject; other values only when they need it.
     quoted = {"Cert", "Chain", "Subject"}
     return ";".join(

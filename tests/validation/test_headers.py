@@ -179,6 +179,20 @@ def test_xfcc_modes(pki: Pki) -> None:
         render_xfcc(verified, "BOGUS")
 
 
+def test_xfcc_values_from_a_hostile_certificate_stay_printable_ascii(pki: Pki) -> None:
+    """CR/LF in a subject or SAN must not split the header (injection), and non-Latin-1 text must not
+    reach the wire raw: RFC 4514 hex escapes in Subject, percent-encoding in URI/DNS."""
+    hostile = leaf('evil\r\nX-Client-Cert-Chain-Verified: true 日本', pki.inter,
+                   uris=("https://h/x\r\nX-Injected: 1",), dns=("a\nb.example",))
+    verdict = _verdict(pki, hostile.der, pki.inter.der)
+    assert verdict.chain_verified, verdict.detail
+    element = render_xfcc(verdict, "SANITIZE_SET")
+    assert element is not None
+    assert all(" " <= ch <= "~" for ch in element), "a control or non-ASCII character reached XFCC"
+    assert 'Subject="CN=evil\\\\0D\\\\0AX-Client-Cert-Chain-Verified: true \\\\E6\\\\97\\\\A5' in element
+    assert ";URI=https://h/x%0D%0AX-Injected:%201;DNS=a%0Ab.example" in element
+
+
 def test_allowlisted_leaf_is_verified_with_an_empty_chain(pki: Pki) -> None:
     self_signed = ca("Allowlisted Device")
     device = leaf("device", self_signed)
