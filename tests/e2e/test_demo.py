@@ -57,6 +57,34 @@ def pid_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()
 
 
+@dataclass(frozen=True)
+class DemoPorts:
+    """Free ports for one `mtlsgate demo` run (nodes listen on 127.0.0.2 and 127.0.0.3)."""
+
+    control_plane: int
+    backend: int
+    admin_a: int
+    admin_b: int
+    strict: int
+    permissive: int
+
+    @classmethod
+    def free(cls) -> DemoPorts:
+        control_plane, backend, admin_a, admin_b = distinct_free_ports("127.0.0.1", 4)
+        strict, permissive = distinct_free_ports("127.0.0.2", 2)
+        return cls(control_plane, backend, admin_a, admin_b, strict, permissive)
+
+    def args(self, directory: Path) -> list[str]:
+        return [
+            "demo", "--dir", str(directory),
+            "--control-plane", f"127.0.0.1:{self.control_plane}",
+            "--backend", f"127.0.0.1:{self.backend}",
+            "--strict-port", str(self.strict),
+            "--permissive-port", str(self.permissive),
+            "--admin-ports", f"{self.admin_a},{self.admin_b}",
+        ]
+
+
 @dataclass
 class RunningDemo:
     proc: Proc
@@ -75,25 +103,7 @@ class RunningDemo:
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[RunningDemo]:
     directory = tmp_path / "demo"
-    control_plane, backend, admin_a, admin_b = distinct_free_ports("127.0.0.1", 4)
-    strict, permissive = distinct_free_ports("127.0.0.2", 2)
-    args = [
-        "demo",
-        "--dir",
-        str(directory),
-        "--control-plane",
-        f"127.0.0.1:{control_plane}",
-        "--backend",
-        f"127.0.0.1:{backend}",
-        "--strict-port",
-        str(strict),
-        "--permissive-port",
-        str(permissive),
-        "--admin-ports",
-        f"{admin_a},{admin_b}",
-        "--timeout",
-        "60",
-    ]
+    args = [*DemoPorts.free().args(directory), "--timeout", "60"]
     proc = Proc(args, tmp_path / "demo.log")
     try:
         endpoints_file = directory / "endpoints.json"
@@ -247,29 +257,12 @@ def test_demo_prepare_only_writes_apply_ready_manifests(tmp_path: Path) -> None:
 
 
 def test_demo_fails_fast_with_the_nodes_reason_when_a_listener_port_is_taken(tmp_path: Path) -> None:
-    control_plane, backend, admin_a, admin_b = distinct_free_ports("127.0.0.1", 4)
-    strict, permissive = distinct_free_ports("127.0.0.2", 2)
+    ports = DemoPorts.free()
+    strict = ports.strict
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.2", strict))
         squatter.listen()
-        proc = Proc(
-            [
-                "demo",
-                "--dir",
-                str(tmp_path / "d"),
-                "--control-plane",
-                f"127.0.0.1:{control_plane}",
-                "--backend",
-                f"127.0.0.1:{backend}",
-                "--strict-port",
-                str(strict),
-                "--permissive-port",
-                str(permissive),
-                "--admin-ports",
-                f"{admin_a},{admin_b}",
-            ],
-            tmp_path / "demo.log",
-        )
+        proc = Proc(ports.args(tmp_path / "d"), tmp_path / "demo.log")
         wait_until(lambda: not proc.alive(), timeout=45, message="the demo to give up")
     assert proc.stop() == 1
     log = proc.log()
