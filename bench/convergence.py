@@ -33,8 +33,9 @@ from mtlsgate.v1 import api_pb2, api_pb2_grpc, resources_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mtlsgate import resource_types as rt
+
 from control_plane.pki import Issued, crl_pem, init_demo_pki, make_crl
-from control_plane.xds import resource_types as rt
 
 ROOT = Path(__file__).resolve().parents[1]
 MTLSGATE = [sys.executable, "-m", "control_plane.cli.main"]

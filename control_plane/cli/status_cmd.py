@@ -6,8 +6,9 @@ import argparse
 import json
 from typing import Any
 
+from mtlsgate import resource_types as rt
+
 from control_plane.cli.client import add_client_arguments, open_channel, rpc_error
-from control_plane.xds import resource_types as rt
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

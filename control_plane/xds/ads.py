@@ -22,10 +22,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
+from mtlsgate import resource_types as rt
 from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
 from control_plane.xds import metrics
-from control_plane.xds import resource_types as rt
 from control_plane.xds.fleet import Fleet, NodeRecord
 from control_plane.xds.protocol import ProtocolError, Push, RequestKind, StreamProtocol
 from control_plane.xds.snapshot import GroupSnapshot, SnapshotBuilder, StateSnapshots

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
+from mtlsgate import resource_types as rt
 from mtlsgate.v1 import api_pb2
 
-from control_plane.xds import resource_types as rt
 from control_plane.xds.protocol import StreamProtocol, TypeState
 
 # Disconnected nodes are kept for `status` (connected = false) up to this many, oldest dropped first.

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
+from mtlsgate import resource_types as rt
 
-from control_plane.xds import resource_types as rt
 from control_plane.xds.snapshot import GroupSnapshot
 
 # Bounds on what a node controls.

@@ -18,9 +18,8 @@ from typing import Any as TypingAny
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
+from mtlsgate import resource_types as rt
 from mtlsgate.v1 import resources_pb2, xds_pb2
-
-from control_plane.xds import resource_types as rt
 
 log = logging.getLogger("mtlsgate.xds")
 

@@ -26,11 +26,11 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, status_pb2
+from mtlsgate import resource_types as rt
 from prometheus_client import Counter, Gauge
 
-from control_plane.xds import resource_types as rt
-from data_plane.node.apply import ConfigApplier, ConfigRejected
-from data_plane.node.config import NodeConfig, decode_resources, validate_node_config
+from data_plane.node.apply import ConfigApplier
+from data_plane.node.config import ConfigRejected, NodeConfig, decode_resources, validate_node_config
 
 log = logging.getLogger("mtlsgate.node")
 

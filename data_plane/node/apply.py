@@ -1,22 +1,16 @@
 """How a received configuration becomes active on the node: the `ConfigApplier` interface (the worker pool
-implements it), `ConfigRejected` for configurations only the node can refuse, and listener port
-reservations on the node's listen address."""
+implements it) and listener port reservations on the node's listen address."""
 
 from __future__ import annotations
 
 import errno
 import socket
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from mtlsgate.v1 import resources_pb2
 
-if TYPE_CHECKING:
-    from data_plane.node.config import NodeConfig
-
-
-class ConfigRejected(Exception):
-    """The node cannot use this configuration; the message (sent as the NACK's error_detail) says why."""
+from data_plane.node.config import ConfigRejected, NodeConfig
 
 
 class ConfigApplier(Protocol):

@@ -13,10 +13,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
+from mtlsgate import resource_types as rt
 from mtlsgate.v1 import resources_pb2, xds_pb2
 
-from control_plane.xds import resource_types as rt
-from data_plane.node.apply import ConfigRejected
+
+class ConfigRejected(Exception):
+    """The node cannot use this configuration; the message (sent as the NACK's error_detail) says why."""
+
 
 # Bounds on what the control plane (or a forged cache file) can make the node hold.
 MAX_RESOURCES_PER_TYPE = 1000

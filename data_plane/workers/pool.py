@@ -16,7 +16,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from data_plane.node.apply import ConfigRejected, PortReservations
+from data_plane.node.apply import PortReservations
+from data_plane.node.config import ConfigRejected
 from data_plane.workers.listeners import ListenerConfigError, WireConfig, compile_listeners
 from data_plane.workers.observability import PoolMetrics, log_event
 from data_plane.workers.worker import worker_main

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from control_plane.pki import DemoPki, Issued, issue
-from data_plane.node.apply import ConfigRejected
+from data_plane.node.config import ConfigRejected
 from tests.support import free_port, port_open, wait_until
 from tests.workers.conftest import (
     PoolHarness,

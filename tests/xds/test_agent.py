@@ -7,16 +7,16 @@ import stat
 
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
+from mtlsgate import resource_types as rt
 from mtlsgate.v1 import api_pb2, resources_pb2
 
 from control_plane.store.sqlite import SqliteStore
-from control_plane.xds import resource_types as rt
 from control_plane.xds.fleet import type_state
 from control_plane.xds.protocol import Push, StreamProtocol
 from control_plane.xds.snapshot import SnapshotBuilder
 from data_plane.node.agent import AgentSession, Backoff, NodeIdentity, load_cached, save_cached
-from data_plane.node.apply import ConfigRejected, PortReservations
-from data_plane.node.config import NodeConfig, validate_node_config
+from data_plane.node.apply import PortReservations
+from data_plane.node.config import ConfigRejected, NodeConfig, validate_node_config
 from tests.xds.fleet_config import listener, rotated_crl_pem, trust_config, two_group_store
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
+from mtlsgate import resource_types as rt
 from mtlsgate.v1 import api_pb2
 
 from control_plane.store.sqlite import SqliteStore
-from control_plane.xds import resource_types as rt
 from control_plane.xds.fleet import overall_state, type_state
 from control_plane.xds.protocol import ProtocolError, RequestKind, StreamProtocol
 from control_plane.xds.snapshot import SnapshotBuilder

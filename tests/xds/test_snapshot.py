@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from mtlsgate import resource_types as rt
 from mtlsgate.v1 import resources_pb2, xds_pb2
 
 from control_plane.store.sqlite import SqliteStore
-from control_plane.xds import resource_types as rt
 from control_plane.xds.snapshot import SnapshotBuilder
 from tests.xds.fleet_config import rotated_crl_pem, trust_config, two_group_store
 

@@ -6,10 +6,10 @@ import json
 import subprocess
 
 import grpc
+from mtlsgate import resource_types as rt
 from mtlsgate.v1 import api_pb2
 
 from control_plane.cli.status_cmd import render_table
-from control_plane.xds import resource_types as rt
 from tests.control_plane.harness import start_control_plane
 from tests.support import MTLSGATE
 from tests.xds.raw_ads import RawAds

@@ -1,4 +1,5 @@
-"""The xDS type URLs mtlsgate distributes (SPEC §6) and which of them are subscribed by name."""
+"""The xDS type URLs mtlsgate distributes (SPEC §6) and which of them are subscribed by name. Shared by both
+planes (the control plane serves them, nodes check them), so it lives beside the generated protos."""
 
 from __future__ import annotations
 
