@@ -128,7 +128,8 @@ class Bench:
     def start_control_plane(self) -> subprocess.Popen[bytes]:
         env = {"MTLSGATE_XDS_DEBOUNCE_QUIET": str(self.args.debounce_quiet),
                "MTLSGATE_XDS_DEBOUNCE_MAX": str(self.args.debounce_max)}
-        proc = self.start(["control-plane", "--listen", self.address, "--db", str(self.workdir / "store.db")],
+        proc = self.start(["control-plane", "--listen", self.address, "--db", str(self.workdir / "store.db"),
+                           "--insecure"],
                           "control-plane.log", env)
         host, _, port = self.address.rpartition(":")
 

@@ -8,6 +8,7 @@ async cleanup in `ctx.on_shutdown`."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import socket
@@ -43,6 +44,7 @@ class ServerOptions:
     tls_cert: str | None = None  # serve TLS with this certificate chain …
     tls_key: str | None = None  # … and key
     client_ca: str | None = None  # and require client certificates issued by this CA (mTLS)
+    insecure: bool = False  # run without authentication (loopback only; SPEC §8)
     grace_seconds: float = 5.0  # how long in-flight calls get on shutdown
 
 
@@ -103,6 +105,40 @@ def _credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+def check_authentication(options: ServerOptions) -> list[str]:
+    """Secure by default (SPEC §8): without `--insecure`, refuse to start unless xDS clients and API
+    callers can be authenticated; `--insecure` only on loopback. Returns the warnings to print at start."""
+    host = options.listen.rpartition(":")[0].strip("[]")
+    if options.insecure:
+        if not _is_loopback(host):
+            raise ConfigError(
+                f"--insecure is refused on a non-loopback listen address ({options.listen}): without "
+                "authentication anyone who reaches it can read every private key and rewrite the policy; "
+                "listen on 127.0.0.1, or drop --insecure and pass --tls-cert, --tls-key and --client-ca")
+        return [f"WARNING: --insecure: authentication is OFF on {options.listen}; any local process can "
+                "read every private key over xDS and change the policy through the API. For trials only."]
+    missing = []
+    if not options.client_ca:
+        what = "--client-ca (xDS nodes and API callers are authenticated by client certificates"
+        tls = [flag for flag, value in (("--tls-cert", options.tls_cert), ("--tls-key", options.tls_key))
+               if not value]
+        missing.append(what + (f"; it needs {' and '.join(tls)}" if tls else "") + ")")
+    if missing:
+        raise ConfigError(
+            "refusing to start without authentication: missing " + "; ".join(missing)
+            + ". Pass them, or --insecure to run unauthenticated on loopback (trials and tests only)")
+    return []
+
+
 def _check_bindable(listen: str) -> None:
     """gRPC reports a busy port only as a C-core log line and port 0: probe first for a clear error."""
     host, _, port_text = listen.rpartition(":")
@@ -128,6 +164,7 @@ class BuiltServer:
 
 def build_server(store: Store, options: ServerOptions) -> BuiltServer:
     """A configured, not yet started server. Must be called with the event loop running."""
+    check_authentication(options)
     tokens = Tokens.load(options.token_file) if options.token_file else None
     interceptors = [TokenInterceptor(tokens)] if tokens else []
     server = grpc.aio.server(
@@ -167,6 +204,7 @@ def build_server(store: Store, options: ServerOptions) -> BuiltServer:
 
 async def serve(options: ServerOptions, *, ready: Callable[[str], None] | None = None) -> None:
     """Run the control plane until SIGTERM/SIGINT, then stop gracefully."""
+    warnings = check_authentication(options)  # before opening the store: a refusal changes nothing
     store = SqliteStore(options.db)
     try:
         built = build_server(store, options)
@@ -176,6 +214,9 @@ async def serve(options: ServerOptions, *, ready: Callable[[str], None] | None =
         host = options.listen.rpartition(":")[0]
         address = f"{host}:{built.port}"
         line = f"mtlsgate control-plane: serving on {address} (db {options.db})"
+        for warning in warnings:
+            log.warning("%s", warning)
+            print(f"mtlsgate control-plane: {warning}", file=sys.stderr, flush=True)
         (ready or (lambda text: print(text, flush=True)))(line)
 
         stop = asyncio.Event()

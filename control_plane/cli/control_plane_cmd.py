@@ -14,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "control-plane",
         help="run the control plane (management API, xDS, durable store)",
         description="Serves the management API, health, reflection and xDS on one gRPC port, backed by a "
-        "SQLite file. Stops gracefully on SIGTERM/SIGINT.",
+        "SQLite file. Secure by default: refuses to start unless it can authenticate nodes and API callers "
+        "(--tls-cert, --tls-key, --client-ca; optionally --token-file), or --insecure on loopback. "
+        "Stops gracefully on SIGTERM/SIGINT.",
     )
     parser.add_argument("--listen", default="127.0.0.1:18000", metavar="HOST:PORT",
                         help="gRPC listen address (default %(default)s)")
@@ -28,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
     parser.add_argument("--client-ca", metavar="FILE",
                         help="require client certificates issued by this CA (mTLS; needs --tls-cert/--tls-key)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="run WITHOUT authentication (no --client-ca needed): refused unless --listen is a "
+                        "loopback address, warns at start. For local trials and tests only")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics (xDS metrics) here")
     parser.set_defaults(func=run)
@@ -40,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = ServerOptions(listen=args.listen, db=args.db, token_file=args.token_file, tls_cert=args.tls_cert,
-                            tls_key=args.tls_key, client_ca=args.client_ca)
+                            tls_key=args.tls_key, client_ca=args.client_ca, insecure=args.insecure)
     try:
         if args.metrics:
             from control_plane.xds.metrics import serve_metrics

@@ -320,7 +320,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo: starting the control plane on {layout.control_plane} …", flush=True)
         stack.start(
             "control-plane",
-            ["control-plane", "--listen", layout.control_plane, "--db", str(directory / "mtlsgate.db")],
+            # Interim: the secure demo (node certificates, admin credentials) replaces --insecure.
+            ["control-plane", "--listen", layout.control_plane, "--db", str(directory / "mtlsgate.db"),
+             "--insecure"],
         )
         stack.start("echo-backend", ["echo-backend", "--listen", layout.backend])
         stack.wait_for("the control plane", lambda: grpc_serving(layout.control_plane), args.timeout)

@@ -11,7 +11,7 @@ from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
 from control_plane.pki import DemoPki
 from tests.control_plane.conftest import ControlPlane
-from tests.control_plane.harness import health_serving, start_control_plane
+from tests.control_plane.harness import control_plane_args, health_serving, start_control_plane
 
 TOKEN = "s3cr3t-token-for-alice-0123456789"
 
@@ -50,7 +50,8 @@ def test_mtls_client_certificates(tmp_path: Path, logs_dir: Path, demo_pki: Demo
     client_ca.write_text(demo_pki.path("ca_cert").read_text() + demo_pki.path("intermediate_cert").read_text())
     proc, address = start_control_plane(
         tmp_path, logs_dir, ["--tls-cert", str(demo_pki.path("server_cert")), "--tls-key",
-                             str(demo_pki.path("server_key")), "--client-ca", str(client_ca)], credentials=creds)
+                             str(demo_pki.path("server_key")), "--client-ca", str(client_ca)], credentials=creds,
+        insecure=False)
     cp = ControlPlane(proc, address, tmp_path / "control-plane.db")
     tls = ["--ca-cert", str(ca_bundle)]
     client = [*tls, "--cert", str(demo_pki.path("client_cert")), "--key", str(demo_pki.path("client_key"))]
@@ -80,8 +81,8 @@ def test_token_file_errors(tmp_path: Path) -> None:
 
     short = tmp_path / "short"
     short.write_text("abc\n")
-    result = subprocess.run([*MTLSGATE, "control-plane", "--listen", f"127.0.0.1:{free_port()}", "--db",
-                             str(tmp_path / "x.db"), "--token-file", str(short)], capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run([*MTLSGATE, *control_plane_args(f"127.0.0.1:{free_port()}", tmp_path / "x.db",
+                                                            ["--token-file", str(short)])],
+                            capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.strip() == f"mtlsgate control-plane: {short}:1: token too short (at least 16 characters)"

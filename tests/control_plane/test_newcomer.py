@@ -38,7 +38,7 @@ def test_clean_clone_install_and_first_steps(tmp_path: Path, logs_dir: Path) -> 
         assert command in help_text
 
     address = f"127.0.0.1:{free_port()}"
-    proc = Proc([mtlsgate, "control-plane", "--listen", address, "--db", str(tmp_path / "cp.db")],
+    proc = Proc([mtlsgate, "control-plane", "--listen", address, "--db", str(tmp_path / "cp.db"), "--insecure"],
                 logs_dir / "newcomer-control-plane.log", env=env, cwd=tmp_path, mtlsgate=False)
     try:
         wait_until(lambda: "serving on" in proc.log(), timeout=60, message="the control plane's ready line")

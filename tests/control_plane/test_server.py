@@ -10,6 +10,7 @@ import grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.control_plane.conftest import ControlPlane
+from tests.control_plane.harness import control_plane_args
 from tests.support import MTLSGATE, free_port
 
 
@@ -29,24 +30,22 @@ def test_ready_line_reflection_and_clean_sigterm(control_plane: ControlPlane) ->
 
 
 def test_listen_address_in_use_is_a_one_line_error(control_plane: ControlPlane, tmp_path: Path) -> None:
-    result = subprocess.run([*MTLSGATE, "control-plane", "--listen", control_plane.address, "--db",
-                             str(tmp_path / "other.db")], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([*MTLSGATE, *control_plane_args(control_plane.address, tmp_path / "other.db")], capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "cannot listen on" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_unreadable_tls_file_is_refused(tmp_path: Path) -> None:
-    result = subprocess.run([*MTLSGATE, "control-plane", "--listen", f"127.0.0.1:{free_port()}", "--db",
-                             str(tmp_path / "x.db"), "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key",
-                             str(tmp_path / "missing-key.pem")], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([*MTLSGATE, *control_plane_args(
+        f"127.0.0.1:{free_port()}", tmp_path / "x.db",
+        ["--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(tmp_path / "missing-key.pem")])], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "cannot read TLS" in result.stderr
 
 
 def test_a_second_control_plane_on_the_same_database_is_refused(control_plane: ControlPlane) -> None:
-    result = subprocess.run([*MTLSGATE, "control-plane", "--listen", f"127.0.0.1:{free_port()}", "--db",
-                             str(control_plane.db)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([*MTLSGATE, *control_plane_args(f"127.0.0.1:{free_port()}", control_plane.db)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.strip() == (f"mtlsgate control-plane: store {control_plane.db} is in use by another "
                                      "control plane process")

@@ -15,6 +15,7 @@ import pytest
 from mtlsgate.v1 import api_pb2
 
 from control_plane.pki import issue
+from tests.control_plane.harness import control_plane_args
 from tests.support import Proc, free_port, port_open, wait_until
 from tests.xds.fleet_config import certificate, listener, strict_policy, trust_config
 from tests.xds.raw_ads import RawAds
@@ -130,9 +131,9 @@ def test_node_id_is_bound_to_the_xds_client_certificate(tmp_path: Path, logs_dir
     chain = tmp_path / "ca-chain.pem"
     chain.write_text(demo_pki.path("ca_cert").read_text() + demo_pki.path("intermediate_cert").read_text())
     address = f"127.0.0.1:{free_port()}"
-    proc = Proc(["control-plane", "--listen", address, "--db", str(tmp_path / "s.db"),
-                 "--tls-cert", str(demo_pki.path("server_cert")), "--tls-key", str(demo_pki.path("server_key")),
-                 "--client-ca", str(chain)], logs_dir / "cp-mtls.log")
+    proc = Proc(control_plane_args(address, tmp_path / "s.db", [
+        "--tls-cert", str(demo_pki.path("server_cert")), "--tls-key", str(demo_pki.path("server_key")),
+        "--client-ca", str(chain)], insecure=False), logs_dir / "cp-mtls.log")
     try:
         wait_until(lambda: port_open("127.0.0.1", int(address.rpartition(":")[2])), timeout=20,
                    message="mTLS control plane")
