@@ -13,6 +13,7 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from control_plane.manifest_schema import FieldProblem, check_fields
 from control_plane.resource_names import (
     KINDS,
     InvalidName,
@@ -37,7 +38,7 @@ class ManifestError(ValueError):
 class ManifestResource:
     kind: Kind
     resource: Message  # name normalised
-    source: str  # "FILE (document N)"
+    source: str  # "FILE (document N) kind/id", how errors name it
 
 
 def _load_documents(text: str, source: str) -> list[Any]:
@@ -46,10 +47,23 @@ def _load_documents(text: str, source: str) -> list[Any]:
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise ManifestError(f"{source}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raise ManifestError(f"{source}: {yaml_problem(exc)}") from None
     if len(documents) > MAX_DOCUMENTS:
         raise ManifestError(f"{source}: more than {MAX_DOCUMENTS} documents")
     return documents
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """`line 3, column 7: not valid YAML (mapping values are not allowed here)`: where, then what."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}not valid YAML ({problem})"
+
+
+def label(kind: Kind, name: str) -> str:
+    """How the CLI names one resource in its output and errors: `listener/public`."""
+    return f"{kind.kind.lower()}/{name.partition('/')[2] or name}"
 
 
 def _plain(value: Any) -> Any:
@@ -66,12 +80,16 @@ def _plain(value: Any) -> Any:
 
 def _to_message(kind: Kind, fields: dict[str, Any], where: str) -> Message:
     message = kind.message()
-    body = {k: v for k, v in fields.items() if k not in OUTPUT_ONLY_FIELDS}
+    body = _plain({k: v for k, v in fields.items() if k not in OUTPUT_ONLY_FIELDS})
     try:
-        json_format.ParseDict(_plain(body), message)
-    except json_format.ParseError as exc:
-        detail = str(exc).replace(f'Message type "{kind.message.DESCRIPTOR.full_name}"', kind.kind)
-        raise ManifestError(f"{where}: {detail}") from None
+        check_fields(kind.message.DESCRIPTOR, body)
+        json_format.ParseDict(body, message)
+    except FieldProblem as exc:
+        raise ManifestError(f"{where}: {exc}") from None
+    except json_format.ParseError as exc:  # something the schema check lets through; still one line
+        detail = " ".join(str(exc).split()).replace(f'Message type "{kind.message.DESCRIPTOR.full_name}"',
+                                                    kind.kind)
+        raise ManifestError(f"{where}: {detail.rstrip('.')}") from None
     return message
 
 
@@ -85,16 +103,21 @@ def parse_manifest(text: str, source: str) -> list[ManifestResource]:
         fields = dict(document)
         kind_text = fields.pop("kind", None)
         name = fields.pop("name", None)
+        allowed = ", ".join(k.kind for k in KINDS)
         if not isinstance(kind_text, str):
-            raise ManifestError(f"{where}: kind: is required ({', '.join(k.kind for k in KINDS)})")
-        if not isinstance(name, str) or not name:
-            raise ManifestError(f"{where}: name: is required")
-        fields.pop("apiVersion", None)  # tolerated, kubectl habit
+            raise ManifestError(f"{where}: kind: required; allowed: {allowed}")
         try:
             kind = parse_kind(kind_text)
+        except InvalidName:
+            raise ManifestError(f"{where}: kind: {kind_text} is not a manifest kind; allowed: {allowed}") from None
+        if not isinstance(name, str) or not name:
+            raise ManifestError(f"{where}: name: required (the {kind.kind}'s ID, e.g. name: demo)")
+        fields.pop("apiVersion", None)  # tolerated, kubectl habit
+        try:
             normalised = normalise_name(name, kind)
         except InvalidName as exc:
-            raise ManifestError(f"{where}: {exc}") from None
+            raise ManifestError(f"{where}: name: {exc}") from None
+        where = f"{where} {label(kind, normalised)}"
         message = _to_message(kind, fields, where)
         message.name = normalised  # type: ignore[attr-defined]
         out.append(ManifestResource(kind, message, where))
@@ -116,9 +139,31 @@ def parse_gcp_import(text: str, kind: Kind, name: str, source: str) -> Message:
         normalised = normalise_name(name, kind)
     except InvalidName as exc:
         raise ManifestError(str(exc)) from None
-    message = _to_message(kind, fields, source)
+    message = _to_message(kind, fields, f"{source} {label(kind, normalised)}")
     message.name = normalised  # type: ignore[attr-defined]
     return message
+
+
+def parse_resource_file(text: str, kind: Kind, source: str) -> Message:
+    """One resource for `mtlsgate check` offline: gcloud import YAML, or one `apply` document (its
+    `kind:` must then be `kind`); `name:` is optional and only used in messages."""
+    documents = _load_documents(text, source)
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        found = f"{len(documents)} documents" if len(documents) != 1 else "no mapping"
+        raise ManifestError(f"{source}: expected one YAML mapping of {kind.kind} fields ({found})")
+    fields = dict(documents[0])
+    fields.pop("apiVersion", None)
+    kind_text = fields.pop("kind", None)
+    if kind_text is not None:
+        try:
+            found_kind = parse_kind(str(kind_text))
+        except InvalidName:
+            found_kind = None
+        if found_kind is not kind:
+            raise ManifestError(f"{source}: kind: {kind_text} where a {kind.kind} was expected")
+    name = fields.pop("name", None)
+    where = f"{source} {label(kind, str(name))}" if isinstance(name, str) and name else source
+    return _to_message(kind, fields, where)
 
 
 def order_for_apply(resources: Iterable[ManifestResource]) -> list[ManifestResource]:

@@ -27,3 +27,53 @@ def test_unknown_command_is_a_usage_error() -> None:
     done = subprocess.run([*MTLSGATE, "no-such-command"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "invalid choice" in done.stderr and "Traceback" not in done.stderr
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MTLSGATE, *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+def test_version() -> None:
+    from importlib.metadata import version
+
+    done = run("--version")
+    assert (done.returncode, done.stdout) == (0, f"mtlsgate {version('mtlsgate')}\n")
+
+
+def test_argument_errors_are_one_line() -> None:
+    """Before: argparse's multi-line usage dump, then the error."""
+    done = run("apply")
+    assert (done.returncode, done.stderr) == (
+        2, "mtlsgate apply: the following arguments are required: -f/--filename (see mtlsgate apply --help)\n")
+    done = run("status", "-o", "xml")
+    assert (done.returncode, done.stderr) == (
+        2, "mtlsgate status: argument -o/--output: invalid choice: 'xml' (choose from 'table', 'json') "
+        "(see mtlsgate status --help)\n")
+
+
+def test_file_and_flag_errors_are_one_line_exit_2(tmp_path: Path) -> None:
+    """Every place a user hands us a file or a flag: one line naming it, exit 2, no traceback, and (apply,
+    import) before any connection is attempted: the server here does not exist."""
+    occupied = tmp_path / "a-file"
+    occupied.write_text("x")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("kind: Listener\nname: public\nport: 8443\nbackendd: 127.0.0.1:9000\n")
+    gcp = tmp_path / "tc.yaml"
+    gcp.write_text("trustStores:\n- trustAnchors:\n  - pemCertificate: hello\n")
+    cases = [
+        (["pki", "init", occupied], f"mtlsgate pki: cannot write the demo PKI to {occupied}: File exists"),
+        (["demo", "--node-addresses", "a,b"], "mtlsgate demo: --node-addresses: 'a' is not an IP address "
+         "(e.g. 127.0.0.2)"),
+        (["demo", "--dir", occupied / "sub", "--prepare-only"], f"mtlsgate demo: --dir {occupied}/sub: Not a "
+         "directory"),
+        (["apply", "-f", typo, "--server", "127.0.0.1:1"], f"mtlsgate apply: {typo} (document 1) "
+         "listener/public: backendd: unknown field; did you mean backend?"),
+        (["apply", "-f", tmp_path / "missing.yaml"], f"mtlsgate apply: cannot read {tmp_path}/missing.yaml: "
+         "No such file or directory"),
+        (["import", "trust-config", "t", "--source", gcp, "--server", "127.0.0.1:1"],
+         f"mtlsgate import: {gcp} trustconfig/t: trustStores[0].trustAnchors[0].pemCertificate: not a PEM "
+         "block (no -----BEGIN CERTIFICATE----- line)"),
+    ]
+    for args, message in cases:
+        done = run(*args)
+        assert (done.returncode, done.stderr) == (2, message + "\n"), args

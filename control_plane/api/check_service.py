@@ -85,6 +85,7 @@ class CheckService(api_pb2_grpc.CheckServiceServicer):
             reason=verdict.reason,
             headers=[api_pb2.Header(name=name, value=value) for name, value in result.headers],
             accepted=verdict.accepted,
+            detail=verdict.detail,
         )
 
 

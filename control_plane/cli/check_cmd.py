@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from control_plane.cli.common import UsageError, add_server_argument
+from control_plane.cli.client import add_client_arguments
+from control_plane.cli.common import UsageError
 
 MAX_INPUT_BYTES = 64 * 1024 * 1024  # a trust config with a large CRL is a few MB
 
@@ -29,10 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Exit 0 when the policy would accept the client, 1 when not, 2 on a usage or input error.",
     )
     p.add_argument(
-        "--cert",
-        required=True,
+        "--chain",
         metavar="CHAIN.pem",
-        help="PEM chain: the client's leaf first, then the intermediates it would send",
+        help="PEM chain: the client's leaf first, then the intermediates it would send. "
+        "--cert CHAIN.pem without --key means the same (the SPEC §4 spelling)",
     )
     p.add_argument(
         "--policy",
@@ -51,20 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--at", metavar="RFC3339", help="validation time, e.g. 2030-01-01T00:00:00Z (default: now)"
     )
     p.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
-    add_server_argument(p)
-    # The shared connection flags, except that --cert here is the chain being checked (SPEC §4), so the
-    # mTLS identity towards the control plane is --client-cert / --client-key.
-    group = p.add_argument_group("control plane connection (live mode)")
-    group.add_argument(
-        "--token",
-        default=os.environ.get("MTLSGATE_TOKEN"),
-        help="bearer token for the management API (env MTLSGATE_TOKEN)",
-    )
-    group.add_argument("--ca-cert", metavar="FILE", help="connect with TLS, trusting this CA")
-    group.add_argument(
-        "--client-cert", metavar="FILE", help="client certificate for mTLS to the control plane"
-    )
-    group.add_argument("--client-key", metavar="FILE", help="private key for --client-cert")
+    # The same connection flags as every other command (--cert/--key: this CLI's mTLS identity towards the
+    # control plane); --client-cert/--client-key are the names older releases used here.
+    add_client_arguments(p)
+    p.add_argument("--client-cert", dest="cert", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--client-key", dest="key", metavar="FILE", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -95,41 +86,72 @@ def parse_time(text: str | None) -> datetime:
     return when.astimezone(UTC)
 
 
-def load_yaml_resource(path: str, message_type: Any, what: str) -> Any:
+def load_yaml_resource(path: str, kind: Any, what: str) -> Any:
     """A resource from a gcloud-import style YAML file (camelCase fields); an `apply` manifest document
-    (with `kind:`) is accepted too."""
-    import yaml
-    from google.protobuf import json_format
+    (with `kind:`) is accepted too. Offline mode takes files only: a resource name gets told so."""
+    from control_plane.manifests import ManifestError, parse_resource_file
+    from control_plane.resource_names import InvalidName, normalise_name
 
-    text = _read_text(path, what)
+    if not Path(path).exists() and "/" in path and not path.endswith((".yaml", ".yml", ".json")):
+        try:
+            normalise_name(path, kind)
+        except InvalidName:
+            pass
+        else:
+            raise UsageError(
+                f"--{what} {path}: a resource name, but offline mode (--trust-config FILE) takes a "
+                f"{kind.kind} YAML file; to check against the {path} stored in the control plane, "
+                "drop --trust-config"
+            )
     try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{what} {path}: not YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(document, dict):
-        raise UsageError(f"{what} {path}: expected a YAML mapping of {message_type.DESCRIPTOR.name} fields")
-    document.pop("kind", None)
+        return parse_resource_file(_read_text(path, f"--{what}"), kind, path)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def chain_problem(text: str, path: str) -> str | None:
+    """A --chain file must be a client's chain: PEM certificates only, the client's leaf first. Says what
+    the file is instead (a YAML manifest, a key, a CA)."""
+    from cryptography import x509
+
+    from data_plane.validation.pem import PemProblem, blocks, load_certificates
+
+    found = blocks(text)
+    if not found:
+        return None  # parse_pem_chain words it
+    if any(b.indented for b in found):
+        return (f"{path}: its PEM blocks are indented inside other text (from line {found[0].line}): a YAML "
+                "manifest? --chain takes a PEM file: the client's certificate, then its intermediates")
+    for index, block in enumerate(found, 1):
+        if block.what != "a certificate":
+            return (f"{path}: PEM block {index} (line {block.line}) is {block.what} where a certificate was "
+                    "expected; --chain takes certificates only, the client's first (its key is not needed)")
     try:
-        return json_format.ParseDict(document, message_type())
-    except json_format.ParseError as exc:
-        raise UsageError(f"{what} {path}: {exc}") from None
+        leaf = load_certificates(text)[0]
+    except PemProblem:
+        return None
+    try:
+        is_ca = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (x509.ExtensionNotFound, ValueError):
+        is_ca = False
+    if is_ca:
+        return (f"{path}: the first certificate ({leaf.subject.rfc4514_string()}) is a CA, not a client "
+                "certificate; put the client's own certificate first, then its intermediates")
+    return None
 
 
 # ---------------------------------------------------------------- the two modes
 
 
 def _offline(args: argparse.Namespace, chain_pem: str, when: datetime) -> dict[str, Any]:
-    from mtlsgate.v1 import resources_pb2
-
+    from control_plane.resource_names import LISTENER, SERVER_TLS_POLICY, TRUST_CONFIG
     from data_plane.validation.dry_run import DryRunError, dry_run, parse_pem_chain
 
-    trust_config = load_yaml_resource(args.trust_config, resources_pb2.TrustConfig, "trust config")
-    policy = load_yaml_resource(args.policy, resources_pb2.ServerTlsPolicy, "policy")
+    trust_config = load_yaml_resource(args.trust_config, TRUST_CONFIG, "trust-config")
+    policy = load_yaml_resource(args.policy, SERVER_TLS_POLICY, "policy")
     headers: list[str] = []
     if args.listener:
-        headers = list(
-            load_yaml_resource(args.listener, resources_pb2.Listener, "listener").custom_request_headers
-        )
+        headers = list(load_yaml_resource(args.listener, LISTENER, "listener").custom_request_headers)
     try:
         result = dry_run(parse_pem_chain(chain_pem), trust_config, policy, when, headers)
     except DryRunError as exc:
@@ -152,9 +174,7 @@ def _live(args: argparse.Namespace, chain_pem: str, when: datetime) -> dict[str,
 
     from control_plane.cli.client import open_channel, rpc_error
 
-    connection = argparse.Namespace(
-        server=args.server, token=args.token, ca_cert=args.ca_cert, cert=args.client_cert, key=args.client_key
-    )
+    connection = args
     request = api_pb2.CheckRequest(policy=args.policy, pem_chain=chain_pem, listener=args.listener or "")
     request.time.FromDatetime(when)
     try:
@@ -170,7 +190,7 @@ def _live(args: argparse.Namespace, chain_pem: str, when: datetime) -> dict[str,
         "reason": response.reason,
         "headers": {h.name: h.value for h in response.headers},
         "_accepted": response.accepted,
-        "_detail": "",
+        "_detail": response.detail,
     }
 
 
@@ -189,8 +209,21 @@ def render_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _chain_path(args: argparse.Namespace) -> str:
+    if args.chain:
+        return str(args.chain)
+    if args.cert and not args.key:  # `check --cert CHAIN.pem`: the chain, as SPEC §4 and older releases
+        chain, args.cert = args.cert, None
+        return str(chain)
+    raise UsageError("--chain CHAIN.pem is required (the client's certificate chain to check)")
+
+
 def run(args: argparse.Namespace) -> int:
-    chain_pem = _read_text(args.cert, "certificate chain")
+    chain_path = _chain_path(args)
+    chain_pem = _read_text(chain_path, "certificate chain")
+    problem = chain_problem(chain_pem, chain_path)
+    if problem:
+        raise UsageError(problem)
     when = parse_time(args.at)
     if not args.trust_config and Path(args.policy).is_file():
         raise UsageError(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from typing import NoReturn
 
 DEFAULT_SERVER = "127.0.0.1:18000"
 
@@ -18,6 +20,15 @@ class UsageError(CliError):
     """Bad arguments or unreadable input (exit code 2)."""
 
     exit_code = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the command and where help is, not the usage dump
+    (every subcommand parser is of this class too: argparse makes them with the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def add_server_argument(parser: argparse.ArgumentParser) -> None:

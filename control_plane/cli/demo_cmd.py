@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import ctypes
 import http.client
+import ipaddress
 import json
 import os
 import signal
@@ -268,6 +269,11 @@ def layout_from_args(args: argparse.Namespace) -> DemoLayout:
         raise UsageError(f"--admin-ports {args.admin_ports!r}: expected PORT,PORT") from exc
     if len(addresses) != 2 or len(admin_ports) != 2:
         raise UsageError("--node-addresses and --admin-ports need exactly two entries each (two proxy nodes)")
+    for address in addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise UsageError(f"--node-addresses: {address!r} is not an IP address (e.g. 127.0.0.2)") from None
     for flag, port in (
         ("--strict-port", args.strict_port),
         ("--permissive-port", args.permissive_port),
@@ -297,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         prepare(directory, layout)
     except OSError as exc:
-        raise UsageError(f"--dir {args.dir}: {exc}") from exc
+        raise UsageError(f"--dir {args.dir}: {exc.strerror or exc}") from None
     if args.prepare_only:
         print(f"wrote the demo PKI and manifests to {directory}/ (mtlsgate.yaml, trust-config-rotated.yaml)")
         return 0

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 
-from control_plane.cli.common import CliError, UsageError
+from control_plane.cli.common import CliError, Parser, UsageError
 
 # Each module defines `register(subparsers)`; its parsers set `func(args) -> int`.
 COMMAND_MODULES = [
@@ -23,11 +22,21 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mtlsgate")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> Parser:
+    parser = Parser(
         prog="mtlsgate",
         description="Self-hosted mutual-TLS edge: control plane, proxy nodes and the tools to manage them.",
     )
+    parser.add_argument("--version", action="version", version=f"mtlsgate {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from control_plane.cli.common import UsageError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     pki = subparsers.add_parser("pki", help="demo PKI tools")
@@ -21,7 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_init(args: argparse.Namespace) -> int:
     from control_plane.pki import init_demo_pki
 
-    pki = init_demo_pki(args.dir)
+    try:
+        pki = init_demo_pki(args.dir)
+    except OSError as exc:
+        raise UsageError(f"cannot write the demo PKI to {args.dir}: {exc.strerror or exc}") from None
     for name in sorted(pki.files):
         print(f"{name:20} {pki.path(name)}")
     return 0

@@ -19,6 +19,7 @@ from control_plane.manifests import (
     ManifestError,
     ManifestResource,
     dump_yaml,
+    label,
     order_for_apply,
     parse_gcp_import,
     parse_manifest,
@@ -127,10 +128,6 @@ def _upsert(kind: Kind, stub: Any, resource: Message, *, dry_run: bool = False) 
     return "configured"
 
 
-def _label(kind: Kind, name: str) -> str:
-    return f"{kind.kind.lower()}/{name.partition('/')[2]}"
-
-
 # ---------------------------------------------------------------- apply / import
 
 
@@ -191,7 +188,7 @@ def run_apply(args: argparse.Namespace) -> int:
         seen[name] = item.source
         problems = _local_problems(item)
         if problems:
-            raise UsageError(f"{item.source}: {name}: {'; '.join(problems)}")
+            raise UsageError(f"{item.source}: {'; '.join(problems)}")
     try:
         with open_channel(args) as channel:
             _check_references(items, channel)
@@ -207,7 +204,7 @@ def run_apply(args: argparse.Namespace) -> int:
                     outcome = _upsert(item.kind, stub, item.resource, dry_run=args.dry_run)
                 if args.dry_run and outcome == "created":
                     not_yet_stored.add(name)
-                print(f"{_label(item.kind, item.resource.name)} {outcome}{suffix}", flush=True)  # type: ignore[attr-defined]
+                print(f"{label(item.kind, item.resource.name)} {outcome}{suffix}", flush=True)  # type: ignore[attr-defined]
     except grpc.RpcError as exc:
         raise rpc_error(exc, args) from None
     return 0
@@ -235,12 +232,16 @@ def run_import(args: argparse.Namespace) -> int:
                                     "<stdin>" if args.source == "-" else args.source)
     except ManifestError as exc:
         raise UsageError(str(exc)) from None
+    source = f"{'<stdin>' if args.source == '-' else args.source} {label(kind, resource.name)}"  # type: ignore[attr-defined]
+    problems = _local_problems(ManifestResource(kind, resource, source))
+    if problems:
+        raise UsageError(f"{source}: {'; '.join(problems)}")
     try:
         with open_channel(args) as channel:
             outcome = _upsert(kind, _stub(kind, channel), resource)
     except grpc.RpcError as exc:
         raise rpc_error(exc, args) from None
-    print(f"{_label(kind, resource.name)} {outcome}")  # type: ignore[attr-defined]
+    print(f"{label(kind, resource.name)} {outcome}")  # type: ignore[attr-defined]
     return 0
 
 
@@ -295,7 +296,7 @@ def run_delete(args: argparse.Namespace) -> int:
                 api_pb2.DeleteResourceRequest(name=name, etag=args.etag), timeout=TIMEOUT)
     except grpc.RpcError as exc:
         raise rpc_error(exc, args) from None
-    print(f"{_label(kind, name)} deleted")
+    print(f"{label(kind, name)} deleted")
     return 0
 
 

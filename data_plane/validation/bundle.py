@@ -19,6 +19,8 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtensionOID
 from mtlsgate.v1 import resources_pb2, xds_pb2
 
+from data_plane.validation.pem import PemProblem, crl_problem, load_certificates
+
 # Bounds on what a TrustConfig may hold (every size an outsider controls is bounded, SPEC §8).
 # At least what the control plane's write validation admits (4 stores x (200 anchors + 200
 # intermediates + 200 CRLs) + 500 allowlisted), so a stored TrustConfig never fails to compile for size.
@@ -70,9 +72,9 @@ def _pem_certificate_to_der(pem: str, where: str) -> bytes:
     if len(pem) > MAX_CERTIFICATE_BYTES:
         raise InvalidBundle(f"{where}: {len(pem)} bytes, more than the {MAX_CERTIFICATE_BYTES}-byte limit")
     try:
-        certs = x509.load_pem_x509_certificates(pem.encode())
-    except ValueError as exc:
-        raise InvalidBundle(f"{where}: not a PEM certificate ({exc})") from None
+        certs = load_certificates(pem)
+    except PemProblem as exc:
+        raise InvalidBundle(f"{where}: {exc}") from None
     if len(certs) != 1:
         raise InvalidBundle(f"{where}: holds {len(certs)} certificates; give exactly one per entry")
     return certs[0].public_bytes(serialization.Encoding.DER)
@@ -83,8 +85,8 @@ def _pem_crl_to_der(pem: str, where: str) -> bytes:
         raise InvalidBundle(f"{where}: {len(pem)} bytes, more than the {MAX_CRL_BYTES}-byte limit")
     try:
         crl = x509.load_pem_x509_crl(pem.encode())
-    except ValueError as exc:
-        raise InvalidBundle(f"{where}: not a PEM CRL ({exc})") from None
+    except ValueError:
+        raise InvalidBundle(f"{where}: {crl_problem(pem)}") from None
     return crl.public_bytes(serialization.Encoding.DER)
 
 

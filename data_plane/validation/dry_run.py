@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from mtlsgate.v1 import resources_pb2
 
 from data_plane.validation.bundle import compile_bundle, trust_bundle_from_trust_config
 from data_plane.validation.engine import MAX_CERTIFICATE_BYTES, MAX_INTERMEDIATES, Verdict, validate
 from data_plane.validation.headers import compile_headers
+from data_plane.validation.pem import PemProblem, load_certificates
 from data_plane.validation.policy import compile_policy
 
 # A chain larger than this could never be accepted anyway (11 certificates of at most 64 KiB).
@@ -40,9 +40,9 @@ def parse_pem_chain(text: str) -> list[bytes]:
     if not text.strip():
         return []
     try:
-        certs = x509.load_pem_x509_certificates(text.encode())
-    except ValueError as exc:
-        raise DryRunError(f"certificate chain: not PEM certificates ({exc})") from None
+        certs = load_certificates(text, expected="a certificate chain")
+    except PemProblem as exc:
+        raise DryRunError(f"certificate chain: {exc}") from None
     return [c.public_bytes(Encoding.DER) for c in certs]
 
 

@@ -16,8 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from mtlsgate.v1 import resources_pb2
 
+from data_plane.validation import pem as pem_text
 from data_plane.validation.bundle import InvalidBundle, compile_bundle, trust_bundle_from_trust_config
 from data_plane.validation.headers import compile_headers
+from data_plane.validation.pem import PemProblem
 from data_plane.validation.policy import compile_policy
 
 
@@ -87,9 +89,9 @@ def _one_certificate(path: str, pem: str, *, required: bool = True) -> tuple[x50
     if len(pem.encode()) > MAX_CERTIFICATE_PEM_BYTES:
         return None, FieldViolation(path, f"too large ({len(pem.encode())} bytes, limit {MAX_CERTIFICATE_PEM_BYTES})")
     try:
-        certs = x509.load_pem_x509_certificates(pem.encode())
-    except ValueError as exc:
-        return None, FieldViolation(path, f"not a PEM certificate ({_reason(exc)})")
+        certs = pem_text.load_certificates(pem)
+    except PemProblem as exc:
+        return None, FieldViolation(path, str(exc))
     if len(certs) != 1:
         return None, FieldViolation(path, f"must hold exactly one certificate (found {len(certs)})")
     return certs[0], None
@@ -168,8 +170,8 @@ def validate_trust_config(tc: resources_pb2.TrustConfig) -> list[FieldViolation]
             else:
                 try:
                     crls.append((path, x509.load_pem_x509_crl(data)))
-                except ValueError as exc:
-                    out.append(FieldViolation(path, f"not a PEM CRL ({_reason(exc)})"))
+                except ValueError:
+                    out.append(FieldViolation(path, pem_text.crl_problem(entry.pem_crl)))
     for path, crl in crls:
         crl_problem = _crl_problem(crl, cas)
         if crl_problem:
@@ -262,9 +264,9 @@ def validate_certificate(cert: resources_pb2.Certificate) -> list[FieldViolation
                                   f"limit {MAX_CERTIFICATE_PEM_BYTES})"))
     else:
         try:
-            chain = x509.load_pem_x509_certificates(pem.encode())
-        except ValueError as exc:
-            out.append(FieldViolation("pemCertificate", f"not a PEM certificate chain ({_reason(exc)})"))
+            chain = pem_text.load_certificates(pem, expected="a certificate chain")
+        except PemProblem as exc:
+            out.append(FieldViolation("pemCertificate", str(exc)))
         if len(chain) > MAX_SERVER_CHAIN_CERTIFICATES:
             out.append(FieldViolation("pemCertificate", f"too many certificates ({len(chain)}, "
                                       f"limit {MAX_SERVER_CHAIN_CERTIFICATES})"))
@@ -292,7 +294,7 @@ def _load_private_key(pem: str) -> tuple[PrivateKeyTypes | None, str | None]:
     except TypeError:
         return None, "encrypted private keys are not supported (store it unencrypted)"
     except (ValueError, UnsupportedAlgorithm):
-        return None, "not a PEM private key"
+        return None, pem_text.private_key_problem(pem)
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < 2048:
             return None, f"RSA key too small ({key.key_size} bits, minimum 2048)"

@@ -140,18 +140,93 @@ def test_offline_input_errors(demo_pki: DemoPki, tmp_path: Path) -> None:
         "--policy",
         typo,
     )
-    assert result.returncode == 2 and "clientValidationMod" in result.stderr
-    result = mtlsgate(
-        "check",
-        "--cert",
-        demo_pki.path("ca_key"),
-        "--trust-config",
-        demo_pki.path("trust_config"),
-        "--policy",
-        demo_pki.path("server_tls_policy"),
-    )
-    assert result.returncode == 2 and "certificate chain" in result.stderr
-    assert "PRIVATE KEY" not in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == (f"mtlsgate check: {typo} servertlspolicy/x: mtlsPolicy.clientValidationMod: unknown "
+                             "field; did you mean clientValidationMode?\n") or result.stderr == (
+        f"mtlsgate check: {typo}: mtlsPolicy.clientValidationMod: unknown field; did you mean "
+        "clientValidationMode?\n")
+
+
+def check_chain(pki: DemoPki, chain: Path | str, *extra: str | Path) -> subprocess.CompletedProcess[str]:
+    return mtlsgate("check", "--cert", chain, "--trust-config", pki.path("trust_config"), "--policy",
+                    pki.path("server_tls_policy"), *extra)
+
+
+def test_chain_file_problems_in_words(demo_pki: DemoPki, tmp_path: Path) -> None:
+    """Each was a library message or a silent wrong answer before (see docs/api.md, Input errors)."""
+    key = demo_pki.path("client_key")
+    # before: cryptography's FAQ URL and MalformedFraming
+    result = check_chain(demo_pki, key)
+    assert (result.returncode, result.stderr) == (2, f"mtlsgate check: {key}: PEM block 1 (line 1) is a private "
+                                                  "key where a certificate was expected; --chain takes "
+                                                  "certificates only, the client's first (its key is not "
+                                                  "needed)\n")
+    assert "PRIVATE" not in result.stderr and "BEGIN" not in result.stderr
+    # a chain with the key appended (a common `cat` mistake)
+    both = tmp_path / "both.pem"
+    both.write_text(demo_pki.path("client_cert").read_text() + key.read_text())
+    result = check_chain(demo_pki, both)
+    assert result.returncode == 2 and "PEM block 3 (line " in result.stderr and "is a private key" in result.stderr
+    # before: silently took the first PEM block of the YAML manifest (the CA) and reported leaf_is_ca
+    manifest = tmp_path / "mtlsgate.yaml"
+    manifest.write_text("kind: TrustConfig\nname: demo\ntrustStores:\n- trustAnchors:\n  - pemCertificate: |\n"
+                        + "".join("      " + line + "\n" for line in demo_pki.path("ca_cert").read_text().splitlines()))
+    result = check_chain(demo_pki, manifest)
+    assert (result.returncode, result.stderr) == (2, f"mtlsgate check: {manifest}: its PEM blocks are indented "
+                                                  "inside other text (from line 6): a YAML manifest? --chain "
+                                                  "takes a PEM file: the client's certificate, then its "
+                                                  "intermediates\n")
+    # a CA first
+    ca = demo_pki.path("ca_cert")
+    result = check_chain(demo_pki, ca)
+    assert (result.returncode, result.stderr) == (2, f"mtlsgate check: {ca}: the first certificate (CN=mtlsgate "
+                                                  "demo root CA,O=mtlsgate demo) is a CA, not a client "
+                                                  "certificate; put the client's own certificate first, then "
+                                                  "its intermediates\n")
+    # garbage inside a PEM frame; before: not a PEM certificate (error parsing asn1 value: ParseError …)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nMIIBCgKCAQEA\n-----END CERTIFICATE-----\n")
+    result = check_chain(demo_pki, garbage)
+    assert (result.returncode, result.stderr) == (2, "mtlsgate check: certificate chain: truncated DER (the PEM "
+                                                  "block holds 9 bytes; its DER header announces 270)\n")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    result = check_chain(demo_pki, text)
+    assert (result.returncode, result.stderr) == (2, "mtlsgate check: certificate chain: not a PEM block (no "
+                                                  "-----BEGIN CERTIFICATE----- line)\n")
+    cut = tmp_path / "cut.pem"
+    cut.write_text(demo_pki.path("client_cert").read_text()[:300])
+    result = check_chain(demo_pki, cut)
+    assert (result.returncode, result.stderr) == (2, "mtlsgate check: certificate chain: truncated PEM: -----BEGIN "
+                                                  "CERTIFICATE----- has no matching -----END CERTIFICATE----- "
+                                                  "line\n")
+
+
+def test_offline_mode_given_a_resource_name(demo_pki: DemoPki) -> None:
+    # before: cannot read policy serverTlsPolicies/strict: No such file or directory
+    result = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--trust-config",
+                      demo_pki.path("trust_config"), "--policy", "serverTlsPolicies/strict")
+    assert (result.returncode, result.stderr) == (2, "mtlsgate check: --policy serverTlsPolicies/strict: a resource "
+                                                  "name, but offline mode (--trust-config FILE) takes a "
+                                                  "ServerTlsPolicy YAML file; to check against the "
+                                                  "serverTlsPolicies/strict stored in the control plane, drop "
+                                                  "--trust-config\n")
+    result = mtlsgate("check", "--cert", demo_pki.path("client_cert"), "--trust-config", "nope.yaml",
+                      "--policy", demo_pki.path("server_tls_policy"))
+    assert (result.returncode, result.stderr) == (2, "mtlsgate check: cannot read --trust-config nope.yaml: No such "
+                                                  "file or directory\n")
+
+
+def test_chain_flag_and_connection_flag_names(demo_pki: DemoPki) -> None:
+    chain = demo_pki.path("client_cert")
+    assert check_chain(demo_pki, chain).returncode == 0  # --cert CHAIN without --key: the chain (SPEC §4)
+    result = mtlsgate("check", "--chain", chain, "--trust-config", demo_pki.path("trust_config"), "--policy",
+                      demo_pki.path("server_tls_policy"))
+    assert result.returncode == 0, result.stderr
+    # --cert with --key is the connection identity, as in every other command: then --chain is required
+    result = mtlsgate("check", "--cert", chain, "--key", demo_pki.path("client_key"), "--policy", "strict")
+    assert (result.returncode, result.stderr) == (2, "mtlsgate check: --chain CHAIN.pem is required (the client's "
+                                                  "certificate chain to check)\n")
 
 
 # ---------------------------------------------------------------- live: a real control plane
@@ -203,6 +278,9 @@ def test_live_check_against_a_control_plane(control_plane: str, demo_pki: DemoPk
         result = live(cert, "-o", "json")
         assert result.returncode == 1
         assert json.loads(result.stdout) == json.loads(offline(demo_pki, cert, "-o", "json").stdout)
+        # and the same text, `detail:` line included (before: live check printed no detail)
+        text = live(cert)
+        assert text.stdout == offline(demo_pki, cert).stdout and "\ndetail:" in text.stdout, text.stdout
     full_name = mtlsgate(
         "check",
         "--cert",

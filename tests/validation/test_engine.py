@@ -468,7 +468,7 @@ def test_compile_bundle_errors(pki: Pki) -> None:
         pem_certificate="-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"
     )
     with pytest.raises(
-        InvalidBundle, match=r"^trustStores\[0\]\.trustAnchors\[1\]\.pemCertificate: not a PEM certificate"
+        InvalidBundle, match=r"^trustStores\[0\]\.trustAnchors\[1\]\.pemCertificate: garbage DER \(not a certificate\)$"
     ):
         trust_bundle_from_trust_config(tc)
     with pytest.raises(InvalidBundle, match=r"^trustStores\[0\]\.trustAnchors\[0\]: not a CA certificate"):
