@@ -27,7 +27,7 @@ MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_DOCUMENTS = 1000
 # Output-only fields a `gcloud … export` / `mtlsgate get -o yaml` file carries: tolerated and ignored on
 # input (an `etag` from an old export must not become a surprise precondition).
-OUTPUT_ONLY_FIELDS = ("createTime", "updateTime", "etag", "privateKeySha256")
+OUTPUT_ONLY_FIELDS = ("createTime", "updateTime", "etag", "privateKeySha256", "crlSourceStatus")
 
 
 class ManifestError(ValueError):

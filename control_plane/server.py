@@ -25,7 +25,9 @@ from mtlsgate.v1 import api_pb2_grpc
 from control_plane.api import check_service
 from control_plane.api.audit_service import AuditService
 from control_plane.api.auth import TokenInterceptor, Tokens
-from control_plane.api.resource_service import resource_service_handlers
+from control_plane.api.resource_service import ResourceApi, resource_service_handlers
+from control_plane.crl_sources.fetcher import CrlFetcher, FetchOptions
+from control_plane.resource_names import TRUST_CONFIG
 from control_plane.store.base import Store
 from control_plane.store.sqlite import SqliteStore
 from control_plane.xds import ads as xds_ads
@@ -46,6 +48,7 @@ class ServerOptions:
     client_ca: str | None = None  # and require client certificates issued by this CA (mTLS)
     insecure: bool = False  # run without authentication (loopback only; SPEC §8)
     grace_seconds: float = 5.0  # how long in-flight calls get on shutdown
+    crl_fetch_deadline: float = 30.0  # seconds one CRL source fetch may take, redirects included (SPEC §13)
 
 
 @dataclass
@@ -65,7 +68,15 @@ class ServiceRegistration:
 
 
 def _add_resource_services(server: grpc.aio.Server, ctx: ServerContext) -> None:
-    server.add_generic_rpc_handlers(resource_service_handlers(ctx.store, ctx.tokens))
+    # The CRL fetcher writes TrustConfigs through the API's own write path, and the API shows its status.
+    writer = ResourceApi(TRUST_CONFIG, ctx.store, ctx.tokens)
+    deadline = ctx.options.crl_fetch_deadline
+    fetcher = CrlFetcher(ctx.store, writer.write_fetched, FetchOptions(
+        deadline_seconds=deadline, read_timeout_seconds=min(10.0, deadline),
+        connect_timeout_seconds=min(5.0, deadline)))
+    server.add_generic_rpc_handlers(resource_service_handlers(ctx.store, ctx.tokens, fetcher.live_status))
+    fetcher.start()
+    ctx.on_shutdown.append(fetcher.close)
 
 
 def _add_audit_service(server: grpc.aio.Server, ctx: ServerContext) -> None:

@@ -17,6 +17,7 @@ from mtlsgate.v1 import api_pb2, resources_pb2
 from control_plane.api.auth import Tokens, caller_identity
 from control_plane.api.errors import InvalidResource, status_for
 from control_plane.api.integrity import check_write
+from control_plane.crl_sources.schedule import carry_over
 from control_plane.resource_names import KINDS, InvalidName, Kind, normalise_name, normalise_references
 from control_plane.store.base import (
     AlreadyExists,
@@ -42,14 +43,24 @@ _VALIDATORS: dict[str, Callable[[Any], list[FieldViolation]]] = {
     "listeners": validation.validate_listener,
 }
 _OUTPUT_ONLY = ("etag", "create_time", "update_time")
+CRL_FETCHER_ACTOR = "system:crl-fetcher"
+
+# Fills a TrustConfig's live CRL source status (the CRL fetcher's memory) into what a client reads.
+LiveStatus = Callable[[resources_pb2.TrustConfig], None]
 
 
-def redact(resource: Message) -> Message:
-    """What a client may see: private keys are write-only (their SPKI SHA-256 is returned instead)."""
+def redact(resource: Message, live: LiveStatus | None = None) -> Message:
+    """What a client may see: private keys are write-only (their SPKI SHA-256 is returned instead); a
+    fetched CRL is shown by digest, number and dates, not as megabytes of DER."""
     out = type(resource)()
     out.CopyFrom(resource)
     if isinstance(out, resources_pb2.Certificate):
         out.ClearField("pem_private_key")
+    if isinstance(out, resources_pb2.TrustConfig):
+        if live is not None:
+            live(out)
+        for status in out.crl_source_status:
+            status.ClearField("der_crl")
     return out
 
 
@@ -60,10 +71,11 @@ def _snake(path: str) -> str:
 class ResourceApi:
     """The write path for one kind: normalise, validate, check references, store, redact."""
 
-    def __init__(self, kind: Kind, store: Store, tokens: Tokens | None) -> None:
+    def __init__(self, kind: Kind, store: Store, tokens: Tokens | None, live: LiveStatus | None = None) -> None:
         self.kind = kind
         self.store = store
         self.tokens = tokens
+        self.live = live
 
     # ---------------------------------------------------------- pure preparation
 
@@ -80,8 +92,16 @@ class ResourceApi:
             if not out.pem_private_key and existing is not None:
                 # Write-only key: an update that omits it keeps the stored one (as `get -o yaml` + edit does).
                 out.pem_private_key = existing.pem_private_key  # type: ignore[attr-defined]
+        if isinstance(out, resources_pb2.TrustConfig):
+            carry_over(out, existing)  # type: ignore[arg-type]
         problems = [FieldViolation(f, d) for f, d in normalise_references(out)]
         problems += _VALIDATORS[self.kind.collection](out)
+        if isinstance(out, resources_pb2.TrustConfig) and out.crl_source_status and problems and all(
+                p.field.startswith("crlSourceStatus") for p in problems):
+            # A fetched CRL this edit invalidates (its issuing CA was removed, …) is dropped, not blamed on
+            # the person: the fetcher asks its source again at once.
+            del out.crl_source_status[:]
+            problems = _VALIDATORS[self.kind.collection](out)
         if problems:
             raise InvalidResource(problems)
         if isinstance(out, resources_pb2.Certificate):
@@ -98,6 +118,24 @@ class ResourceApi:
 
     def _checker(self, name: str) -> Callable[[StoreState, Message | None], None]:
         return lambda state, new: check_write(state, name, new)
+
+    def write_fetched(self, resource: resources_pb2.TrustConfig, expected_etag: str) -> Any:
+        """The CRL fetcher's write: a TrustConfig whose crl_source_status it changed, stored through the
+        same validation, cross-resource checks and audit log as a person's write, under an etag
+        precondition (so an edit that landed since the fetcher read it is never overwritten)."""
+        out = resources_pb2.TrustConfig()
+        out.CopyFrom(resource)
+        for field in _OUTPUT_ONLY:
+            out.ClearField(field)
+        problems = [FieldViolation(f, d) for f, d in normalise_references(out)]
+        problems += validation.validate_trust_config(out)
+        if problems:
+            raise InvalidResource(problems)
+        result = self.store.update(out, actor=CRL_FETCHER_ACTOR, expected_etag=expected_etag,
+                                   check=self._checker(out.name))
+        if result.changed:
+            log.info("updated %s (revision %d, by %s)", out.name, result.revision, CRL_FETCHER_ACTOR)
+        return result
 
     # ---------------------------------------------------------- operations
 
@@ -120,18 +158,18 @@ class ResourceApi:
                 raise AlreadyExists(f"{name} already exists")
             check_write(state, name, prepared)
             prepared.etag = content_etag(prepared)  # type: ignore[attr-defined]  # the etag it would get
-            return redact(prepared)
+            return redact(prepared, self.live)
         result = self.store.create(prepared, actor=actor, check=self._checker(name))
         log.info("created %s (revision %d, by %s)", name, result.revision, actor)
         assert result.resource is not None
-        return redact(result.resource)
+        return redact(result.resource, self.live)
 
     def get(self, request: api_pb2.GetResourceRequest) -> Message:
         name = self._name(request.name)
         found = self.store.get(name)
         if found is None:
             raise NotFound(f"{name} not found")
-        return redact(found)
+        return redact(found, self.live)
 
     def list(self, request: api_pb2.ListResourcesRequest) -> tuple[list[Message], str]:
         size = request.page_size or DEFAULT_PAGE_SIZE
@@ -141,7 +179,7 @@ class ResourceApi:
                  if n > request.page_token]
         page = items[:size]
         token = page[-1].name if len(items) > size else ""  # type: ignore[attr-defined]
-        return [redact(m) for m in page], token
+        return [redact(m, self.live) for m in page], token
 
     def update(self, request: Any, actor: str) -> Message:
         incoming = getattr(request, self.kind.field)
@@ -158,14 +196,14 @@ class ResourceApi:
                 raise EtagMismatch(f"etag mismatch for {name}")
             check_write(self.store.state(), name, prepared)
             prepared.etag = content_etag(prepared)  # type: ignore[attr-defined]  # the etag it would get
-            return redact(prepared)
+            return redact(prepared, self.live)
         result = self.store.update(prepared, actor=actor, expected_etag=incoming.etag,
                                    allow_missing=request.allow_missing, check=self._checker(name))
         if result.changed:
             verb = "created" if result.before is None else "updated"
             log.info("%s %s (revision %d, by %s)", verb, name, result.revision, actor)
         assert result.resource is not None
-        return redact(result.resource)
+        return redact(result.resource, self.live)
 
     def _apply_mask(self, incoming: Message, existing: Message | None, mask: field_mask_pb2.FieldMask) -> Message:
         if not mask.paths:
@@ -211,11 +249,13 @@ def _unary(api: ResourceApi, call: Callable[[Any, str], Any], request_type: type
     )
 
 
-def resource_service_handlers(store: Store, tokens: Tokens | None) -> list[grpc.GenericRpcHandler]:
-    """Generic handlers for the four resource services (names and types from the proto descriptors)."""
+def resource_service_handlers(store: Store, tokens: Tokens | None,
+                               live: LiveStatus | None = None) -> list[grpc.GenericRpcHandler]:
+    """Generic handlers for the four resource services (names and types from the proto descriptors);
+    `live` fills the CRL fetcher's status into TrustConfigs that are read."""
     handlers = []
     for kind in KINDS:
-        api = ResourceApi(kind, store, tokens)
+        api = ResourceApi(kind, store, tokens, live)
         service = api_pb2.DESCRIPTOR.services_by_name[f"{kind.method_suffix}Service"]
         methods = {m.name: m for m in service.methods}
         list_response = getattr(api_pb2, f"List{kind.plural_suffix}Response")

@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "loopback address, warns at start. For local trials and tests only")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics (xDS metrics) here")
+    parser.add_argument("--crl-fetch-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="overall deadline of one CRL source fetch, redirects included (default %(default)s)")
     parser.set_defaults(func=run)
 
 
@@ -44,8 +46,11 @@ def run(args: argparse.Namespace) -> int:
     from control_plane.store.base import StoreError
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 0 < args.crl_fetch_timeout <= 600:
+        raise CliError(f"--crl-fetch-timeout: {args.crl_fetch_timeout:g} is not between 0 and 600 seconds")
     options = ServerOptions(listen=args.listen, db=args.db, token_file=args.token_file, tls_cert=args.tls_cert,
-                            tls_key=args.tls_key, client_ca=args.client_ca, insecure=args.insecure)
+                            tls_key=args.tls_key, client_ca=args.client_ca, insecure=args.insecure,
+                            crl_fetch_deadline=args.crl_fetch_timeout)
     try:
         if args.metrics:
             from control_plane.xds.metrics import serve_metrics

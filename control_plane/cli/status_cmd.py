@@ -87,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
         with open_channel(args) as channel:
             fleet = api_pb2_grpc.FleetServiceStub(channel)
             if not args.watch:
-                _print(fleet.ListNodes(request, timeout=10), args.output)
-                return 0
+                response = fleet.ListNodes(request, timeout=10)
+                problems = crl_source_problems(channel)
+                _print(response, args.output, problems=problems)
+                return 1 if problems else 0
             for response in fleet.WatchNodes(request):  # until interrupted
                 _print(response, args.output, watch=True)
     except grpc.RpcError as exc:
@@ -96,10 +98,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(response: Any, output: str, watch: bool = False) -> None:
+def crl_source_problems(channel: Any) -> list[dict[str, str]]:
+    """CRL sources (SPEC §13) that have failed longer than the CRL they keep fresh is valid."""
+    from mtlsgate.v1 import api_pb2, api_pb2_grpc
+
+    stub = api_pb2_grpc.TrustConfigServiceStub(channel)
+    problems, token = [], ""
+    while True:
+        page = stub.ListTrustConfigs(api_pb2.ListResourcesRequest(page_size=500, page_token=token), timeout=10)
+        problems += [{"trustConfig": tc.name, "uri": status.uri, "problem": status.problem}
+                     for tc in page.trust_configs for status in tc.crl_source_status if status.problem]
+        token = page.next_page_token
+        if not token:
+            return problems
+
+
+def _print(response: Any, output: str, watch: bool = False, problems: list[dict[str, str]] | None = None) -> None:
     """One report; while watching, JSON is one object per line and tables are separated by a blank line."""
     if output == "json":
         body = {"revision": response.revision, "nodes": [node_to_json(n) for n in response.nodes]}
+        if problems is not None:
+            body["crlSourceProblems"] = problems
         print(json.dumps(body, indent=None if watch else 2), flush=True)
     else:
-        print(render_table(response) + ("\n" if watch else ""), flush=True)
+        lines = [f"PROBLEM {p['trustConfig']} CRL source {p['uri']}: {p['problem']}" for p in problems or []]
+        print("\n".join([render_table(response), *lines]) + ("\n" if watch else ""), flush=True)

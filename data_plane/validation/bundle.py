@@ -28,6 +28,8 @@ MAX_CERTIFICATES = 2100  # anchors + intermediates + allowlisted, over all trust
 MAX_CERTIFICATE_BYTES = 64 * 1024  # one PEM certificate entry
 MAX_CRLS = 800  # over all trust stores
 MAX_CRL_BYTES = 32 * 1024 * 1024  # one PEM CRL: ~100,000 serials take ~5 MB of PEM
+# One fetched CRL (SPEC §13), kept as DER: a 64 MiB response is at most ~48 MiB of DER once PEM is decoded.
+MAX_FETCHED_CRL_BYTES = 48 * 1024 * 1024
 
 # CRL extensions we understand; any other critical extension makes the CRL unusable (RFC 5280 §5.2).
 _UNSUPPORTED_CRL_EXTENSIONS = {
@@ -47,7 +49,13 @@ MALFORMED = (
 
 
 class InvalidBundle(ValueError):
-    """A TrustConfig / TrustBundle that cannot be used; the message names the field and the problem."""
+    """A TrustConfig / TrustBundle that cannot be used; the message names the field and the problem.
+    `reason` is a short machine name (`wrong_signature`, `delta_crl`, …) for the CRL fetcher's status and
+    metrics; it is `invalid` where nobody needed a finer one."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def spki_digest(cert: x509.Certificate) -> bytes:
@@ -98,7 +106,7 @@ def trust_bundle_from_trust_config(tc: resources_pb2.TrustConfig) -> xds_pb2.Tru
     _check_counts(
         sum(len(s.trust_anchors) + len(s.intermediate_cas) for s in tc.trust_stores)
         + len(tc.allowlisted_certificates),
-        sum(len(s.crls) for s in tc.trust_stores),
+        sum(len(s.crls) for s in tc.trust_stores) + sum(1 for c in tc.crl_source_status if c.der_crl),
     )
     bundle = xds_pb2.TrustBundle(name=tc.name)
     for i, store in enumerate(tc.trust_stores):
@@ -117,6 +125,16 @@ def trust_bundle_from_trust_config(tc: resources_pb2.TrustConfig) -> xds_pb2.Tru
             )
         for j, crl in enumerate(store.crls):
             out.crls.append(_pem_crl_to_der(crl.pem_crl, f"trustStores[{i}].crls[{j}].pemCrl"))
+    # CRLs the control plane fetched from crlSources (SPEC §13) follow the written ones in their store.
+    for k, status in enumerate(tc.crl_source_status):
+        if not status.der_crl:
+            continue
+        if not 0 <= status.trust_store < len(bundle.trust_stores):
+            raise InvalidBundle(f"crlSourceStatus[{k}].trustStore: no trust store {status.trust_store}")
+        if len(status.der_crl) > MAX_FETCHED_CRL_BYTES:
+            raise InvalidBundle(f"crlSourceStatus[{k}].derCrl: {len(status.der_crl)} bytes, more than the "
+                                f"{MAX_FETCHED_CRL_BYTES}-byte limit", "too_large")
+        bundle.trust_stores[status.trust_store].crls.append(status.der_crl)
     for j, allowed in enumerate(tc.allowlisted_certificates):
         bundle.allowlisted_certificates.append(
             _pem_certificate_to_der(allowed.pem_certificate, f"allowlistedCertificates[{j}].pemCertificate")
@@ -145,6 +163,7 @@ class RevocationList:
     this_update: datetime
     next_update: datetime | None
     where: str  # field path, for messages
+    number: int = 0  # cRLNumber
 
     def is_stale(self, now: datetime) -> bool:
         return self.next_update is not None and now > self.next_update
@@ -205,44 +224,58 @@ def _subject_label(name: x509.Name) -> str:
     return name.rfc4514_string() or "<empty name>"
 
 
+def compile_crl(
+    der: bytes, where: str, cas: Sequence[x509.Certificate]
+) -> tuple[tuple[bytes, bytes], RevocationList]:
+    """Check one DER CRL against the CAs of a trust config and reduce it to its lookup form: the single
+    implementation behind written CRLs, fetched CRLs (the control plane's CRL fetcher) and the node."""
+    return _compile_crl(der, where, cas)
+
+
 def _compile_crl(
     der: bytes, where: str, cas: Sequence[x509.Certificate]
 ) -> tuple[tuple[bytes, bytes], RevocationList]:
     try:
         crl = x509.load_der_x509_crl(der)
     except ValueError as exc:
-        raise InvalidBundle(f"{where}: not a DER CRL ({exc})") from None
+        raise InvalidBundle(f"{where}: not a DER CRL ({exc})", "not_a_crl") from None
     try:
         extensions = list(crl.extensions)
     except MALFORMED as exc:
-        raise InvalidBundle(f"{where}: malformed CRL extensions ({exc})") from None
+        raise InvalidBundle(f"{where}: malformed CRL extensions ({exc})", "malformed_crl") from None
     for ext in extensions:
         if ext.oid in _UNSUPPORTED_CRL_EXTENSIONS:
-            raise InvalidBundle(f"{where}: {_UNSUPPORTED_CRL_EXTENSIONS[ext.oid]}")
+            reason = "delta_crl" if ext.oid == ExtensionOID.DELTA_CRL_INDICATOR else "unsupported_crl"
+            raise InvalidBundle(f"{where}: {_UNSUPPORTED_CRL_EXTENSIONS[ext.oid]}", reason)
         if ext.oid == ExtensionOID.CRL_NUMBER and ext.critical:
-            raise InvalidBundle(f"{where}: the cRLNumber extension must not be critical (RFC 5280 §5.2.3)")
+            raise InvalidBundle(f"{where}: the cRLNumber extension must not be critical (RFC 5280 §5.2.3)",
+                                "unsupported_crl")
         if ext.critical and ext.oid not in (ExtensionOID.CRL_NUMBER, ExtensionOID.AUTHORITY_KEY_IDENTIFIER):
-            raise InvalidBundle(f"{where}: unsupported critical CRL extension {ext.oid.dotted_string}")
-    if not any(ext.oid == ExtensionOID.CRL_NUMBER for ext in extensions):
-        raise InvalidBundle(f"{where}: no cRLNumber extension (RFC 5280 §5.2.3 requires one)")
+            raise InvalidBundle(f"{where}: unsupported critical CRL extension {ext.oid.dotted_string}",
+                                "unsupported_crl")
+    numbers = [ext.value.crl_number for ext in extensions if ext.oid == ExtensionOID.CRL_NUMBER]
+    if not numbers:
+        raise InvalidBundle(f"{where}: no cRLNumber extension (RFC 5280 §5.2.3 requires one)", "no_crl_number")
     issuer_der = crl.issuer.public_bytes()
     same_name = [ca for ca in cas if ca.subject.public_bytes() == issuer_der]
     if not same_name:
-        raise InvalidBundle(f"{where}: issuer {_subject_label(crl.issuer)} is not a CA of this trust config")
+        raise InvalidBundle(f"{where}: issuer {_subject_label(crl.issuer)} is not a CA of this trust config",
+                            "unknown_issuer")
     for ca in same_name:
         if crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
             _require_crl_sign(ca, where)
             this_update = crl.last_update_utc
             next_update = crl.next_update_utc
             if next_update is not None and next_update < this_update:
-                raise InvalidBundle(f"{where}: nextUpdate is before thisUpdate")
+                raise InvalidBundle(f"{where}: nextUpdate is before thisUpdate", "bad_dates")
             revoked = frozenset(entry.serial_number for entry in crl)
             return (issuer_der, spki_digest(ca)), RevocationList(
-                crl.issuer, revoked, this_update, next_update, where
+                crl.issuer, revoked, this_update, next_update, where, numbers[0]
             )
     raise InvalidBundle(
         f"{where}: signature does not verify against any trust anchor or intermediate named "
-        f"{_subject_label(crl.issuer)}"
+        f"{_subject_label(crl.issuer)}",
+        "wrong_signature",
     )
 
 
@@ -257,7 +290,8 @@ def _require_crl_sign(ca: x509.Certificate, where: str) -> None:
         return  # RFC 5280 §6.3.3(f): no keyUsage extension = every usage allowed
     if not usage.crl_sign:
         raise InvalidBundle(
-            f"{where}: issuer {_subject_label(ca.subject)} has a keyUsage without cRLSign, so it may not sign CRLs"
+            f"{where}: issuer {_subject_label(ca.subject)} has a keyUsage without cRLSign, so it may not sign CRLs",
+            "issuer_not_crl_signer",
         )
 
 

@@ -6,6 +6,7 @@ References between resources are checked by the control plane (they need the sto
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,15 @@ MAX_CUSTOM_REQUEST_HEADERS = 16  # also enforced by compile_headers; SAN matcher
 MAX_NODE_SELECTOR_ENTRIES = 16
 MAX_BACKEND_CHARS = 255
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024  # the API server's and clients' message size limit
+MAX_CRL_SOURCES = 8  # per trust store (SPEC §13)
+MAX_CRL_SOURCE_URI_CHARS = 2048
+# refreshInterval bounds: a second is the least that still means "a schedule" (the demo and tests use a few
+# seconds; every fetch after the first is a conditional GET); a week is the most that still catches a CA's
+# daily or weekly CRL before its nextUpdate. Unset means an hour.
+MIN_CRL_REFRESH_SECONDS = 1
+MAX_CRL_REFRESH_SECONDS = 7 * 24 * 3600
+DEFAULT_CRL_REFRESH_SECONDS = 3600
+CRL_SOURCE_SCHEMES = ("http", "https", "file")
 
 _LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?")
@@ -138,6 +148,7 @@ def validate_trust_config(tc: resources_pb2.TrustConfig) -> list[FieldViolation]
 
     cas: list[x509.Certificate] = []  # every anchor and intermediate: CRL issuers are looked up here
     crls: list[tuple[str, x509.CertificateRevocationList]] = []
+    out += _crl_source_problems(tc)
     for s, store in enumerate(tc.trust_stores):
         base = f"trustStores[{s}]"
         for field, entries, limit in (("trustAnchors", store.trust_anchors, MAX_TRUST_ANCHORS),
@@ -197,10 +208,86 @@ def _node_compile_problems(tc: resources_pb2.TrustConfig) -> list[FieldViolation
         compile_bundle(trust_bundle_from_trust_config(tc))
     except InvalidBundle as exc:
         field, _, description = str(exc).partition(": ")
+        field = _fetched_crl_field(tc, field)
         if field.endswith("]"):  # the node names the entry; the API names the PEM field inside it
             field += ".pemCrl" if field.rpartition(".")[2].startswith("crls[") else ".pemCertificate"
         return [FieldViolation(field, description or field)]
     return []
+
+
+_BUNDLE_CRL_FIELD = re.compile(r"trustStores\[(\d+)\]\.crls\[(\d+)\]")
+
+
+def _fetched_crl_field(tc: resources_pb2.TrustConfig, field: str) -> str:
+    """The bundle numbers fetched CRLs after the written ones of their store; name them as the API does."""
+    match = _BUNDLE_CRL_FIELD.fullmatch(field)
+    if match is None:
+        return field
+    store, index = int(match.group(1)), int(match.group(2))
+    if store >= len(tc.trust_stores) or index < len(tc.trust_stores[store].crls):
+        return field
+    fetched = [k for k, c in enumerate(tc.crl_source_status) if c.der_crl and c.trust_store == store]
+    offset = index - len(tc.trust_stores[store].crls)
+    return f"crlSourceStatus[{fetched[offset]}].derCrl" if offset < len(fetched) else field
+
+
+def crl_source_uri_problem(uri: str) -> str | None:
+    """Why `uri` cannot be a CRL source (SPEC §13), or None: http/https/file only, no credentials, and
+    nothing a log line or a redirect could be fooled by."""
+    if not uri:
+        return "required"
+    if len(uri) > MAX_CRL_SOURCE_URI_CHARS:
+        return f"too long ({len(uri)} characters, limit {MAX_CRL_SOURCE_URI_CHARS})"
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in uri) or not uri.isascii():
+        return "must be ASCII without spaces or control characters (percent-encode them)"
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if parts.scheme not in CRL_SOURCE_SCHEMES:
+        return f"scheme {parts.scheme + ':' if parts.scheme else '(none)'} is not allowed (use http, https or file)"
+    if "@" in parts.netloc:
+        return "must not carry credentials (user:password@); CRLs are public, signed documents"
+    if parts.fragment:
+        return "must not have a #fragment"
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            return "file:// URLs name a local file (file:///path)"
+        if not parts.path.startswith("/") or parts.query:
+            return "file:// URLs take an absolute path and no query"
+        return None
+    if not parts.hostname:
+        return "needs a host"
+    if port == 0:
+        return "port 0 is not a port"
+    return None
+
+
+def _crl_source_problems(tc: resources_pb2.TrustConfig) -> Iterator[FieldViolation]:
+    seen: dict[str, str] = {}
+    for s, store in enumerate(tc.trust_stores):
+        base = f"trustStores[{s}].crlSources"
+        if len(store.crl_sources) > MAX_CRL_SOURCES:
+            yield FieldViolation(base, f"too many entries ({len(store.crl_sources)}, limit {MAX_CRL_SOURCES})")
+            continue
+        for i, source in enumerate(store.crl_sources):
+            path = f"{base}[{i}]"
+            problem = crl_source_uri_problem(source.uri)
+            if problem:
+                yield FieldViolation(f"{path}.uri", problem)
+            elif source.uri in seen:
+                yield FieldViolation(f"{path}.uri", f"already listed at {seen[source.uri]}")
+            else:
+                seen[source.uri] = path
+            interval = source.refresh_interval
+            if source.HasField("refresh_interval") and not (
+                    interval.nanos == 0 and MIN_CRL_REFRESH_SECONDS <= interval.seconds <= MAX_CRL_REFRESH_SECONDS):
+                yield FieldViolation(f"{path}.refreshInterval", f"must be whole seconds between "
+                                     f"{MIN_CRL_REFRESH_SECONDS}s and {MAX_CRL_REFRESH_SECONDS}s (7 days)")
+    for k, status in enumerate(tc.crl_source_status):
+        if not 0 <= status.trust_store < len(tc.trust_stores):
+            yield FieldViolation(f"crlSourceStatus[{k}].trustStore", f"no trust store {status.trust_store}")
 
 
 def _crl_problem(crl: x509.CertificateRevocationList, cas: Sequence[x509.Certificate]) -> str | None:
