@@ -6,6 +6,7 @@ mean" from the fields a user may write — never protobuf's internals. Pure: des
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
 
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
@@ -15,6 +16,8 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 NOT_WRITABLE = frozenset({"name", "etag", "createTime", "updateTime", "privateKeySha256",
                           "resolvedServerTlsPolicy"})
 _TIMESTAMP = "google.protobuf.Timestamp"
+_DURATION = "google.protobuf.Duration"
+_DURATION_TEXT = re.compile(r"-?\d+(\.\d{1,9})?s")  # protobuf's JSON form: `300s`, `1.5s`
 _INTEGER_TYPES = {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
                   FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
                   FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED32,
@@ -103,6 +106,10 @@ def _check_single(field: FieldDescriptor, value: Any, where: str) -> None:
             if not isinstance(value, str):
                 raise FieldProblem(where, f"expected an RFC 3339 time such as 2030-01-01T00:00:00Z, "
                                    f"got {_describe(value)}")
+            return
+        if message.full_name == _DURATION:
+            if not isinstance(value, str) or not _DURATION_TEXT.fullmatch(value):
+                raise FieldProblem(where, f"expected a duration in seconds such as 300s, got {_describe(value)}")
             return
         if not isinstance(value, dict):
             fields = ", ".join(f.json_name for f in message.fields)

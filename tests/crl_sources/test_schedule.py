@@ -155,3 +155,22 @@ def test_write_validation_accepts_good_sources_and_refuses_duplicates() -> None:
 
 def test_shown_uri_hides_the_query() -> None:
     assert schedule.shown_uri("https://storage.example/b/crl?X-Sig=secret") == "https://storage.example/b/crl?…"
+
+
+@pytest.mark.parametrize(("value", "ok"), [("300s", True), ("1.5s", True), ("5m", False), (300, False)])
+def test_manifest_refresh_interval_is_protobufs_duration_text(value: object, ok: bool) -> None:
+    import yaml
+
+    from control_plane.manifests import ManifestError, parse_manifest
+
+    ca = issue("m CA", ca=True)
+    doc = {"kind": "TrustConfig", "name": "m", "trustStores": [{
+        "trustAnchors": [{"pemCertificate": ca.cert_pem}],
+        "crlSources": [{"uri": "http://ca.example/crl", "refreshInterval": value}]}]}
+    text = yaml.safe_dump(doc)
+    if ok:
+        [parsed] = parse_manifest(text, "m.yaml")
+        assert parsed.resource.trust_stores[0].crl_sources[0].HasField("refresh_interval")  # type: ignore[attr-defined]
+    else:
+        with pytest.raises(ManifestError, match=r"trustStores\[0\]\.crlSources\[0\]\.refreshInterval: expected a duration"):
+            parse_manifest(text, "m.yaml")
