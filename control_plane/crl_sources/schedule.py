@@ -287,22 +287,26 @@ def der_from_pem_crl(pem: bytes) -> bytes:
 
 
 def problem(held: resources_pb2.CrlSourceStatus | None, runtime: Runtime | None, now: float) -> str:
-    """Non-empty when a source needs a person: it is failing and the CRL it should keep fresh has run
-    out — it has failed for longer than its CRL's validity period, its CRL is past nextUpdate, or it has
-    never delivered a CRL at all."""
-    if runtime is None or runtime.failures == 0:
-        return ""
-    failing_for = now - runtime.failing_since
-    why = f"failing for {failing_for:.0f}s ({runtime.last_error_reason}: {runtime.last_error})"
+    """Non-empty when a source needs a person: the CRL it should keep fresh has run out (past nextUpdate:
+    with requireFreshCrl its issuer's clients are refused), or it is failing and has failed for longer than
+    its CRL's validity period, or it has never delivered a CRL at all."""
+    failing = runtime is not None and runtime.failures > 0
+    why = ""
+    if failing:
+        assert runtime is not None
+        why = (f"failing for {now - runtime.failing_since:.0f}s "
+               f"({runtime.last_error_reason}: {runtime.last_error})")
     if held is None or not held.der_crl:
-        return f"no CRL fetched yet; {why}"
-    if held.HasField("next_update"):
-        next_update = held.next_update.ToNanoseconds() / 1e9
-        validity = next_update - held.this_update.ToNanoseconds() / 1e9
-        if now > next_update:
-            return f"held CRL (cRLNumber {held.crl_number}) expired at {held.next_update.ToJsonString()}; {why}"
-        if failing_for > validity:
-            return f"{why}, longer than the CRL's validity period ({validity:.0f}s)"
+        return f"no CRL fetched yet; {why}" if failing else ""
+    if not held.HasField("next_update"):
+        return ""
+    next_update = held.next_update.ToNanoseconds() / 1e9
+    if now > next_update:
+        cause = why if failing else "the source still serves it (the CA stopped publishing new CRLs)"
+        return f"held CRL (cRLNumber {held.crl_number}) expired at {held.next_update.ToJsonString()}; {cause}"
+    validity = next_update - held.this_update.ToNanoseconds() / 1e9
+    if failing and now - runtime.failing_since > validity:  # type: ignore[union-attr]
+        return f"{why}, longer than the CRL's validity period ({validity:.0f}s)"
     return ""
 
 

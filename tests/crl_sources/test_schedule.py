@@ -100,6 +100,9 @@ def test_problem_when_failing_longer_than_the_crl_is_valid() -> None:
     assert schedule.problem(held.status, failing, t0 + 120) == ""  # failing, but the CRL is still good
     assert "expired" in schedule.problem(held.status, failing, t0 + 3601)
     assert "no CRL fetched yet" in schedule.problem(None, failing, t0 + 61)
+    assert schedule.problem(None, ok, t0 + 61) == ""  # not fetched yet, not failing: just new
+    stale = schedule.problem(held.status, ok, t0 + 3601)  # fetches succeed, but the CA stopped publishing
+    assert "expired" in stale and "stopped publishing" in stale
 
 
 def test_distribution_points_of_the_trust_configs_cas() -> None:
