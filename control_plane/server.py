@@ -24,7 +24,8 @@ from mtlsgate.v1 import api_pb2_grpc
 
 from control_plane.api import check_service
 from control_plane.api.audit_service import AuditService
-from control_plane.api.auth import TokenInterceptor, Tokens
+from control_plane.api.auth import Tokens
+from control_plane.api.authorization import AuthorizationInterceptor, Authorizer
 from control_plane.api.resource_service import ResourceApi, resource_service_handlers
 from control_plane.crl_sources.fetcher import CrlFetcher, FetchOptions
 from control_plane.resource_names import TRUST_CONFIG
@@ -47,6 +48,7 @@ class ServerOptions:
     tls_key: str | None = None  # … and key
     client_ca: str | None = None  # and require client certificates issued by this CA (mTLS)
     insecure: bool = False  # run without authentication (loopback only; SPEC §8)
+    authz: str | None = None  # role bindings file (SPEC §8), reloaded on SIGHUP
     grace_seconds: float = 5.0  # how long in-flight calls get on shutdown
     crl_fetch_deadline: float = 30.0  # seconds one CRL source fetch may take, redirects included (SPEC §13)
 
@@ -58,6 +60,7 @@ class ServerContext:
     store: Store
     options: ServerOptions
     tokens: Tokens | None
+    authorizer: Authorizer
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
 
@@ -69,12 +72,12 @@ class ServiceRegistration:
 
 def _add_resource_services(server: grpc.aio.Server, ctx: ServerContext) -> None:
     # The CRL fetcher writes TrustConfigs through the API's own write path, and the API shows its status.
-    writer = ResourceApi(TRUST_CONFIG, ctx.store, ctx.tokens)
+    writer = ResourceApi(TRUST_CONFIG, ctx.store)
     deadline = ctx.options.crl_fetch_deadline
     fetcher = CrlFetcher(ctx.store, writer.write_fetched, FetchOptions(
         deadline_seconds=deadline, read_timeout_seconds=min(10.0, deadline),
         connect_timeout_seconds=min(5.0, deadline)))
-    server.add_generic_rpc_handlers(resource_service_handlers(ctx.store, ctx.tokens, fetcher.live_status))
+    server.add_generic_rpc_handlers(resource_service_handlers(ctx.store, fetcher.live_status))
     fetcher.start()
     ctx.on_shutdown.append(fetcher.close)
 
@@ -165,6 +168,12 @@ def _check_bindable(listen: str) -> None:
             raise ConfigError(f"cannot listen on {listen}: {exc.strerror}") from None
 
 
+def node_identities(state: object) -> frozenset[str]:
+    """The identities of the registered Nodes: they can never hold an API role (SPEC §8)."""
+    nodes = getattr(state, "nodes", None) or {}
+    return frozenset(node.identity for node in nodes.values() if node.identity)
+
+
 @dataclass
 class BuiltServer:
     server: grpc.aio.Server
@@ -177,9 +186,10 @@ def build_server(store: Store, options: ServerOptions) -> BuiltServer:
     """A configured, not yet started server. Must be called with the event loop running."""
     check_authentication(options)
     tokens = Tokens.load(options.token_file) if options.token_file else None
-    interceptors = [TokenInterceptor(tokens)] if tokens else []
+    authorizer = Authorizer(tokens=dict(tokens.identities) if tokens else None, authz_path=options.authz,
+                            node_identities=lambda: node_identities(store.state()), insecure=options.insecure)
     server = grpc.aio.server(
-        interceptors=interceptors,
+        interceptors=[AuthorizationInterceptor(authorizer)],
         options=[
             ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_BYTES),
@@ -188,7 +198,7 @@ def build_server(store: Store, options: ServerOptions) -> BuiltServer:
             ("grpc.so_reuseport", 0),
         ],
     )
-    ctx = ServerContext(store=store, options=options, tokens=tokens)
+    ctx = ServerContext(store=store, options=options, tokens=tokens, authorizer=authorizer)
     names: list[str] = []
     for registration in SERVICES:
         registration.add(server, ctx)
@@ -234,6 +244,7 @@ async def serve(options: ServerOptions, *, ready: Callable[[str], None] | None =
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, built.context.authorizer.reload)
         await stop.wait()
         print("mtlsgate control-plane: shutting down", file=sys.stderr, flush=True)
         for cleanup in built.context.on_shutdown:

@@ -14,9 +14,10 @@ from google.protobuf import empty_pb2, field_mask_pb2, message_factory
 from google.protobuf.message import Message
 from mtlsgate.v1 import api_pb2, resources_pb2
 
-from control_plane.api.auth import Tokens, caller_identity
+from control_plane.api.authorization import Caller, current_caller
 from control_plane.api.errors import InvalidResource, status_for
 from control_plane.api.integrity import check_write
+from control_plane.authz.identity import Identity
 from control_plane.crl_sources.schedule import carry_over
 from control_plane.resource_names import KINDS, InvalidName, Kind, normalise_name, normalise_references
 from control_plane.store.base import (
@@ -68,13 +69,17 @@ def _snake(path: str) -> str:
     return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), path)
 
 
+def as_caller(caller: Caller | str) -> Caller:
+    """Writers inside the process (the CRL fetcher, tests) may name themselves with a plain string."""
+    return caller if isinstance(caller, Caller) else Caller(Identity(caller, "none"), None)
+
+
 class ResourceApi:
     """The write path for one kind: normalise, validate, check references, store, redact."""
 
-    def __init__(self, kind: Kind, store: Store, tokens: Tokens | None, live: LiveStatus | None = None) -> None:
+    def __init__(self, kind: Kind, store: Store, live: LiveStatus | None = None) -> None:
         self.kind = kind
         self.store = store
-        self.tokens = tokens
         self.live = live
 
     # ---------------------------------------------------------- pure preparation
@@ -139,7 +144,8 @@ class ResourceApi:
 
     # ---------------------------------------------------------- operations
 
-    def create(self, request: Any, actor: str) -> Message:
+    def create(self, request: Any, caller: Caller | str) -> Message:
+        caller = as_caller(caller)
         resource = getattr(request, self.kind.field)
         given_id = getattr(request, f"{self.kind.field}_id")
         field = self.kind.json_field
@@ -159,8 +165,10 @@ class ResourceApi:
             check_write(state, name, prepared)
             prepared.etag = content_etag(prepared)  # type: ignore[attr-defined]  # the etag it would get
             return redact(prepared, self.live)
-        result = self.store.create(prepared, actor=actor, check=self._checker(name))
-        log.info("created %s (revision %d, by %s)", name, result.revision, actor)
+        result = self.store.create(prepared, actor=caller.identity.name, role=caller.role_name,
+                                   check=self._checker(name))
+        log.info("created %s (revision %d, by %s as %s)", name, result.revision, caller.identity.name,
+                 caller.role_name or "-")
         assert result.resource is not None
         return redact(result.resource, self.live)
 
@@ -181,7 +189,8 @@ class ResourceApi:
         token = page[-1].name if len(items) > size else ""  # type: ignore[attr-defined]
         return [redact(m, self.live) for m in page], token
 
-    def update(self, request: Any, actor: str) -> Message:
+    def update(self, request: Any, caller: Caller | str) -> Message:
+        caller = as_caller(caller)
         incoming = getattr(request, self.kind.field)
         field = self.kind.json_field
         name = self._name(incoming.name, f"{field}.name")
@@ -197,11 +206,13 @@ class ResourceApi:
             check_write(self.store.state(), name, prepared)
             prepared.etag = content_etag(prepared)  # type: ignore[attr-defined]  # the etag it would get
             return redact(prepared, self.live)
-        result = self.store.update(prepared, actor=actor, expected_etag=incoming.etag,
-                                   allow_missing=request.allow_missing, check=self._checker(name))
+        result = self.store.update(prepared, actor=caller.identity.name, role=caller.role_name,
+                                   expected_etag=incoming.etag, allow_missing=request.allow_missing,
+                                   check=self._checker(name))
         if result.changed:
             verb = "created" if result.before is None else "updated"
-            log.info("%s %s (revision %d, by %s)", verb, name, result.revision, actor)
+            log.info("%s %s (revision %d, by %s as %s)", verb, name, result.revision, caller.identity.name,
+                     caller.role_name or "-")
         assert result.resource is not None
         return redact(result.resource, self.live)
 
@@ -219,7 +230,8 @@ class ResourceApi:
         base.etag = incoming.etag  # type: ignore[attr-defined]
         return base
 
-    def delete(self, request: api_pb2.DeleteResourceRequest, actor: str) -> None:
+    def delete(self, request: api_pb2.DeleteResourceRequest, caller: Caller | str) -> None:
+        caller = as_caller(caller)
         name = self._name(request.name)
         if request.validate_only:
             state = self.store.state()
@@ -231,15 +243,21 @@ class ResourceApi:
                                    f"stored resource has {existing.etag!r}")  # type: ignore[attr-defined]
             check_write(state, name, None)
             return
-        result = self.store.delete(name, actor=actor, expected_etag=request.etag, check=self._checker(name))
-        log.info("deleted %s (revision %d, by %s)", name, result.revision, actor)
+        result = self.store.delete(name, actor=caller.identity.name, role=caller.role_name,
+                                   expected_etag=request.etag, check=self._checker(name))
+        log.info("deleted %s (revision %d, by %s as %s)", name, result.revision, caller.identity.name,
+                 caller.role_name or "-")
 
 
-def _unary(api: ResourceApi, call: Callable[[Any, str], Any], request_type: type[Message],
+_UNKNOWN_CALLER = Caller(Identity("unknown", "none"), None)
+
+
+def _unary(api: ResourceApi, call: Callable[[Any, Caller], Any], request_type: type[Message],
            response_type: type[Message]) -> grpc.RpcMethodHandler:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return call(request, caller_identity(context, api.tokens))
+            # The authorization interceptor decided who is calling; every server installs it.
+            return call(request, current_caller() or _UNKNOWN_CALLER)
         except (InvalidResource, StoreError) as exc:
             await context.abort_with_status(status_for(exc))
 
@@ -249,29 +267,28 @@ def _unary(api: ResourceApi, call: Callable[[Any, str], Any], request_type: type
     )
 
 
-def resource_service_handlers(store: Store, tokens: Tokens | None,
-                               live: LiveStatus | None = None) -> list[grpc.GenericRpcHandler]:
+def resource_service_handlers(store: Store, live: LiveStatus | None = None) -> list[grpc.GenericRpcHandler]:
     """Generic handlers for the four resource services (names and types from the proto descriptors);
     `live` fills the CRL fetcher's status into TrustConfigs that are read."""
     handlers = []
     for kind in KINDS:
-        api = ResourceApi(kind, store, tokens, live)
+        api = ResourceApi(kind, store, live)
         service = api_pb2.DESCRIPTOR.services_by_name[f"{kind.method_suffix}Service"]
         methods = {m.name: m for m in service.methods}
         list_response = getattr(api_pb2, f"List{kind.plural_suffix}Response")
 
-        def do_list(request: Any, actor: str, api: ResourceApi = api, list_response: Any = list_response) -> Any:
+        def do_list(request: Any, caller: Caller, api: ResourceApi = api, list_response: Any = list_response) -> Any:
             items, token = api.list(request)
             return list_response(**{api.kind.list_field: items, "next_page_token": token})
 
-        def do_get(request: Any, actor: str, api: ResourceApi = api) -> Any:
+        def do_get(request: Any, caller: Caller, api: ResourceApi = api) -> Any:
             return api.get(request)
 
-        def do_delete(request: Any, actor: str, api: ResourceApi = api) -> Any:
-            api.delete(request, actor)
+        def do_delete(request: Any, caller: Caller, api: ResourceApi = api) -> Any:
+            api.delete(request, caller)
             return empty_pb2.Empty()
 
-        calls: dict[str, Callable[[Any, str], Any]] = {
+        calls: dict[str, Callable[[Any, Caller], Any]] = {
             f"Create{kind.method_suffix}": api.create,
             f"Get{kind.method_suffix}": do_get,
             f"List{kind.plural_suffix}": do_list,

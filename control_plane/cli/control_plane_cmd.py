@@ -30,6 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
     parser.add_argument("--client-ca", metavar="FILE",
                         help="require client certificates issued by this CA (mTLS; needs --tls-cert/--tls-key)")
+    parser.add_argument("--authz", metavar="FILE",
+                        help="role bindings: `bindings: [{identity: ID or PREFIX*, role: admin|editor|viewer|node}]`; "
+                        "reloaded on SIGHUP (a bad file keeps the old bindings). Default: every authenticated "
+                        "identity except registered nodes is admin")
     parser.add_argument("--insecure", action="store_true",
                         help="run WITHOUT authentication (no --client-ca needed): refused unless --listen is a "
                         "loopback address, warns at start. For local trials and tests only")
@@ -42,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from control_plane.api.auth import TokenFileError
+    from control_plane.authz.bindings import BindingsError
     from control_plane.server import ConfigError, ServerOptions, serve
     from control_plane.store.base import StoreError
 
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--crl-fetch-timeout: {args.crl_fetch_timeout:g} is not between 0 and 600 seconds")
     options = ServerOptions(listen=args.listen, db=args.db, token_file=args.token_file, tls_cert=args.tls_cert,
                             tls_key=args.tls_key, client_ca=args.client_ca, insecure=args.insecure,
-                            crl_fetch_deadline=args.crl_fetch_timeout)
+                            crl_fetch_deadline=args.crl_fetch_timeout, authz=args.authz)
     try:
         if args.metrics:
             from control_plane.xds.metrics import serve_metrics
@@ -60,6 +65,6 @@ def run(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as exc:
                 raise CliError(f"cannot serve metrics on {args.metrics}: {exc}") from None
         asyncio.run(serve(options))
-    except (ConfigError, TokenFileError, StoreError) as exc:
+    except (ConfigError, TokenFileError, BindingsError, StoreError) as exc:
         raise CliError(str(exc)) from None
     return 0

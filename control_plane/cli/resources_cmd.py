@@ -393,14 +393,15 @@ def run_audit(args: argparse.Namespace) -> int:
         raise rpc_error(exc, args) from None
     if args.output == "json":
         print(json.dumps([{"revision": e.revision, "time": e.time.ToJsonString(), "actor": e.actor,
-                           "method": e.method, "resourceName": e.resource_name, "etagBefore": e.etag_before,
+                           "role": e.role, "method": e.method, "resourceName": e.resource_name, "etagBefore": e.etag_before,
                            "etagAfter": e.etag_after} for e in entries], indent=2))
         return 0
     if not entries:
         print("No audit entries.")
         return 0
-    rows = [[str(e.revision), e.time.ToDatetime(tzinfo=dt.UTC).isoformat(timespec="seconds"), e.actor, e.method,
-             e.resource_name, f"{e.etag_before or '-'} -> {e.etag_after or '-'}"] for e in entries]
-    print(_table(["REVISION", "TIME", "ACTOR", "METHOD", "RESOURCE", "ETAG"], rows))
+    rows = [[str(e.revision), e.time.ToDatetime(tzinfo=dt.UTC).isoformat(timespec="seconds"), e.actor,
+             e.role or "-", e.method, e.resource_name, f"{e.etag_before or '-'} -> {e.etag_after or '-'}"]
+            for e in entries]
+    print(_table(["REVISION", "TIME", "ACTOR", "ROLE", "METHOD", "RESOURCE", "ETAG"], rows))
     return 0
 

@@ -69,6 +69,7 @@ class AuditRecord:
     resource_name: str
     etag_before: str
     etag_after: str
+    role: str = ""  # the actor's role when it wrote (SPEC §8; empty in records from before roles)
 
 
 @dataclass(frozen=True)
@@ -103,17 +104,18 @@ class Store(Protocol):
         """Copies of every resource of a collection (`trustConfigs`, …), ordered by name."""
         ...
 
-    def create(self, resource: Message, *, actor: str, check: WriteCheck | None = None) -> WriteResult:
+    def create(self, resource: Message, *, actor: str, role: str = "",
+               check: WriteCheck | None = None) -> WriteResult:
         """Store a new resource (`resource.name` normalised); AlreadyExists if the name is taken."""
         ...
 
-    def update(self, resource: Message, *, actor: str, expected_etag: str = "", allow_missing: bool = False,
-               check: WriteCheck | None = None) -> WriteResult:
+    def update(self, resource: Message, *, actor: str, role: str = "", expected_etag: str = "",
+               allow_missing: bool = False, check: WriteCheck | None = None) -> WriteResult:
         """Replace a resource. NotFound unless it exists or `allow_missing`; EtagMismatch if
         `expected_etag` is set and differs from the stored etag."""
         ...
 
-    def delete(self, name: str, *, actor: str, expected_etag: str = "",
+    def delete(self, name: str, *, actor: str, role: str = "", expected_etag: str = "",
                check: WriteCheck | None = None) -> WriteResult: ...
 
     def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:

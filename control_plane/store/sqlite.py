@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS audit (
     method TEXT NOT NULL,
     resource_name TEXT NOT NULL,
     etag_before TEXT NOT NULL,
-    etag_after TEXT NOT NULL
+    etag_after TEXT NOT NULL,
+    role TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS audit_by_resource ON audit (resource_name, revision);
 """
@@ -81,6 +82,9 @@ class SqliteStore:
                     raise StoreError(f"{self.path}: could not enable the WAL journal (got {mode})")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit)")}
+            if "role" not in columns:  # a store written before roles (SPEC §8) existed
+                self._db.execute("ALTER TABLE audit ADD COLUMN role TEXT NOT NULL DEFAULT ''")
         except sqlite3.Error as exc:
             self._release_owner_lock()
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
@@ -118,8 +122,8 @@ class SqliteStore:
         return [_copy(m) for m in self._state.collection(collection).values()]
 
     def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> builtins.list[AuditRecord]:
-        query = ("SELECT revision, time, actor, method, resource_name, etag_before, etag_after FROM audit "
-                 "WHERE revision > ?")
+        query = ("SELECT revision, time, actor, method, resource_name, etag_before, etag_after, role "
+                 "FROM audit WHERE revision > ?")
         params: list[object] = [after_revision]
         if resource_name:
             query += " AND resource_name = ?"
@@ -128,18 +132,19 @@ class SqliteStore:
         params.append(max(1, limit))
         with self._lock:
             rows = self._db.execute(query, params).fetchall()
-        return [AuditRecord(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
+        return [AuditRecord(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
 
     # ------------------------------------------------------------------ writes
 
-    def create(self, resource: Message, *, actor: str, check: WriteCheck | None = None) -> WriteResult:
+    def create(self, resource: Message, *, actor: str, role: str = "",
+               check: WriteCheck | None = None) -> WriteResult:
         with self._lock:
             if self._state.get(resource.name) is not None:  # type: ignore[attr-defined]
                 raise AlreadyExists(f"{resource.name} already exists")  # type: ignore[attr-defined]
-            return self._write("CREATE", resource.name, resource, None, actor, check)  # type: ignore[attr-defined]
+            return self._write("CREATE", resource.name, resource, None, (actor, role), check)  # type: ignore[attr-defined]
 
-    def update(self, resource: Message, *, actor: str, expected_etag: str = "", allow_missing: bool = False,
-               check: WriteCheck | None = None) -> WriteResult:
+    def update(self, resource: Message, *, actor: str, role: str = "", expected_etag: str = "",
+               allow_missing: bool = False, check: WriteCheck | None = None) -> WriteResult:
         name: str = resource.name  # type: ignore[attr-defined]
         with self._lock:
             before = self._state.get(name)
@@ -148,20 +153,20 @@ class SqliteStore:
                     raise NotFound(f"{name} not found")
                 if expected_etag:
                     raise EtagMismatch(f"{name} does not exist, but an etag precondition was given")
-                return self._write("CREATE", name, resource, None, actor, check)
+                return self._write("CREATE", name, resource, None, (actor, role), check)
             self._check_etag(name, before, expected_etag)
             if content_etag(resource) == before.etag:  # type: ignore[attr-defined]
                 return WriteResult(_copy(before), _copy(before), self._state.revision, changed=False)
-            return self._write("UPDATE", name, resource, before, actor, check)
+            return self._write("UPDATE", name, resource, before, (actor, role), check)
 
-    def delete(self, name: str, *, actor: str, expected_etag: str = "",
+    def delete(self, name: str, *, actor: str, role: str = "", expected_etag: str = "",
                check: WriteCheck | None = None) -> WriteResult:
         with self._lock:
             before = self._state.get(name)
             if before is None:
                 raise NotFound(f"{name} not found")
             self._check_etag(name, before, expected_etag)
-            return self._write("DELETE", name, None, before, actor, check)
+            return self._write("DELETE", name, None, before, (actor, role), check)
 
     @staticmethod
     def _check_etag(name: str, before: Message, expected_etag: str) -> None:
@@ -172,8 +177,8 @@ class SqliteStore:
                 f"has {current!r} (it was changed since you read it; get it again and retry)"
             )
 
-    def _write(self, method: str, name: str, resource: Message | None, before: Message | None, actor: str,
-               check: WriteCheck | None) -> WriteResult:
+    def _write(self, method: str, name: str, resource: Message | None, before: Message | None,
+               who: tuple[str, str], check: WriteCheck | None) -> WriteResult:
         """Commit one write; called with the lock held."""
         state = self._state
         now = time.time()
@@ -204,9 +209,9 @@ class SqliteStore:
                         (name, collection, etag_after, revision, stored.SerializeToString(deterministic=True)),
                     )
                 self._db.execute(
-                    "INSERT INTO audit (revision, time, actor, method, resource_name, etag_before, etag_after) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (revision, now, actor, method, name, etag_before, etag_after),
+                    "INSERT INTO audit (revision, time, actor, role, method, resource_name, etag_before, "
+                    "etag_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (revision, now, who[0], who[1], method, name, etag_before, etag_after),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
