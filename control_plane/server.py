@@ -29,8 +29,8 @@ from control_plane.api.authorization import AuthorizationInterceptor, Authorizer
 from control_plane.api.resource_service import ResourceApi, resource_service_handlers
 from control_plane.crl_sources.fetcher import CrlFetcher, FetchOptions
 from control_plane.resource_names import TRUST_CONFIG
+from control_plane.store import describe_db, open_store
 from control_plane.store.base import Store
-from control_plane.store.sqlite import SqliteStore
 from control_plane.xds import ads as xds_ads
 from data_plane.validation.resources import MAX_GRPC_MESSAGE_BYTES
 
@@ -42,7 +42,7 @@ DEFAULT_LISTEN = "127.0.0.1:18000"
 @dataclass(frozen=True)
 class ServerOptions:
     listen: str = DEFAULT_LISTEN
-    db: str = "mtlsgate.db"
+    db: str = "mtlsgate.db"  # a SQLite file, or postgresql://… shared by replicas
     token_file: str | None = None  # bearer tokens required for the management API
     tls_cert: str | None = None  # serve TLS with this certificate chain …
     tls_key: str | None = None  # … and key
@@ -226,7 +226,7 @@ def build_server(store: Store, options: ServerOptions) -> BuiltServer:
 async def serve(options: ServerOptions, *, ready: Callable[[str], None] | None = None) -> None:
     """Run the control plane until SIGTERM/SIGINT, then stop gracefully."""
     warnings = check_authentication(options)  # before opening the store: a refusal changes nothing
-    store = SqliteStore(options.db)
+    store = await asyncio.to_thread(open_store, options.db)
     try:
         built = build_server(store, options)
         await built.server.start()
@@ -234,7 +234,7 @@ async def serve(options: ServerOptions, *, ready: Callable[[str], None] | None =
             await built.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = options.listen.rpartition(":")[0]
         address = f"{host}:{built.port}"
-        line = f"mtlsgate control-plane: serving on {address} (db {options.db})"
+        line = f"mtlsgate control-plane: serving on {address} (db {describe_db(options.db)})"
         for warning in warnings:
             log.warning("%s", warning)
             print(f"mtlsgate control-plane: {warning}", file=sys.stderr, flush=True)

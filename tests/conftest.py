@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,26 @@ def logs_dir(tmp_path: Path) -> Path:
     path = tmp_path / "logs"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """A real PostgreSQL server for the session (tests/postgres.py); skipped, or failed under CI=true,
+    when PostgreSQL is not installed."""
+    from tests.postgres import start_postgres
+
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: object) -> Iterator[str]:
+    """The URL of a fresh, empty database on the session's PostgreSQL server, dropped afterwards."""
+    from tests.postgres import PostgresServer, database
+
+    assert isinstance(postgres_server, PostgresServer)
+    with database(postgres_server) as dsn:
+        yield dsn

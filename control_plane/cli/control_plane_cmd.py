@@ -14,15 +14,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "control-plane",
         help="run the control plane (management API, xDS, durable store)",
         description="Serves the management API, health, reflection and xDS on one gRPC port, backed by a "
-        "SQLite file. Secure by default: refuses to start unless it can authenticate nodes and API callers "
+        "SQLite file, or by PostgreSQL shared with other replicas (--db postgresql://…). Secure by default: "
+        "refuses to start unless it can authenticate nodes and API callers "
         "(--tls-cert, --tls-key, --client-ca; optionally --token-file), or --insecure on loopback. "
         "Stops gracefully on SIGTERM/SIGINT.",
     )
     parser.add_argument("--listen", default="127.0.0.1:18000", metavar="HOST:PORT",
                         help="gRPC listen address (default %(default)s)")
-    parser.add_argument("--db", default="mtlsgate.db", metavar="PATH",
-                        help="SQLite database file, created if missing; ':memory:' for a throwaway store "
-                        "(default %(default)s)")
+    parser.add_argument("--db", default="mtlsgate.db", metavar="PATH|URL",
+                        help="SQLite database file, created if missing; ':memory:' for a throwaway store; or "
+                        "postgresql://USER:PASSWORD@HOST:PORT/DB for replicas sharing one PostgreSQL database "
+                        "(an empty database is initialised) (default %(default)s)")
+    parser.add_argument("--migrate", action="store_true",
+                        help="apply pending PostgreSQL schema migrations to --db and exit (run once before "
+                        "starting upgraded replicas)")
     parser.add_argument("--token-file", metavar="FILE",
                         help="require a bearer token on the management API: one token per line, optionally "
                         "followed by the identity the audit log records (`TOKEN alice`)")
@@ -51,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from control_plane.store.base import StoreError
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.migrate:
+        return _migrate(args.db)
     if not 0 < args.crl_fetch_timeout <= 600:
         raise CliError(f"--crl-fetch-timeout: {args.crl_fetch_timeout:g} is not between 0 and 600 seconds")
     options = ServerOptions(listen=args.listen, db=args.db, token_file=args.token_file, tls_cert=args.tls_cert,
@@ -67,4 +74,25 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(serve(options))
     except (ConfigError, TokenFileError, BindingsError, StoreError) as exc:
         raise CliError(str(exc)) from None
+    return 0
+
+
+def _migrate(db: str) -> int:
+    from control_plane.store import is_postgres_url
+    from control_plane.store.base import StoreError
+
+    if not is_postgres_url(db):
+        print(f"mtlsgate control-plane: {db} is a SQLite file; its schema is created at start-up, "
+              "there is nothing to migrate")
+        return 0
+    from control_plane.store.postgres import migrate, redact
+
+    try:
+        before, after = migrate(db)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    if before == after:
+        print(f"mtlsgate control-plane: {redact(db)} is at schema version {after}; nothing to migrate")
+    else:
+        print(f"mtlsgate control-plane: migrated {redact(db)} from schema version {before} to {after}")
     return 0

@@ -1,11 +1,13 @@
-"""The storage interface of the control plane: what any backing store (SQLite now, PostgreSQL later)
-must provide — atomic writes with etag preconditions, one global revision, an audit log, immutable
-snapshots of the whole state, and a notification after every committed write."""
+"""The storage interface of the control plane: what any backing store (SQLite, PostgreSQL) must provide —
+atomic writes with etag preconditions, one global revision, an audit log, immutable snapshots of the whole
+state, and a notification after every committed write — plus the pure rules both implementations share
+(etag checks, stamping a stored message, building a state)."""
 
 from __future__ import annotations
 
 import builtins
 import hashlib
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -120,7 +122,9 @@ class Store(Protocol):
 
     def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
         """`callback(revision)` after every committed write, in the thread that wrote (the gRPC API writes
-        from its event loop, so callbacks run on that loop). Returns an unsubscribe function."""
+        from its event loop, so callbacks run on that loop). A replicated store also calls it, from its
+        own thread, when it learns of writes made by other replicas (once per batch, with the newest
+        revision). Returns an unsubscribe function."""
         ...
 
     def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> builtins.list[AuditRecord]:
@@ -146,3 +150,101 @@ def content_etag(resource: Message) -> str:
 
 def same_content(a: Message, b: Message) -> bool:
     return content_etag(a) == content_etag(b)
+
+
+def is_postgres_url(db: str) -> bool:
+    """Whether a `--db` value names a PostgreSQL database (anything else is a SQLite file)."""
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+COLLECTION_FIELDS = {"trustConfigs": "trust_configs", "serverTlsPolicies": "server_tls_policies",
+                     "certificates": "certificates", "listeners": "listeners"}
+
+
+def copy_message(message: Message) -> Message:
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
+
+
+def make_state(revision: int, written_at: float, maps: Mapping[str, Mapping[str, Message]]) -> StoreState:
+    """A StoreState from `{collection: {name: message}}` (collections missing from `maps` are empty)."""
+    frozen = {field: types.MappingProxyType(dict(sorted(maps.get(c, {}).items())))
+              for c, field in COLLECTION_FIELDS.items()}
+    return StoreState(revision=revision, written_at=written_at, **frozen)  # type: ignore[arg-type]
+
+
+def with_change(state: StoreState, revision: int, written_at: float, name: str,
+                stored: Message | None) -> StoreState:
+    """`state` with one resource replaced (or removed when `stored` is None), at `revision`."""
+    maps = {c: dict(state.collection(c)) for c in COLLECTION_FIELDS}
+    collection = name.partition("/")[0]
+    if stored is None:
+        maps[collection].pop(name, None)
+    else:
+        maps[collection][name] = stored
+    return make_state(revision, written_at, maps)
+
+
+def check_etag(name: str, before: Message, expected_etag: str) -> None:
+    current = before.etag  # type: ignore[attr-defined]
+    if expected_etag and expected_etag != current:
+        raise EtagMismatch(
+            f"etag mismatch for {name}: the request carries {expected_etag!r} but the stored resource "
+            f"has {current!r} (it was changed since you read it; get it again and retry)"
+        )
+
+
+def stamp(resource: Message, before: Message | None, now: float) -> Message:
+    """The message to store: a copy with the content etag, create_time kept from `before`, update_time now."""
+    stored = copy_message(resource)
+    stored.etag = content_etag(stored)  # type: ignore[attr-defined]
+    if before is not None:
+        stored.create_time.CopyFrom(before.create_time)  # type: ignore[attr-defined]
+    else:
+        stored.create_time.FromNanoseconds(int(now * 1e9))  # type: ignore[attr-defined]
+    stored.update_time.FromNanoseconds(int(now * 1e9))  # type: ignore[attr-defined]
+    return stored
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """What a write will do to `state`, decided before anything is stored: CREATE/UPDATE store `resource`
+    (stamped at commit), DELETE removes `name`."""
+
+    method: str
+    name: str
+    resource: Message | None
+    before: Message | None
+
+
+def plan_create(state: StoreState, resource: Message) -> WritePlan:
+    name: str = resource.name  # type: ignore[attr-defined]
+    if state.get(name) is not None:
+        raise AlreadyExists(f"{name} already exists")
+    return WritePlan("CREATE", name, resource, None)
+
+
+def plan_update(state: StoreState, resource: Message, expected_etag: str, allow_missing: bool
+                ) -> WritePlan | WriteResult:
+    """The plan, or the WriteResult of a no-op (identical content: nothing written, no new revision)."""
+    name: str = resource.name  # type: ignore[attr-defined]
+    before = state.get(name)
+    if before is None:
+        if not allow_missing:
+            raise NotFound(f"{name} not found")
+        if expected_etag:
+            raise EtagMismatch(f"{name} does not exist, but an etag precondition was given")
+        return WritePlan("CREATE", name, resource, None)
+    check_etag(name, before, expected_etag)
+    if content_etag(resource) == before.etag:  # type: ignore[attr-defined]
+        return WriteResult(copy_message(before), copy_message(before), state.revision, changed=False)
+    return WritePlan("UPDATE", name, resource, before)
+
+
+def plan_delete(state: StoreState, name: str, expected_etag: str) -> WritePlan:
+    before = state.get(name)
+    if before is None:
+        raise NotFound(f"{name} not found")
+    check_etag(name, before, expected_etag)
+    return WritePlan("DELETE", name, None, before)

@@ -1,22 +1,52 @@
-"""SqliteStore on its own: revisions, etags, audit rows, no-op updates, thread safety, notifications."""
+"""The store contract, run against every backend (SQLite and PostgreSQL): revisions, etags, audit rows,
+no-op updates, atomic cross-resource checks, thread safety, notifications, reopening."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from mtlsgate.v1 import resources_pb2
 
-from control_plane.store import AlreadyExists, EtagMismatch, NotFound, SqliteStore
+from control_plane.store import AlreadyExists, EtagMismatch, NotFound, SqliteStore, Store, StoreError
+from control_plane.store.base import StoreState
+
+# A backend's store factory: every call opens a store on the same database (for "reopen" checks).
+OpenStore = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
+    opened: list[Store] = []
+    if request.param == "sqlite":
+        def factory() -> Store:
+            store = SqliteStore(tmp_path / "s.db")
+            opened.append(store)
+            return store
+    else:
+        from control_plane.store.postgres import PostgresStore
+
+        dsn = request.getfixturevalue("postgres_dsn")
+
+        def factory() -> Store:
+            store = PostgresStore(dsn)
+            opened.append(store)
+            return store
+    try:
+        yield factory
+    finally:
+        for store in opened:
+            store.close()
 
 
 def tc(description: str) -> resources_pb2.TrustConfig:
     return resources_pb2.TrustConfig(name="trustConfigs/t", description=description)
 
 
-def test_revisions_etags_and_audit(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "s.db")
+def test_revisions_etags_and_audit(open_store: OpenStore) -> None:
+    store = open_store()
     seen: list[int] = []
     unsubscribe = store.subscribe(seen.append)
     first = store.create(tc("a"), actor="alice")
@@ -43,13 +73,13 @@ def test_revisions_etags_and_audit(tmp_path: Path) -> None:
         (1, "alice", "CREATE"), (2, "bob", "UPDATE"), (3, "carol", "DELETE"), (4, "dave", "CREATE")]
     assert [r.revision for r in store.audit("trustConfigs/t", after_revision=1, limit=2)] == [2, 3]
     store.close()
-    reopened = SqliteStore(tmp_path / "s.db")
+    reopened = open_store()
     assert reopened.revision() == 4 and reopened.get("trustConfigs/t").description == "c"  # type: ignore[union-attr]
-    reopened.close()
+    assert reopened.state().written_at == pytest.approx(store.state().written_at)
 
 
-def test_state_snapshots_are_immutable() -> None:
-    store = SqliteStore()
+def test_state_snapshots_are_immutable(open_store: OpenStore) -> None:
+    store = open_store()
     store.create(tc("a"), actor="x")
     before = store.state()
     store.update(tc("b"), actor="x")
@@ -59,8 +89,8 @@ def test_state_snapshots_are_immutable() -> None:
         before.trust_configs["trustConfigs/u"] = tc("u")  # type: ignore[index]
 
 
-def test_threads_with_etag_retries_lose_no_update() -> None:
-    store = SqliteStore()
+def test_threads_with_etag_retries_lose_no_update(open_store: OpenStore) -> None:
+    store = open_store()
     store.create(resources_pb2.TrustConfig(name="trustConfigs/t", description="0"), actor="x")
     conflicts = []
 
@@ -85,3 +115,46 @@ def test_threads_with_etag_retries_lose_no_update() -> None:
     assert final is not None and final.description == "150"
     assert store.revision() == 151
     assert [r.revision for r in store.audit(limit=1000)] == list(range(1, 152))
+
+
+def test_a_failing_check_aborts_the_whole_write(open_store: OpenStore) -> None:
+    """The API's cross-resource checks run inside the write: raising there stores nothing, spends no
+    revision and writes no audit row — on every backend."""
+    store = open_store()
+    store.create(tc("a"), actor="x")
+    seen: list[int] = []
+    store.subscribe(seen.append)
+    checked: list[tuple[int, str]] = []
+
+    class Refused(StoreError):
+        pass
+
+    def refuse(state: StoreState, message: object) -> None:
+        checked.append((state.revision, getattr(message, "description", "")))
+        raise Refused("trustConfigs/t is referenced")
+
+    with pytest.raises(Refused):
+        store.update(tc("b"), actor="x", check=refuse)
+    with pytest.raises(Refused):
+        store.delete("trustConfigs/t", actor="x", check=refuse)
+    assert checked == [(1, "b"), (1, "")]  # the check saw the state the write applied to, and the new message
+    assert store.revision() == 1 and store.get("trustConfigs/t").description == "a"  # type: ignore[union-attr]
+    assert [r.revision for r in store.audit()] == [1] and seen == []
+    store.close()
+    reopened = open_store()  # and nothing reached the disk or the database either
+    assert reopened.revision() == 1 and reopened.get("trustConfigs/t").description == "a"  # type: ignore[union-attr]
+
+
+def test_every_collection_round_trips(open_store: OpenStore) -> None:
+    store = open_store()
+    store.create(resources_pb2.TrustConfig(name="trustConfigs/a"), actor="x")
+    store.create(resources_pb2.ServerTlsPolicy(name="serverTlsPolicies/p"), actor="x")
+    store.create(resources_pb2.Certificate(name="certificates/c", description="d"), actor="x")
+    store.create(resources_pb2.Listener(name="listeners/l", port=8443), actor="x")
+    store.delete("trustConfigs/a", actor="x")
+    store.close()
+    state = open_store().state()
+    assert state.revision == 5
+    assert (list(state.trust_configs), list(state.server_tls_policies), list(state.certificates),
+            list(state.listeners)) == ([], ["serverTlsPolicies/p"], ["certificates/c"], ["listeners/l"])
+    assert state.listeners["listeners/l"].port == 8443
