@@ -31,9 +31,9 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_server_argument(parser: argparse.ArgumentParser) -> None:
+def add_server_argument(parser: argparse.ArgumentParser, help: str = "control plane HOST:PORT") -> None:
     parser.add_argument(
         "--server",
         default=os.environ.get("MTLSGATE_SERVER", DEFAULT_SERVER),
-        help="control plane HOST:PORT (env MTLSGATE_SERVER; default %(default)s)",
+        help=f"{help} (env MTLSGATE_SERVER; default %(default)s)",
     )

@@ -33,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/metrics on --admin. With --cache-dir it keeps the last good configuration and starts from it "
         "when the control plane is unreachable.",
     )
-    add_server_argument(p)
+    add_server_argument(p, help="control plane HOST:PORT, or several replicas HOST:PORT,HOST:PORT… in order "
+                        "of preference (a name resolving to several addresses counts as several); the node "
+                        "holds one stream and fails over")
     p.add_argument("--node-id", default=socket.gethostname(), help="xDS node id (default: the host name)")
     p.add_argument("--cluster", default="default", help="node group (xDS node.cluster; default %(default)s)")
     p.add_argument("--label", action="append", type=_label, default=[], metavar="KEY=VALUE",
@@ -55,8 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from data_plane.node.agent import Backoff
+    from data_plane.node.servers import ServerListError, parse_servers
     from data_plane.node.supervisor import ProxyOptions, configure_logging, run_proxy
 
+    try:
+        parse_servers(args.server)
+    except ServerListError as exc:
+        raise UsageError(str(exc)) from None
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     if bool(args.xds_cert) != bool(args.xds_key):

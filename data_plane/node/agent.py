@@ -1,5 +1,6 @@
 """The proxy node's xDS client: one ADS stream to the control plane, validate-then-apply, ACK/NACK, the
-last good configuration persisted in the cache dir, reconnects with jittered exponential backoff.
+last good configuration persisted in the cache dir; fails over between control-plane replicas (servers.py)
+with jittered exponential backoff, re-sending the versions it holds so an up-to-date node is sent nothing.
 
 `AgentSession` is the per-stream protocol logic without I/O: responses in, requests and configurations to
 apply out. A Listener response whose certificates or trust bundles are not yet subscribed is held (not
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -31,6 +33,7 @@ from prometheus_client import Counter, Gauge
 
 from data_plane.node.apply import ConfigApplier
 from data_plane.node.config import ConfigRejected, NodeConfig, decode_resources, validate_node_config
+from data_plane.node.servers import Endpoint, Rotation, endpoints_for, parse_servers
 
 log = logging.getLogger("mtlsgate.node")
 
@@ -42,6 +45,8 @@ CONNECTED = Gauge("mtlsgate_node_xds_connected", "1 while the xDS stream to the 
 CACHE_FILE = "last-good.json"
 # If names we asked for have not arrived this long after asking, the held configuration is NACKed.
 MISSING_NAMES_GRACE = 5.0
+# How long a control plane gets to admit the node (send the stream's headers) before we try the next one.
+ADMISSION_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -255,7 +260,8 @@ class XdsAgent:
 
     def __init__(self, server: str, identity: NodeIdentity, applier: ConfigApplier, cache_dir: Path | None,
                  *, backoff: Backoff | None = None, credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.server = server
+        self.servers = parse_servers(server)  # `a:18000,b:18000`: replicas in order of preference
+        self.server = str(self.servers[0])  # the endpoint of the current (or last) stream, for logs/admin
         self.identity = identity
         self.applier = applier
         self.cache_dir = cache_dir
@@ -292,34 +298,61 @@ class XdsAgent:
 
     async def run(self) -> None:
         await self.start_from_cache()
-        attempt = 0
+        rotation = Rotation(base=self.backoff.base, cap=self.backoff.cap)
         while True:
-            got_response = False
-            try:
-                got_response = await self._one_stream()
-            except grpc.aio.AioRpcError as exc:
-                log.warning("xDS stream to %s ended: %s %s", self.server, exc.code().name, exc.details())
-            except (OSError, ConnectionError) as exc:
-                log.warning("xDS stream to %s failed: %r", self.server, exc)
-            except Exception:  # a bug must not leave the node without updates for good: log, reconnect
-                log.exception("xDS stream to %s failed unexpectedly", self.server)
-            finally:
-                self.connected = False
-                CONNECTED.set(0)
-            attempt = 0 if got_response else attempt + 1
-            delay = self.backoff.delay(attempt)
-            log.info("reconnecting to %s in %.2fs", self.server, delay)
+            if rotation.needs_resolving():
+                rotation.resolved(await self._resolve())
+            endpoint = rotation.current()
+            admitted = False
+            if endpoint is not None:
+                self.server = endpoint.label
+                try:
+                    admitted = await self._one_stream(endpoint)
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("xDS stream to %s ended: %s %s", self.server, exc.code().name, exc.details())
+                except (OSError, ConnectionError, TimeoutError) as exc:
+                    log.warning("xDS stream to %s failed: %r", self.server, exc)
+                except Exception:  # a bug must not leave the node without updates for good: log, reconnect
+                    log.exception("xDS stream to %s failed unexpectedly", self.server)
+                finally:
+                    self.connected = False
+                    CONNECTED.set(0)
+            delay = rotation.ended(admitted, random._inst)  # type: ignore[attr-defined]
+            following = rotation.current() or (rotation.endpoints[0] if rotation.endpoints else None)
+            log.info("connecting to %s in %.2fs", following.label if following else self.servers[0], delay)
             await asyncio.sleep(delay)
 
-    def _channel(self) -> grpc.aio.Channel:
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                   # Fail fast so our own backoff (with jitter) decides when to retry.
-                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
-        if self.credentials is not None:
-            return grpc.aio.secure_channel(self.server, self.credentials, options=options)
-        return grpc.aio.insecure_channel(self.server, options=options)
+    async def _resolve(self) -> list[Endpoint]:
+        """Every configured server's endpoints, in order; a name that does not resolve is skipped (and
+        logged), so one bad entry never keeps the node from the others."""
+        loop = asyncio.get_running_loop()
+        endpoints: list[Endpoint] = []
+        for server in self.servers:
+            addresses: list[str] = []
+            if not server.is_ip:
+                try:
+                    infos = await loop.getaddrinfo(server.host, server.port, type=socket.SOCK_STREAM)
+                except OSError as exc:
+                    log.warning("cannot resolve control plane %s: %s", server, exc)
+                    continue
+                addresses = [str(info[4][0]) for info in infos]
+            endpoints += endpoints_for(server, addresses)
+        return endpoints
 
-    async def _one_stream(self) -> bool:
+    def _channel(self, endpoint: Endpoint) -> grpc.aio.Channel:
+        options: list[tuple[str, object]] = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            # Fail fast so our own backoff (with jitter) decides when to retry.
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+        if endpoint.tls_name is not None:
+            # Dialled by resolved address: the server must still prove the configured name.
+            options += [("grpc.ssl_target_name_override", endpoint.tls_name),
+                        ("grpc.default_authority", endpoint.tls_name)]
+        if self.credentials is not None:
+            return grpc.aio.secure_channel(endpoint.target, self.credentials, options=options)
+        return grpc.aio.insecure_channel(endpoint.target, options=options)
+
+    async def _one_stream(self, endpoint: Endpoint) -> bool:
         session = AgentSession(self.identity.to_proto(), self.active)
         outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
         for request in session.initial_requests():
@@ -333,7 +366,7 @@ class XdsAgent:
                 yield item
 
         got_response = False  # the stream was admitted: reset the backoff afterwards
-        async with self._channel() as channel:
+        async with self._channel(endpoint) as channel:
             call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(requests())
             inbox: asyncio.Queue[object] = asyncio.Queue()
 
@@ -353,7 +386,8 @@ class XdsAgent:
             try:
                 # The server sends its headers once it has admitted the node (before any response: a
                 # reconnecting node that is up to date gets no response at all).
-                await call.wait_for_connection()
+                # Bounded: a replica that accepts TCP but never answers must not hold the node.
+                await asyncio.wait_for(call.wait_for_connection(), ADMISSION_TIMEOUT)
                 got_response = True
                 self.connected = True
                 CONNECTED.set(1)
