@@ -1,0 +1,194 @@
+"""SPEC §14's goal with real processes: two control-plane replicas on one PostgreSQL database, two real
+proxy nodes, 8 writer threads (one of them rolling a new CRL out to the nodes again and again) and a
+valid-client TLS loop through each node. `kill -9` replica A: 0 acknowledged writes lost, every node on
+replica B within 5 s and SYNCED there, 0 failed valid requests. Then restart A, kill B: the same."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from control_plane.pki import DemoPki
+from data_plane import echo_backend
+from tests.control_plane.harness import start_control_plane
+from tests.support import Proc, free_port, wait_until
+from tests.workers.conftest import client_context, https_get
+from tests.xds.conftest import Api, Node
+from tests.xds.fleet_config import certificate, listener, rotated_crl_pem, strict_policy, trust_config
+from tests.xds.test_fleet import all_synced
+
+pytestmark = pytest.mark.slow
+
+WRITERS = 8
+NODES = {"node-1": "127.0.0.2", "node-2": "127.0.0.3"}
+
+
+@dataclass
+class Replica:
+    address: str
+    proc: Proc | None = None
+
+
+@dataclass
+class Load:
+    """What the loops did: names whose write was acknowledged, writes with no answer, requests."""
+
+    acked: set[str] = field(default_factory=set)
+    unanswered: int = 0
+    rollouts: int = 0
+    ok_requests: int = 0
+    failed_requests: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def writer(index: int, replicas: list[Replica], load: Load, pki: DemoPki) -> None:
+    """Write to replica index % 2; on a failure (the replica died) go to the other one. Writer 0 rolls a
+    new CRL out (every node receives it); the others create trust configs no node uses."""
+    preferred = index % 2
+    apis = [Api(r.address) for r in replicas]
+    serials = itertools.count(10_000 + index * 100_000)
+    try:
+        for i in itertools.count():
+            if load.stop.is_set():
+                return
+            if index == 0:
+                resource = trust_config(pki)
+                resource.trust_stores[0].crls[0].pem_crl = rotated_crl_pem(pki, [next(serials)])
+                name = ""
+            else:
+                name = f"trustConfigs/w{index}-{i}"
+                resource = trust_config(pki, name=name)
+            try:
+                apis[preferred].put(resource)
+            except grpc.RpcError:
+                with load.lock:
+                    load.unanswered += 1  # may or may not have committed: not counted either way
+                preferred = 1 - preferred
+                time.sleep(0.05)
+                continue
+            with load.lock:
+                if name:
+                    load.acked.add(name)
+                else:
+                    load.rollouts += 1
+            if index == 0:
+                time.sleep(0.2)
+    finally:
+        for api in apis:
+            api.close()
+
+
+def client_loop(host: str, port: int, load: Load, pki: DemoPki) -> None:
+    ctx = client_context(pki, "client")
+    while not load.stop.is_set():
+        try:
+            status, _, _ = https_get(port, ctx, host=host, timeout=5)
+            ok = status == 200
+            detail = f"HTTP {status}"
+        except OSError as exc:  # ssl.SSLError, refused, reset, timeout
+            ok, detail = False, repr(exc)
+        with load.lock:
+            if ok:
+                load.ok_requests += 1
+            else:
+                load.failed_requests.append(f"{host}: {detail}")
+
+
+@pytest.fixture
+def backend() -> Iterator[str]:
+    port = free_port()
+    server = echo_backend.EchoServer(("127.0.0.1", port), echo_backend.EchoHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{port}"
+    server.shutdown()
+
+
+def test_kill_9_of_either_replica_loses_no_write_and_no_request(
+        postgres_dsn: str, demo_pki: DemoPki, backend: str, tmp_path: Path, logs_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_QUIET", "0.05")
+    monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_MAX", "0.5")
+    replicas = [Replica(f"127.0.0.1:{free_port()}") for _ in range(2)]
+
+    def start(replica: Replica) -> None:
+        replica.proc, _ = start_control_plane(tmp_path, logs_dir, db=postgres_dsn,
+                                              port=int(replica.address.rpartition(":")[2]))
+
+    for replica in replicas:
+        start(replica)
+    a, b = replicas
+    port = free_port("127.0.0.2")
+    api = Api(a.address)
+    for resource in (trust_config(demo_pki), strict_policy(), certificate(demo_pki),
+                     listener("listeners/edge", port, backend=backend)):
+        api.put(resource)
+    api.close()
+
+    nodes = []
+    for (node_id, host), servers in zip(NODES.items(), [f"{a.address},{b.address}", f"{b.address},{a.address}"],
+                                        strict=True):
+        admin = f"127.0.0.1:{free_port()}"
+        args = ["proxy", "--server", servers, "--node-id", node_id, "--cluster", "edge", "--admin", admin,
+                "--cache-dir", str(tmp_path / f"cache-{node_id}"), "--listen-address", host, "--workers", "1",
+                "--backoff-max", "1.0"]
+        node = Node(node_id, admin, tmp_path / f"cache-{node_id}", args, logs_dir / f"proxy-{node_id}.log")
+        node.start()
+        nodes.append(node)
+    load = Load()
+    threads: list[threading.Thread] = []
+    try:
+        wait_until(lambda: all_synced(a.address, ["node-1"]) and all_synced(b.address, ["node-2"]), timeout=30,
+                   message="node-1 SYNCED on A, node-2 on B")
+        wait_until(lambda: all(n.ready() for n in nodes), timeout=10, message="both nodes ready")
+        threads = [threading.Thread(target=writer, args=(i, replicas, load, demo_pki), daemon=True)
+                   for i in range(WRITERS)]
+        threads += [threading.Thread(target=client_loop, args=(host, port, load, demo_pki), daemon=True)
+                    for host in NODES.values()]
+        for t in threads:
+            t.start()
+
+        for victim, survivor in ((a, b), (b, a)):
+            wait_until(lambda: load.rollouts >= 3 and len(load.acked) >= 20, timeout=30,
+                       message="the writers to be under way")
+            assert victim.proc is not None
+            victim.proc.kill9()
+            killed = time.monotonic()
+            wait_until(lambda s=survivor: all_synced(s.address, list(NODES)), timeout=5,
+                       message=f"every node SYNCED on {survivor.address} within 5 s of the kill")
+            moved_after = time.monotonic() - killed
+            rollouts = load.rollouts
+            # The survivor keeps taking writes and rolling them out to the nodes that moved to it.
+            wait_until(lambda r=rollouts: load.rollouts >= r + 3, timeout=15, message="roll-outs to go on")
+            wait_until(lambda s=survivor: all_synced(s.address, list(NODES)), timeout=10,
+                       message="every node SYNCED after the further roll-outs")
+            assert moved_after < 5
+            start(victim)  # back, for the second round (kill the other one)
+    finally:
+        load.stop.set()
+        for t in threads:
+            t.join(30)
+        for node in nodes:
+            node.stop()
+        for replica in replicas:
+            if replica.proc is not None:
+                with contextlib.suppress(Exception):
+                    replica.proc.stop()
+
+    with psycopg.connect(postgres_dsn) as conn:
+        present = {row[0] for row in conn.execute("SELECT name FROM mtlsgate_resources")}
+        audited = {row[0] for row in conn.execute("SELECT resource_name FROM mtlsgate_audit")}
+    lost = load.acked - present
+    assert not lost, f"{len(lost)} acknowledged writes lost: {sorted(lost)[:5]}"
+    assert load.acked <= audited
+    assert load.failed_requests == [], f"{len(load.failed_requests)} failed valid requests: {load.failed_requests[:5]}"
+    assert load.ok_requests > 50 and len(load.acked) > 100 and load.rollouts >= 12
