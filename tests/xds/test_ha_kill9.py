@@ -172,6 +172,7 @@ def test_kill_9_of_either_replica_loses_no_write_and_no_request(
             wait_until(lambda s=survivor: all_synced(s.address, list(NODES)), timeout=10,
                        message="every node SYNCED after the further roll-outs")
             assert moved_after < 5
+            print(f"kill -9 {victim.address}: every node SYNCED on {survivor.address} after {moved_after:.2f}s")
             start(victim)  # back, for the second round (kill the other one)
     finally:
         load.stop.set()
@@ -192,3 +193,5 @@ def test_kill_9_of_either_replica_loses_no_write_and_no_request(
     assert load.acked <= audited
     assert load.failed_requests == [], f"{len(load.failed_requests)} failed valid requests: {load.failed_requests[:5]}"
     assert load.ok_requests > 50 and len(load.acked) > 100 and load.rollouts >= 12
+    print(f"acked writes {len(load.acked)} (all present), unanswered {load.unanswered}, roll-outs "
+          f"{load.rollouts}, valid requests {load.ok_requests} ok / {len(load.failed_requests)} failed")
