@@ -269,3 +269,84 @@ def init_demo_pki(directory: str | Path, *, server_names: Sequence[str] = ("loca
     ))
     (out / "pki.json").write_text(json.dumps(pki.files, indent=2) + "\n")
     return pki
+
+
+# ---------------------------------------------------------------- the demo CA revokes (`mtlsgate pki revoke`)
+
+
+class RevokeError(ValueError):
+    """A revocation the demo CA cannot make; one line for the user."""
+
+
+@dataclass(frozen=True)
+class Revocation:
+    serial: int
+    crl_number: int
+    revoked_count: int
+    crl_path: Path
+
+
+def parse_serial(text: str, directory: Path) -> int:
+    """A serial as `X-Client-Cert-Serial-Number` shows it (hex, `0x`/colons tolerated), or the path of a
+    PEM certificate issued by the demo intermediate."""
+    path = Path(text)
+    if path.is_file() or text.endswith(".pem"):
+        try:
+            cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+        except OSError as exc:
+            raise RevokeError(f"{text}: {exc.strerror}") from None
+        except (ValueError, IndexError):
+            raise RevokeError(f"{text}: not a PEM certificate") from None
+        issuer = x509.load_pem_x509_certificate((directory / "intermediate.pem").read_bytes())
+        if cert.issuer != issuer.subject:
+            raise RevokeError(f"{text} was not issued by the demo intermediate CA ({issuer.subject.rfc4514_string()}); "
+                              "its CRL cannot revoke it")
+        return cert.serial_number
+    digits = text.strip().lower().removeprefix("0x").replace(":", "")
+    try:
+        serial = int(digits, 16)
+    except ValueError:
+        raise RevokeError(f"{text!r} is neither a hex serial number nor a certificate file") from None
+    if not 0 < serial < 1 << 160:
+        raise RevokeError(f"{text!r}: a serial number is a positive integer of at most 20 bytes")
+    return serial
+
+
+def revoke(directory: str | Path, serial: int) -> Revocation:
+    """Re-sign the demo intermediate CA's CRL (`DIR/crl.pem`) with `serial` added and a higher cRLNumber,
+    replacing the file atomically, so that whatever publishes it (the demo's CRL publisher) serves the new
+    CRL on its next request."""
+    out = Path(directory)
+    try:
+        inter_cert = x509.load_pem_x509_certificate((out / "intermediate.pem").read_bytes())
+        inter_key = serialization.load_pem_private_key((out / "intermediate-key.pem").read_bytes(), password=None)
+        current = x509.load_pem_x509_crl((out / "crl.pem").read_bytes())
+    except OSError as exc:
+        raise RevokeError(f"{out}: no demo PKI there ({exc.filename}: {exc.strerror}); run mtlsgate pki init "
+                          f"{out} or mtlsgate demo --dir {out} first") from None
+    except ValueError as exc:
+        raise RevokeError(f"{out}: the demo PKI files do not parse ({exc})") from None
+    if current.issuer != inter_cert.subject or not current.is_signature_valid(inter_key.public_key()):  # type: ignore[arg-type]
+        raise RevokeError(f"{out / 'crl.pem'} is not the demo intermediate CA's CRL")
+    if current.get_revoked_certificate_by_serial_number(serial) is not None:
+        raise RevokeError(f"serial {serial:x} is already revoked in {out / 'crl.pem'}")
+    number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    start = now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(inter_cert.subject)
+        .last_update(start)
+        .next_update(start + dt.timedelta(days=7))
+        # Never lower than make_crl's time-based numbers, always above the CRL it replaces.
+        .add_extension(x509.CRLNumber(max(number + 1, int(start.timestamp() * 1000))), critical=False)
+    )
+    for entry in current:
+        builder = builder.add_revoked_certificate(entry)
+    builder = builder.add_revoked_certificate(
+        x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(start).build())
+    crl = builder.sign(inter_key, hashes.SHA256())  # type: ignore[arg-type]
+    tmp = out / "crl.pem.tmp"
+    tmp.write_text(crl_pem(crl))
+    tmp.replace(out / "crl.pem")  # the publisher never serves half a file
+    new_number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    return Revocation(serial, new_number, len(list(crl)), out / "crl.pem")
