@@ -1,8 +1,9 @@
 """One client connection: TLS termination (memory BIO), HTTP/1.1 parsing with httptools, and forwarding to
-the listener's backend with the validation verdict rendered into headers (SPEC §4, §5).
+the listener's backend with the validation verdict rendered into headers (SPEC §4, §5, §11).
 
-The protocol object is event-loop glue; decisions come from the listener runtime (validation engine,
-header set). Backend connections are kept alive in a small per-worker pool.
+Event-loop glue only: what a head becomes, whether a request may be re-sent and which connection is
+evicted are decided in `data_plane/http/`; the bounds are `data_plane/http/bounds.py`'s. Backend
+connections are kept alive in a small per-worker pool.
 """
 
 from __future__ import annotations
@@ -18,264 +19,30 @@ from typing import Any, Protocol
 
 import httptools
 
+from data_plane.http import request as request_rules
+from data_plane.http.bounds import Bounds
+from data_plane.http.response import REASONS as _REASONS
 from data_plane.validation import headers as headers_mod
-from data_plane.workers.forwarding import REASONS as _REASONS
-from data_plane.workers.forwarding import request_head, response_head
+from data_plane.workers.backend import (
+    BackendConnection,
+    BackendFailed,
+    BackendPool,
+    Exchange,
+    ExchangeResult,
+    settle,
+)
 from data_plane.workers.listeners import XFCC, ListenerRuntime
 from data_plane.workers.observability import WorkerCounters, log_event
 from data_plane.workers.tls import TlsConnection, TlsFailed
 
-# Bounds on what a client controls (SPEC §8). Listener-independent; see docs/tls-design.md.
-HANDSHAKE_TIMEOUT = 10.0
-IDLE_TIMEOUT = 60.0
-MAX_HEADER_BYTES = 64 * 1024
-MAX_HEADERS = 100
-MAX_PIPELINED_REQUESTS = 16
-MAX_BUFFERED_BODY = 1024 * 1024
-BACKEND_CONNECT_TIMEOUT = 5.0
-BACKEND_RESPONSE_TIMEOUT = 60.0
-MAX_IDLE_BACKEND_CONNECTIONS = 64
-MAX_CONNECTIONS_PER_WORKER = 4096
-
 _XFCC_SANITIZE = int(XFCC.SANITIZE)
 
-
 class ProtocolViolation(Exception):
-    """A client broke one of our bounds; answered with `status` and the connection closed."""
+    """A client broke one of our bounds or rules; answered with `status` and the connection closed."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-# ---------------------------------------------------------------- backend side
-
-
-class BackendConnection(asyncio.Protocol):
-    """A kept-alive HTTP/1.1 connection to a backend. While an exchange is active, response bytes go
-    straight through httptools into the exchange's callbacks, which write to the client: no queue, no
-    coroutine switch per chunk."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        exchange = self.exchange
-        if exchange is None:
-            self.close()  # a backend talking out of turn cannot be trusted with the next request
-            return
-        exchange.received(data)
-
-    def eof_received(self) -> bool | None:
-        self._lost()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost()
-
-    def _lost(self) -> None:
-        self.closed = True
-        if self.exchange is not None:
-            self.exchange.backend_closed()
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-
-class BackendPool:
-    """Idle kept-alive backend connections of one worker, per backend address."""
-
-    def __init__(self) -> None:
-        self._idle: dict[tuple[str, int], collections.deque[BackendConnection]] = collections.defaultdict(
-            collections.deque)
-
-    def take_idle(self, address: tuple[str, int]) -> BackendConnection | None:
-        """A kept-alive connection to `address` if one is idle (the backend may still have closed it)."""
-        idle = self._idle.get(address)
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                return conn
-        return None
-
-    async def acquire(self, address: tuple[str, int], *, fresh: bool = False) -> tuple[BackendConnection, bool]:
-        """A connection and whether it was reused (a reused one may have been closed by the backend)."""
-        conn = None if fresh else self.take_idle(address)
-        if conn is not None:
-            return conn, True
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(BACKEND_CONNECT_TIMEOUT):
-            _, conn = await loop.create_connection(BackendConnection, address[0], address[1])
-        return conn, False
-
-    def release(self, address: tuple[str, int], conn: BackendConnection) -> None:
-        idle = self._idle[address]
-        conn.exchange = None
-        if conn.closed or len(idle) >= MAX_IDLE_BACKEND_CONNECTIONS:
-            conn.close()
-        else:
-            idle.append(conn)
-
-    def close(self) -> None:
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()
-
-
-ExchangeResult = tuple[int, bool, bool] | BaseException
-
-
-class Exchange:
-    """One request's response from a backend, relayed to the client as it is parsed (httptools
-    callbacks). `on_done` is called once with (status, backend reusable, client keep-alive), or with
-    BackendFailed when the backend closed or sent garbage before a response began, or TimeoutError."""
-
-    def __init__(self, client: ClientConnection, request: _Request, backend: BackendConnection,
-                 on_done: Callable[[ExchangeResult], None]) -> None:
-        self.client = client
-        self.request = request
-        self.backend = backend
-        self.parser = httptools.HttpResponseParser(self)
-        self.on_done = on_done
-        self.finished = False
-        self.deadline = time.monotonic() + BACKEND_RESPONSE_TIMEOUT  # checked by the worker's sweeper
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.reason = b""
-        self.started = False  # the response head went to the client
-        self.interim = False
-        self.chunked_out = False
-        self.client_keep_alive = request.keep_alive and not client.worker.draining
-        self.out: list[bytes] = []
-        backend.exchange = self
-
-    # ---- bytes from the backend
-
-    def received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            if not self.started:
-                self._fail(f"malformed backend response: {exc}")
-            else:
-                self._finish(backend_reusable=False, client_keep_alive=False)
-            return
-        self._flush()
-        if self.request.method == b"HEAD" and self.started and not self.finished:
-            self._finish(backend_reusable=False, client_keep_alive=self.client_keep_alive)
-
-    def backend_closed(self) -> None:
-        if self.finished:
-            return
-        if not self.started:
-            self._fail("backend closed the connection without a response")
-            return
-        # a close-delimited body ends here
-        if self.chunked_out:
-            self.out.append(b"0\r\n\r\n")
-        self._flush()
-        self._finish(backend_reusable=False, client_keep_alive=self.client_keep_alive and self.chunked_out)
-
-    # ---- httptools callbacks
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if 100 <= self.status < 200:
-            # Interim responses are not relayed, except the 100 Continue a client asked for (it holds
-            # its body back until then); the final response follows on the same connection.
-            self.interim = True
-            if self.status == 100 and self.request.expect_continue:
-                self.request.expect_continue = False
-                self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
-            return
-        self._head()
-
-    def on_body(self, body: bytes) -> None:
-        if self.interim:
-            return
-        if self.chunked_out:
-            self.out.append(b"%x\r\n%b\r\n" % (len(body), body))
-        else:
-            self.out.append(body)
-
-    def on_message_complete(self) -> None:
-        if self.interim:
-            self.interim = False
-            self.headers = []
-            self.reason = b""
-            return
-        if self.chunked_out:
-            self.out.append(b"0\r\n\r\n")
-        self._flush()
-        self._finish(backend_reusable=self.parser.should_keep_alive(), client_keep_alive=self.client_keep_alive)
-
-    # ---- to the client
-
-    def _head(self) -> None:
-        head = response_head(self.status, self.reason, self.headers, request_method=self.request.method,
-                             request_http_version=self.request.http_version, keep_alive=self.client_keep_alive)
-        self.chunked_out, self.client_keep_alive = head.chunked, head.keep_alive
-        self.out.append(head.data)
-        self.started = True
-
-    def _flush(self) -> None:
-        if not self.out:
-            return
-        data = b"".join(self.out)
-        self.out.clear()
-        try:
-            self.client.send(data)
-        except TlsFailed:
-            self._finish(backend_reusable=False, client_keep_alive=False)
-            return
-        if self.client.write_paused and self.backend.transport is not None:
-            # The client reads slower than the backend writes: stop reading the backend until it drains.
-            self.backend.transport.pause_reading()
-            self.client.on_write_resumed = self._resume_backend
-
-    def _resume_backend(self) -> None:
-        if self.backend.transport is not None and not self.backend.closed:
-            self.backend.transport.resume_reading()
-
-    def _done(self, result: ExchangeResult) -> None:
-        if not self.finished:
-            self.finished = True
-            self.on_done(result)
-
-    def _finish(self, *, backend_reusable: bool, client_keep_alive: bool) -> None:
-        self._done((self.status, backend_reusable, client_keep_alive))
-
-    def timed_out(self) -> None:
-        self._done(TimeoutError())
-
-    def _fail(self, message: str) -> None:
-        self._done(BackendFailed(message))
-
-
-def _settle(future: asyncio.Future[tuple[int, bool, bool]], result: ExchangeResult) -> None:
-    if not future.done():
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
-
-
-class BackendFailed(Exception):
-    """The backend closed or misbehaved before a response began (nothing was sent to the client)."""
 
 
 # ---------------------------------------------------------------- client side
@@ -283,17 +50,19 @@ class BackendFailed(Exception):
 
 @dataclass
 class _Request:
-    method: bytes
-    url: bytes
-    http_version: str
-    headers: list[tuple[bytes, bytes]]
-    keep_alive: bool
-    chunked: bool
-    content_length: bytes | None
+    head: request_rules.RequestHead
     body: asyncio.Queue[bytes | None] | None = None  # only for requests that have a body
     body_complete: bool = False
     expect_continue: bool = False
     buffered: int = 0
+    refusal: request_rules.Refusal | None = None  # answered by us, never forwarded; then the connection closes
+
+
+_REFUSED_HEAD = request_rules.RequestHead(method=b"", target=b"", http_version="1.1", host=b"", headers=[],
+                                          chunked=False, content_length=None, keep_alive=False)
+
+# What a connection is waiting for; one client deadline per phase (the sweeper checks it).
+_HANDSHAKE, _IDLE, _HEAD, _BODY, _WAITING = "handshake", "keepalive", "head", "body", "response"
 
 
 class WorkerContext(Protocol):
@@ -302,6 +71,8 @@ class WorkerContext(Protocol):
     counters: WorkerCounters
     backends: BackendPool
     connections: set[ClientConnection]
+    admission: Any
+    bounds: Bounds
     worker_id: int
     draining: bool
 
@@ -311,6 +82,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, worker: WorkerContext, listener_lookup: Callable[[], ListenerRuntime | None]) -> None:
         self.worker = worker
+        self.bounds = worker.bounds
         self._lookup = listener_lookup
         self.listener: ListenerRuntime | None = None
         self.transport: asyncio.Transport | None = None
@@ -324,12 +96,13 @@ class ClientConnection(asyncio.Protocol):
         self._cur_headers: list[tuple[bytes, bytes]] = []
         self._cur_url = b""
         self._header_bytes = 0
+        self._in_head = False
         self._handler: asyncio.Task[None] | None = None
         self._exchange: Exchange | None = None
         # Deadlines are checked by the worker's sweeper (check_deadlines) instead of a loop timer per
         # request: arming and cancelling timers cost ~7 us per proxied request.
         self.deadline = 0.0
-        self._on_deadline: Callable[[], None] = self.close
+        self.phase = _HANDSHAKE
         self._closing = False
         self.write_paused = False
         self.on_write_resumed: Callable[[], None] | None = None
@@ -346,13 +119,22 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
         self.peer_bytes = self.peer[0].encode()
-        if self.listener is None or self.worker.draining or \
-                len(self.worker.connections) >= MAX_CONNECTIONS_PER_WORKER:
+        if self.listener is None or self.worker.draining:
             transport.close()
             return
+        decision = self.worker.admission.admit(self.peer[0])
+        if decision.refuse:
+            self.worker.counters.inc("mtlsgate_connections_refused_total", decision.refuse)
+            transport.close()
+            return
+        if decision.evict is not None:
+            self.worker.counters.inc("mtlsgate_connections_evicted_total", decision.evict_reason)
+            decision.evict.close()
+        self.worker.admission.opened(self, self.peer[0])
         self.worker.connections.add(self)
+        self.transport.set_write_buffer_limits(high=self.bounds.high_water)
         self.tls = self.listener.tls.connection()
-        self._arm_timer(HANDSHAKE_TIMEOUT, self._handshake_timed_out)
+        self._set_phase(_HANDSHAKE, self.bounds.handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         tls = self.tls
@@ -383,8 +165,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        self.worker.connections.discard(self)
-        self._cancel_timer()
+        self._forget()
         if self._handler is not None and not self._handler.done():
             self._handler.cancel()
         if self._exchange is not None and not self._exchange.finished:
@@ -427,7 +208,7 @@ class ClientConnection(asyncio.Protocol):
             if listener.reject_at_http:
                 self._log_rejection(verdict, "http")
         self._parser = httptools.HttpRequestParser(self)
-        self._arm_timer(IDLE_TIMEOUT, self.close)
+        self._become_idle()
 
     def _handshake_failed(self, message: str) -> None:
         assert self.tls is not None and self.listener is not None
@@ -444,10 +225,6 @@ class ClientConnection(asyncio.Protocol):
                       worker=self.worker.worker_id, message=message)
         self.close()
 
-    def _handshake_timed_out(self) -> None:
-        if self.tls is not None and not self.tls.handshake_done:
-            self._handshake_failed(f"handshake not completed within {HANDSHAKE_TIMEOUT:g}s")
-
     def _log_rejection(self, verdict: Any, at: str) -> None:
         assert self.listener is not None
         log_event("client_rejected", listener=self.listener.name, peer=self.peer[0], worker=self.worker.worker_id,
@@ -456,82 +233,121 @@ class ClientConnection(asyncio.Protocol):
     # ---- HTTP parsing (httptools callbacks)
 
     def _feed(self, data: bytes) -> None:
-        assert self._parser is not None
-        self._cancel_timer()
+        parser = self._parser
+        if parser is None:
+            return  # a malformed request ended parsing; only the answers to earlier requests are left
         try:
-            self._parser.feed_data(data)
-        except ProtocolViolation as exc:
-            self._send_error_and_close(exc.status, str(exc))
-            return
-        except httptools.HttpParserUpgrade:
-            self._send_error_and_close(400, "protocol upgrades are not supported")
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # `Connection: upgrade` on a bodiless request (one with a body was refused in
+            # on_headers_complete): served as plain HTTP/1.1 without the Upgrade (RFC 9110 §7.8 lets a
+            # server ignore it); the bytes after it are the next request.
+            self._parser = httptools.HttpRequestParser(self)
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            self._dispatch()
+            if offset < len(data):
+                self._feed(data[offset:])
             return
         except httptools.HttpParserError as exc:
-            # httptools wraps exceptions raised in our callbacks; a bound we enforce keeps its status
+            # httptools wraps exceptions raised in our callbacks; a rule we enforce keeps its status
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, ProtocolViolation):
-                self._send_error_and_close(cause.status, str(cause))
+                self._malformed(cause.status, str(cause))
             else:
-                self._send_error_and_close(400, f"malformed request: {exc}")
+                self._malformed(400, f"malformed request: {exc}")
+        else:
+            current = self._current
+            if (current is not None and current.buffered > self.bounds.high_water) or \
+                    len(self._pending) >= self.bounds.max_pipelined_requests:
+                self._pause_reading()
+        # Dispatching after the whole read was parsed means a request whose body is already known to
+        # be malformed never starts, and nothing of it reaches the backend.
+        self._dispatch()
+
+    def _malformed(self, status: int, reason: str) -> None:
+        """The request being parsed is refused. Requests before it are still answered, in order; no
+        byte of this one reaches a backend (if its body was already streaming, the backend connection is
+        closed and never reused), and nothing is re-sent because of it."""
+        self._parser = None
+        self._pause_reading()
+        refusal = request_rules.Refusal(status, reason)
+        current, self._current = self._current, None
+        if current is not None and current.body is not None and not current.body_complete:
+            current.body.put_nowait(None)
+        if current is not None and current in self._pending:
+            if self.in_flight and self._pending[0] is current:
+                exchange = self._exchange
+                if exchange is not None:
+                    exchange.backend.close()
+                if exchange is None or not exchange.started:
+                    self._send_error_and_close(status, reason)
+                else:
+                    self.close()
+                return
+            current.refusal = refusal
             return
-        if (self._current is not None and self._current.buffered > MAX_BUFFERED_BODY) or \
-                len(self._pending) >= MAX_PIPELINED_REQUESTS:
-            self._pause_reading()
-        if not self.in_flight and not self._pending and self._current is None:
-            self._arm_timer(IDLE_TIMEOUT, self.close)
+        self._pending.append(_Request(_REFUSED_HEAD, refusal=refusal))
 
     def on_message_begin(self) -> None:
         self._cur_headers = []
         self._cur_url = b""
         self._header_bytes = 0
+        self._in_head = True
+        if not self.in_flight:
+            self.worker.admission.busy(self)
+        if self.phase == _IDLE or self.phase == _WAITING:
+            self._set_phase(_HEAD, self.bounds.head_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._cur_url += url
         self._header_bytes += len(url)
-        if self._header_bytes > MAX_HEADER_BYTES:
+        if self._header_bytes > self.bounds.max_header_bytes:
             raise ProtocolViolation(431, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a chunked body's trailer fields: dropped, never merged into the head (SPEC §11)
         self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > MAX_HEADER_BYTES or len(self._cur_headers) >= MAX_HEADERS:
+        if self._header_bytes > self.bounds.max_header_bytes or len(self._cur_headers) >= self.bounds.max_headers:
             raise ProtocolViolation(431, "request headers too large")
         self._cur_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        assert parser is not None
-        chunked = False
-        content_length = None
-        expect_continue = False
-        for name, value in self._cur_headers:
-            lname = name.lower()
-            if lname == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif lname == b"content-length":
-                content_length = value.strip()
-            elif lname == b"expect":
-                expect_continue = value.strip().lower() == b"100-continue"
-        request = _Request(
-            method=parser.get_method(), url=self._cur_url, http_version=parser.get_http_version(),
-            headers=self._cur_headers, keep_alive=parser.should_keep_alive(), chunked=chunked,
-            content_length=content_length, expect_continue=expect_continue,
-        )
-        if chunked or content_length not in (None, b"0"):
+        assert parser is not None and self.listener is not None
+        self._in_head = False
+        head = request_rules.read_head(
+            parser.get_method(), self._cur_url, parser.get_http_version(), self._cur_headers,
+            keep_alive=parser.should_keep_alive(), spoofable=self.listener.spoofable_names,
+            allow_underscores=self.listener.allow_underscores)
+        if isinstance(head, request_rules.Refusal):
+            raise ProtocolViolation(head.status, head.reason)
+        if head.has_body and parser.should_upgrade():
+            # llhttp would take the body for upgraded-protocol bytes and the next request from inside it
+            raise ProtocolViolation(400, "a request with a body cannot ask for a protocol upgrade")
+        request = _Request(head, expect_continue=head.expect_continue)
+        if head.has_body:
             request.body = asyncio.Queue()
+            self._set_phase(_BODY, self.bounds.body_idle_timeout)
+        else:
+            self._set_phase(_WAITING, 0.0)
         self._current = request
         self._pending.append(request)
-        self._dispatch()
 
     def on_body(self, body: bytes) -> None:
-        if self._current is not None and self._current.body is not None:
-            self._current.buffered += len(body)
-            self._current.body.put_nowait(body)
+        current = self._current
+        if current is not None and current.body is not None:
+            current.buffered += len(body)
+            current.body.put_nowait(body)
+            self.deadline = time.monotonic() + self.bounds.body_idle_timeout
 
     def on_message_complete(self) -> None:
-        if self._current is not None:
-            if self._current.body is not None:
-                self._current.body.put_nowait(None)
-            self._current.body_complete = True
+        current = self._current
+        if current is not None:
+            if current.body is not None:
+                current.body.put_nowait(None)
+                self._set_phase(_WAITING, 0.0)
+            current.body_complete = True
             self._current = None
 
     def _pause_reading(self) -> None:
@@ -540,7 +356,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _resume_reading(self) -> None:
-        if self._paused_reading and self.transport is not None and not self._closing:
+        if self._paused_reading and self.transport is not None and not self._closing and self._parser is not None:
             self._paused_reading = False
             self.transport.resume_reading()
 
@@ -554,8 +370,10 @@ class ClientConnection(asyncio.Protocol):
         if self.in_flight or not self._pending or self._closing or listener is None:
             return
         request = self._pending[0]
+        if request.refusal is not None:
+            self._send_error_and_close(request.refusal.status, request.refusal.reason)
+            return
         self.in_flight = True
-        self._cancel_timer()
         if request.body is None and not self._rejected_at_http():
             conn = self.worker.backends.take_idle(listener.backend)
             if conn is not None:
@@ -567,6 +385,11 @@ class ClientConnection(asyncio.Protocol):
         assert self.listener is not None
         return self.listener.reject_at_http and self.verdict is not None and not self.verdict.accepted
 
+    def _may_resend(self, request: _Request, exchange: Exchange, attempt: int, reused: bool) -> bool:
+        return request_rules.may_resend(request.head.method, attempt=attempt, reused_connection=reused,
+                                        response_started=exchange.got_bytes, has_body=request.body is not None,
+                                        client_gone=self._closing)
+
     def _start_exchange(self, request: _Request, listener: ListenerRuntime, conn: BackendConnection) -> None:
         assert conn.transport is not None
         head = self._upstream_head(request, listener, self.verdict)
@@ -574,14 +397,17 @@ class ClientConnection(asyncio.Protocol):
         def done(result: ExchangeResult) -> None:
             self._exchange = None
             if isinstance(result, BackendFailed):
-                # The idle keep-alive connection had been closed by the backend: retry once, freshly.
                 conn.close()
-                self._handler = asyncio.get_running_loop().create_task(self._serve_one(request, fresh=True))
+                if self._may_resend(request, exchange, 0, True):
+                    # the idle keep-alive connection had been closed by the backend: once more, freshly
+                    self._handler = asyncio.get_running_loop().create_task(self._serve_one(request, fresh=True))
+                elif not self._closing:
+                    self._finish_request(self._backend_failed(request, 502, f"backend {_address(listener)}: {result}"))
                 return
             if isinstance(result, BaseException):  # timed out
                 conn.close()
                 keep_alive = False if exchange.started else self._backend_failed(
-                    request, 504, f"backend {listener.backend[0]}:{listener.backend[1]} did not answer in time")
+                    request, 504, f"backend {_address(listener)} did not answer in time")
                 self._finish_request(keep_alive)
                 return
             status, backend_reusable, client_keep_alive = result
@@ -591,6 +417,7 @@ class ClientConnection(asyncio.Protocol):
         exchange = Exchange(self, request, conn, done)
         self._exchange = exchange
         conn.transport.write(head)
+        exchange.request_sent()
 
     def _backend_done(self, listener: ListenerRuntime, conn: BackendConnection, reusable: bool, status: int) -> None:
         if reusable:
@@ -621,8 +448,8 @@ class ClientConnection(asyncio.Protocol):
             self.close()
         elif self._pending:
             self._dispatch()
-        elif not self._closing:
-            self._arm_timer(IDLE_TIMEOUT, self.close)
+        elif not self._closing and self._current is None and not self._in_head:
+            self._become_idle()
 
     async def _handle(self, request: _Request, fresh: bool) -> bool:
         listener = self.listener
@@ -632,8 +459,8 @@ class ClientConnection(asyncio.Protocol):
             status = listener.http_status(verdict)
             await self._drain_body(request)
             self._respond_simple(status, f"{status} {_REASONS.get(status, '')}: client certificate rejected: "
-                                         f"{verdict.error}\n", request.keep_alive)
-            return request.keep_alive
+                                         f"{verdict.error}\n", request.head.keep_alive)
+            return request.head.keep_alive
         return await self._forward(request, listener, verdict, fresh)
 
     async def _drain_body(self, request: _Request) -> None:
@@ -643,7 +470,11 @@ class ClientConnection(asyncio.Protocol):
             chunk = await request.body.get()
             if chunk is None:
                 return
-            request.buffered -= len(chunk)
+            self._took_body(request, chunk)
+
+    def _took_body(self, request: _Request, chunk: bytes) -> None:
+        request.buffered -= len(chunk)
+        if request.buffered <= self.bounds.high_water and len(self._pending) < self.bounds.max_pipelined_requests:
             self._resume_reading()
 
     def _upstream_head(self, request: _Request, listener: ListenerRuntime, verdict: Any) -> bytes:
@@ -658,9 +489,8 @@ class ClientConnection(asyncio.Protocol):
         xfcc = None
         if listener.xfcc_mode != _XFCC_SANITIZE:
             xfcc = functools.partial(self._xfcc_value, listener, verdict)
-        return request_head(request.method, request.url, request.headers, peer=self.peer_bytes,
-                            spoofable=listener.spoofable_names, certificate_headers=certificate_headers, xfcc=xfcc,
-                            chunked=request.chunked, content_length=request.content_length)
+        return request_rules.upstream_head(request.head, peer=self.peer_bytes,
+                                           certificate_headers=certificate_headers, xfcc=xfcc)
 
     def _xfcc_value(self, listener: ListenerRuntime, verdict: Any, incoming: list[bytes]) -> bytes:
         if verdict is None:
@@ -671,23 +501,25 @@ class ClientConnection(asyncio.Protocol):
 
     async def _forward(self, request: _Request, listener: ListenerRuntime, verdict: Any, fresh: bool) -> bool:
         head = self._upstream_head(request, listener, verdict)
-        has_body = request.body is not None
-        backend = f"{listener.backend[0]}:{listener.backend[1]}"
+        backend = _address(listener)
         for attempt in (0, 1):
+            if fresh:
+                attempt = 1  # this is already the one re-send
             try:
-                conn, reused = await self.worker.backends.acquire(listener.backend, fresh=fresh or attempt > 0)
+                conn, reused = await self.worker.backends.acquire(listener.backend, fresh=attempt > 0)
             except TimeoutError:
                 return self._backend_failed(request, 504, f"connecting to backend {backend} timed out")
             except OSError as exc:
                 return self._backend_failed(request, 502, f"cannot connect to backend {backend}: {exc.strerror or exc}")
             assert conn.transport is not None
             result: asyncio.Future[tuple[int, bool, bool]] = asyncio.get_running_loop().create_future()
-            exchange = Exchange(self, request, conn, functools.partial(_settle, result))
+            exchange = Exchange(self, request, conn, functools.partial(settle, result))
             self._exchange = exchange
             conn.transport.write(head)
             try:
-                if has_body:
+                if request.body is not None:
                     await self._send_body(request, conn)
+                exchange.request_sent()
                 status, backend_reusable, client_keep_alive = await result
             except asyncio.CancelledError:
                 conn.close()  # the client went away mid-exchange: this backend connection is in an unknown state
@@ -699,8 +531,8 @@ class ClientConnection(asyncio.Protocol):
                 return self._backend_failed(request, 504, f"backend {backend} did not answer in time")
             except BackendFailed as exc:
                 conn.close()
-                if reused and attempt == 0 and not has_body:
-                    continue  # the backend closed an idle keep-alive connection: retry once on a fresh one
+                if self._may_resend(request, exchange, attempt, reused):
+                    continue
                 return self._backend_failed(request, 502, f"backend {backend}: {exc}")
             finally:
                 self._exchange = None
@@ -712,23 +544,28 @@ class ClientConnection(asyncio.Protocol):
         assert self.listener is not None
         log_event("backend_error", listener=self.listener.name, worker=self.worker.worker_id, status=status,
                   message=message)
-        self._respond_simple(status, f"{status} {_REASONS.get(status, '')}: {message}\n", request.keep_alive)
-        return request.keep_alive
+        self._respond_simple(status, f"{status} {_REASONS.get(status, '')}: {message}\n", request.head.keep_alive)
+        return request.head.keep_alive
 
     async def _send_body(self, request: _Request, conn: BackendConnection) -> None:
         assert conn.transport is not None and request.body is not None
+        chunked = request.head.chunked
         while True:
             chunk = await request.body.get()
             if chunk is None:
-                if request.chunked:
+                if not request.body_complete:
+                    raise BackendFailed("request body malformed")  # _malformed closed both sides
+                if chunked:
                     conn.transport.write(b"0\r\n\r\n")
                 return
-            request.buffered -= len(chunk)
-            if request.chunked:
+            if chunked:
                 conn.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
             else:
                 conn.transport.write(chunk)
-            self._resume_reading()
+            await conn.drain()
+            if conn.closed:
+                raise BackendFailed("backend closed the connection while the request body was sent")
+            self._took_body(request, chunk)
 
     # ---- writing to the client
 
@@ -753,17 +590,30 @@ class ClientConnection(asyncio.Protocol):
         self._respond_simple(status, f"{status} {_REASONS.get(status, '')}: {message}\n", False)
         self.close()
 
-    # ---- lifecycle
+    # ---- lifecycle and deadlines
+
+    def _set_phase(self, phase: str, timeout: float) -> None:
+        self.phase = phase
+        self.deadline = time.monotonic() + timeout if timeout else 0.0
+
+    def _become_idle(self) -> None:
+        self._set_phase(_IDLE, self.bounds.keepalive_idle_timeout)
+        self.worker.admission.idle(self)
 
     def _peer_closed(self) -> None:
         if not self.in_flight and not self._pending:
             self.close()
 
+    def _forget(self) -> None:
+        self.deadline = 0.0
+        self.worker.connections.discard(self)
+        self.worker.admission.closed(self)
+
     def close(self) -> None:
         if self._closing:
             return
         self._closing = True
-        self._cancel_timer()
+        self._forget()  # at once, so that an eviction frees its slot for the connection that caused it
         if self.tls is not None and self.tls.handshake_done and self.transport is not None:
             self.tls.shutdown()
             with contextlib.suppress(Exception):
@@ -774,25 +624,40 @@ class ClientConnection(asyncio.Protocol):
     def idle(self) -> bool:
         return not self.in_flight and not self._pending
 
-    def _arm_timer(self, delay: float, callback: Callable[[], None]) -> None:
-        self.deadline = time.monotonic() + delay
-        self._on_deadline = callback
-
-    def _cancel_timer(self) -> None:
-        self.deadline = 0.0
-
     def check_deadlines(self, now: float) -> None:
-        """Called by the worker's sweeper: handshake/idle deadline, then the backend response deadline."""
+        """Called by the worker's sweeper: the client-side deadline of the current phase, then the
+        backend's response idle deadline."""
         if self.deadline and now >= self.deadline:
             self.deadline = 0.0
-            self._on_deadline()
+            self._timed_out(self.phase)
         exchange = self._exchange
         if exchange is not None and exchange.deadline and now >= exchange.deadline:
             exchange.deadline = 0.0
-            request = exchange.request
-            if request.body is not None and not request.body_complete:
-                self.close()  # the client stalled mid-body: nothing sensible can be sent any more
-            else:
-                exchange.timed_out()
+            self.worker.counters.inc("mtlsgate_connections_timed_out_total", "response")
+            exchange.timed_out()
+
+    def _timed_out(self, phase: str) -> None:
+        self.worker.counters.inc("mtlsgate_connections_timed_out_total", phase)
+        if phase == _HANDSHAKE:
+            if self.tls is not None and not self.tls.handshake_done:
+                self._handshake_failed(f"handshake not completed within {self.bounds.handshake_timeout:g}s")
+            return
+        if phase == _IDLE:
+            self.close()
+            return
+        exchange = self._exchange
+        if exchange is not None:
+            exchange.backend.close()  # the request never completed: that backend connection is unusable
+        # A 408 only where it cannot be mistaken for the answer to an earlier pipelined request.
+        first = bool(self._pending) and self._current is self._pending[0]
+        if (phase == _HEAD and not self.in_flight) or \
+                (phase == _BODY and first and (exchange is None or not exchange.started)):
+            what = "request head" if phase == _HEAD else "request body"
+            limit = self.bounds.head_timeout if phase == _HEAD else self.bounds.body_idle_timeout
+            self._send_error_and_close(408, f"{what} not received within {limit:g}s")
+        else:
+            self.close()
 
 
+def _address(listener: ListenerRuntime) -> str:
+    return f"{listener.backend[0]}:{listener.backend[1]}"

@@ -17,7 +17,7 @@ from mtlsgate.v1 import resources_pb2, xds_pb2
 
 from data_plane.validation import bundle as bundle_mod
 from data_plane.validation import engine, headers, policy
-from data_plane.workers.tls import ClientAuth, ServerTls
+from data_plane.workers.tls import ClientAuth, ServerTls, TlsProfile
 
 MTLS = resources_pb2.MTLSPolicy
 XFCC = resources_pb2.Listener.ForwardClientCertDetails
@@ -67,10 +67,12 @@ class ListenerRuntime:
     client_policy: Any
     summary: dict[str, Any] = field(default_factory=dict)
 
-    spoofable_names: frozenset[bytes] = frozenset()  # lowercase names of the headers we set (SPEC §5)
+    allow_underscores: bool = False  # allowUnderscoresInHeaders (SPEC §5)
+    # lowercase names of the headers we set, `_` read as `-` (SPEC §5)
+    spoofable_names: frozenset[bytes] = frozenset()
 
     def __post_init__(self) -> None:
-        self.spoofable_names = frozenset(n.encode() for n in self.header_set.names)
+        self.spoofable_names = frozenset(n.lower().replace("_", "-").encode() for n in self.header_set.names)
 
     def validate(self, chain: Sequence[bytes]) -> Any:
         """The engine's verdict now (it memoises successful verdicts per bundle, inside their validity)."""
@@ -131,7 +133,8 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> Lis
             tls_alert=engine.tls_alert,
             reject_at_tls=reject and not reject_at_http,
         )
-    tls = ServerTls(certificate.pem_certificate_chain, certificate.pem_private_key, client_auth)
+    profile = _tls_profile(listener)
+    tls = ServerTls(certificate.pem_certificate_chain, certificate.pem_private_key, client_auth, profile)
     runtime = ListenerRuntime(
         name=name,
         port=int(listener.port),
@@ -144,6 +147,7 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> Lis
         revalidate_on_update=bool(mtls_policy is not None and mtls_policy.revalidate_on_update),
         compiled_bundle=compiled_bundle,
         client_policy=client_policy,
+        allow_underscores=listener.allow_underscores_in_headers,
         summary={
             "port": int(listener.port),
             "backend": listener.backend,
@@ -153,11 +157,22 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> Lis
             "mode": MTLS.ClientValidationMode.Name(mtls_policy.client_validation_mode) if mtls_policy else "PLAIN_TLS",
             "reject_at": "HTTP" if reject_at_http else ("TLS" if reject else ""),
             "revalidate_on_update": bool(mtls_policy is not None and mtls_policy.revalidate_on_update),
+            "allow_underscores_in_headers": listener.allow_underscores_in_headers,
+            "ssl_policy": {"min_tls_version": profile.min_version, "profile": profile.profile,
+                           "ciphers": tls.effective_ciphers()},
             "bundle_sha256": hashlib.sha256(wire.bundles.get(bundle_name, b"")).hexdigest()[:16] if bundle_name else "",
         },
     )
     runtime_box.append(runtime)
     return runtime
+
+
+def _tls_profile(listener: resources_pb2.Listener) -> TlsProfile:
+    policy = listener.ssl_policy
+    version = resources_pb2.SslPolicy.TlsVersion.Name(policy.min_tls_version)
+    profile = resources_pb2.SslPolicy.Profile.Name(policy.profile)
+    return TlsProfile(min_version="TLS_1_2" if version == "TLS_VERSION_UNSPECIFIED" else version,
+                      profile="MODERN" if profile == "PROFILE_UNSPECIFIED" else profile)
 
 
 def _short_name(name: str) -> str:

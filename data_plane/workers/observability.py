@@ -21,11 +21,19 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     "mtlsgate_handshakes_total": ("listener", "result", "error"),
     "mtlsgate_requests_total": ("listener", "code"),
     "mtlsgate_connections_closed_by_revalidation_total": ("listener",),
+    "mtlsgate_connections_evicted_total": ("reason",),
+    "mtlsgate_connections_refused_total": ("reason",),
+    "mtlsgate_connections_timed_out_total": ("phase",),
 }
 COUNTER_HELP = {
     "mtlsgate_handshakes_total": "TLS handshakes by listener, result (ok/rejected/failed) and client-certificate error",
     "mtlsgate_requests_total": "HTTP requests answered, by listener and status code",
     "mtlsgate_connections_closed_by_revalidation_total": "Connections closed because revalidateOnUpdate found their certificate invalid",
+    "mtlsgate_connections_evicted_total": "Connections closed to admit a new one at the worker's cap, by reason "
+                                          "(handshake_pending, idle_keepalive)",
+    "mtlsgate_connections_refused_total": "New connections closed at once, by reason (per_ip_limit, worker_full)",
+    "mtlsgate_connections_timed_out_total": "Connections closed by a deadline, by phase (handshake, head, body, "
+                                            "response, keepalive)",
 }
 
 CounterKey = tuple[str, tuple[str, ...]]

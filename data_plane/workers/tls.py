@@ -50,6 +50,30 @@ _X509_ERROR_FOR_ALERT: dict[str, int] = {
     "access_denied": 50,
     "certificate_required": 50,
 }
+# TLS 1.2 suites per SslPolicy profile (SPEC §11, GCP's names). Only ECDHE key exchange: static-RSA suites
+# (no forward secrecy) are never offered; CBC only under COMPATIBLE. TLS 1.3 suites are OpenSSL's
+# defaults (all AEAD) under every profile, as with GCP.
+_AEAD_GCM = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+             "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384")
+_AEAD_CHACHA = "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+_ECDHE_CBC = "ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:ECDHE-RSA-AES256-SHA"
+TLS12_CIPHERS = {
+    "MODERN": f"{_AEAD_GCM}:{_AEAD_CHACHA}",
+    "RESTRICTED": _AEAD_GCM,
+    "COMPATIBLE": f"{_AEAD_GCM}:{_AEAD_CHACHA}:{_ECDHE_CBC}",
+}
+MIN_TLS_VERSIONS = {"TLS_1_2": SSL.TLS1_2_VERSION, "TLS_1_3": SSL.TLS1_3_VERSION}
+
+
+@dataclass(frozen=True)
+class TlsProfile:
+    """A listener's sslPolicy, resolved: `min_version` TLS_1_2 | TLS_1_3, `profile` MODERN | RESTRICTED |
+    COMPATIBLE."""
+
+    min_version: str = "TLS_1_2"
+    profile: str = "MODERN"
+
+
 _TLS_ALERT_NAMES = {
     40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certificate",
     44: "certificate_revoked", 45: "certificate_expired", 46: "certificate_unknown", 48: "unknown_ca",
@@ -87,10 +111,13 @@ class ServerTls:
     """One listener's TLS settings for one configuration version (OpenSSL contexts are immutable once
     used, so a new configuration builds a new ServerTls; connections keep the one they started with)."""
 
-    def __init__(self, cert_chain_pem: str, key_pem: str, client_auth: ClientAuth | None) -> None:
+    def __init__(self, cert_chain_pem: str, key_pem: str, client_auth: ClientAuth | None,
+                 profile: TlsProfile = TlsProfile()) -> None:
         self.client_auth = client_auth
+        self.profile = profile
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_min_proto_version(MIN_TLS_VERSIONS[profile.min_version])
+        ctx.set_cipher_list(TLS12_CIPHERS[profile.profile].encode())
         # No resumption: a resumed session would skip the verify callback, so a revoked certificate
         # could come back through a ticket after a CRL update.
         ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
@@ -108,6 +135,14 @@ class ServerTls:
 
     def connection(self) -> TlsConnection:
         return TlsConnection(self)
+
+    def effective_ciphers(self) -> list[str]:
+        """The suites this context offers (OpenSSL names; TLS 1.3 ones first unless the minimum is 1.3,
+        when only those are usable)."""
+        names = SSL.Connection(self.context, None).get_cipher_list()
+        if self.profile.min_version == "TLS_1_3":
+            return [name for name in names if name.startswith("TLS_")]
+        return names
 
     def _verify(self, ok: int, store_ctx: Any) -> int:
         """OpenSSL's verify callback. The first call comes after chain building, so the whole chain is

@@ -13,29 +13,35 @@ import asyncio
 import contextlib
 import gc
 import os
+import resource
 import signal
 import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from data_plane.workers.http_proxy import BackendPool, ClientConnection
+from data_plane.http.admission import Admission
+from data_plane.http.bounds import Bounds, from_environment
+from data_plane.workers.backend import BackendPool
+from data_plane.workers.http_proxy import ClientConnection
 from data_plane.workers.listeners import ListenerConfigError, ListenerRuntime, WireConfig, compile_listeners
 from data_plane.workers.observability import WorkerCounters, log_event
 
 STATS_INTERVAL = 1.0
-SWEEP_INTERVAL = 0.25  # granularity of the handshake, idle and backend-response timeouts
 LISTEN_BACKLOG = 1024
 
 
 class Worker:
     """State of one worker process. `connections` and `draining` are read by ClientConnection."""
 
-    def __init__(self, pipe: Connection, worker_id: int, listen_address: str) -> None:
+    def __init__(self, pipe: Connection, worker_id: int, listen_address: str, bounds: Bounds | None = None) -> None:
         self.pipe = pipe
         self.worker_id = worker_id
         self.listen_address = listen_address
+        self.bounds = bounds or from_environment(os.environ)
         self.counters = WorkerCounters()
-        self.backends = BackendPool()
+        self.backends = BackendPool(self.bounds)
+        self.admission: Admission[ClientConnection] = Admission(self.bounds.max_connections,
+                                                                self.bounds.max_connections_per_ip)
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self.version = ""
@@ -82,7 +88,7 @@ class Worker:
 
     async def _sweep(self) -> None:
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
+            await asyncio.sleep(self.bounds.sweep_interval)
             now = time.monotonic()
             for conn in list(self.connections):
                 conn.check_deadlines(now)
@@ -171,6 +177,7 @@ class Worker:
             "version": self.version,
             "draining": self.draining,
             "connections": len(self.connections),
+            "bounds": self.bounds.as_dict(),
             "listeners": {r.name: r.summary for r in sorted(self.by_port.values(), key=lambda r: r.name)},
         }
 
@@ -208,5 +215,10 @@ def worker_main(pipe: Connection, worker_id: int, listen_address: str) -> None:
     # them (perf: gc 2.5 % -> 1.7 % of a worker's CPU under kept-alive load; raising the gen-0
     # threshold instead made it worse, 3-9 %).
     gc.freeze()
+    # Every client connection is a descriptor: the connection cap (SPEC §11) must be reachable.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(Worker(pipe, worker_id, listen_address).run())

@@ -1,0 +1,115 @@
+"""Checklist — what goes out is exactly RFC 9112 (SPEC §11 "Framing", "What goes out"): the logging
+backend sees one framing header per request (ours), no trailer fields, origin-form with the right Host;
+every malformed request is answered 400/501/505 and the backend sees zero bytes of it.
+
+Failed before issue 10: two Content-Lengths on every request with a body; trailers merged into the
+head; the head of a bad-chunk-size request forwarded; absolute-form, two Hosts, no Host,
+`Connection: host`, HTTP/0.9 and HTTP/2.0 request lines forwarded; `gzip, chunked` forwarded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from control_plane.pki import DemoPki
+from tests.security.conftest import Proxy, RawBackend, connect, header_values, read_response, wait_for_target
+
+
+@pytest.fixture(scope="module")
+def proxy(demo_pki: DemoPki, backend: RawBackend) -> Iterator[Proxy]:
+    p = Proxy(demo_pki, backend, bounds="")
+    yield p
+    p.close()
+
+
+def _exchange(proxy: Proxy, demo_pki: DemoPki, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    with connect(proxy.ports["strict"], demo_pki) as s:
+        s.sendall(data)
+        return read_response(s)
+
+
+def _only(backend: RawBackend, target: str) -> dict:
+    wait_for_target(backend, target)
+    [request] = [r for r in backend.requests if r["target"] == target]
+    return request
+
+
+def test_a_body_goes_out_with_exactly_one_content_length(proxy: Proxy, backend: RawBackend, demo_pki: DemoPki) -> None:
+    backend.reset()
+    assert _exchange(proxy, demo_pki, b"POST /cl HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nhello")[0] == 200
+    request = _only(backend, "/cl")
+    head = backend.raw.split(b"\r\n\r\n")[0].lower()
+    assert head.count(b"content-length:") == 1 and b"transfer-encoding" not in head
+    assert bytes(request["body"]) == b"hello"
+
+
+def test_chunked_trailers_are_dropped_never_merged(proxy: Proxy, backend: RawBackend, demo_pki: DemoPki) -> None:
+    backend.reset()
+    status, _, _ = _exchange(proxy, demo_pki, b"POST /tr HTTP/1.1\r\nHost: good\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                              b"5\r\nhello\r\n0\r\nHost: evil\r\nX-Injected: 1\r\n\r\n")
+    assert status == 200
+    request = _only(backend, "/tr")
+    assert header_values(request, "host") == ["good"]
+    assert b"evil" not in backend.raw and b"x-injected" not in backend.raw.lower()
+    assert backend.raw.lower().count(b"transfer-encoding: chunked") == 1 and b"content-length" not in backend.raw.lower()
+    assert bytes(request["body"]) == b"hello"
+
+
+def test_absolute_form_goes_out_in_origin_form_with_host_from_its_authority(
+        proxy: Proxy, backend: RawBackend, demo_pki: DemoPki) -> None:
+    backend.reset()
+    assert _exchange(proxy, demo_pki, b"GET http://api.example:8080/p?q=1 HTTP/1.1\r\nHost: other\r\n\r\n")[0] == 200
+    request = _only(backend, "/p?q=1")
+    assert header_values(request, "host") == ["api.example:8080"]
+    assert backend.raw.startswith(b"GET /p?q=1 HTTP/1.1\r\n")
+
+
+def test_connection_can_never_remove_host_or_our_headers(proxy: Proxy, backend: RawBackend, demo_pki: DemoPki) -> None:
+    backend.reset()
+    data = b"GET /conn HTTP/1.1\r\nHost: app\r\nConnection: host, x-client-cert-present, x-forwarded-for, x-hop\r\nX-Hop: 1\r\n\r\n"
+    assert _exchange(proxy, demo_pki, data)[0] == 200
+    request = _only(backend, "/conn")
+    assert header_values(request, "host") == ["app"]
+    assert header_values(request, "x-client-cert-present") == ["true"]
+    assert len(header_values(request, "x-forwarded-for")) == 1
+    assert not header_values(request, "x-hop") and not header_values(request, "connection")
+
+
+MALFORMED = {
+    "two Hosts": (b"GET /m HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    "no Host on 1.1": (b"GET /m HTTP/1.1\r\nAccept: */*\r\n\r\n", 400),
+    "Host list": (b"GET /m HTTP/1.1\r\nHost: good, evil\r\n\r\n", 400),
+    "HTTP/0.9": (b"GET /m\r\n\r\n", 505),
+    "HTTP/2.0 request line": (b"GET /m HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    "CL and TE": (b"POST /m HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    "two CLs": (b"POST /m HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", 400),
+    "unknown coding": (b"POST /m HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    "gzip, chunked": (b"POST /m HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+    "chunked, identity": (b"POST /m HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", 400),
+    "obs-fold": (b"GET /m HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n  2\r\n\r\n", 400),
+    "bare LF": (b"GET /m HTTP/1.1\nHost: a\n\n", 400),
+    "NUL": (b"GET /m HTTP/1.1\r\nHost: a\r\nX-A: 1\x002\r\n\r\n", 400),
+    "space before colon": (b"GET /m HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+    "bad chunk size": (b"POST /m HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 400),
+    "CONNECT": (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_requests_are_refused_and_the_backend_sees_nothing(
+        case: str, proxy: Proxy, backend: RawBackend, demo_pki: DemoPki) -> None:
+    data, expected = MALFORMED[case]
+    backend.reset()
+    with connect(proxy.ports["strict"], demo_pki) as s:
+        s.sendall(data)
+        try:
+            status = read_response(s)[0]
+        except ConnectionError:
+            status = 0
+    assert status == expected if case != "chunked, identity" else status in (400, 501)
+    # a marker on another connection proves the proxy has moved on; nothing of the attack got through
+    assert _exchange(proxy, demo_pki, b"GET /marker HTTP/1.1\r\nHost: app\r\n\r\n")[0] == 200
+    wait_for_target(backend, "/marker")
+    assert backend.targets() == ["/marker"]
+    assert b"/m " not in backend.raw and b"/m\r" not in backend.raw
