@@ -1,8 +1,10 @@
-"""SPEC §10 B1/B2: new mTLS handshakes/s and kept-alive proxied requests/s through one mtlsgate node
+"""SPEC §10 B1/B2/B7: new mTLS handshakes/s and kept-alive proxied requests/s through one mtlsgate node
 (WorkerPool, 2 workers) vs nginx (2 workers), same certificates (ECDSA P-256 and RSA-2048), same load
-generator (bench/mtls_load.c, compiled here), same backend (a static nginx server), in one run.
+generator (bench/mtls_load.c, compiled here), same backend (a static nginx server), in one run; and B7,
+the same node build with the §11 bounds lifted (MTLSGATE_PROXY_BOUNDS=off) for the CPU per request the
+bounds cost.
 
-    .venv/bin/python bench/proxy.py [--seconds 5] [--hs-procs 4] [--ka-procs 8]
+    .venv/bin/python bench/proxy.py [--seconds 5] [--hs-procs 4] [--ka-procs 8] [--modes hs,ka]
 
 Installs nginx (apt-get) and compiles the load generator (gcc, libssl-dev) when missing.
 Both servers: TLS 1.3, no session tickets or cache, client certificate required and verified against the
@@ -136,7 +138,7 @@ def nginx_proxy_body(pki: dict[str, Path], port: int, backend_port: int) -> str:
 class MtlsgateNode:
     """A WorkerPool with 2 workers (the node's data plane) on its own event loop thread."""
 
-    def __init__(self, pki: dict[str, Path], port: int, backend_port: int) -> None:
+    def __init__(self, pki: dict[str, Path], port: int, backend_port: int, bounds: str | None = None) -> None:
         from mtlsgate.v1 import resources_pb2, xds_pb2
 
         from data_plane.node.config import NodeConfig
@@ -164,7 +166,15 @@ class MtlsgateNode:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.pool = WorkerPool(2, "127.0.0.1")
-        self._run(self.pool.start())
+        previous = os.environ.pop("MTLSGATE_PROXY_BOUNDS", None)
+        if bounds is not None:
+            os.environ["MTLSGATE_PROXY_BOUNDS"] = bounds  # read by the workers it spawns
+        try:
+            self._run(self.pool.start())
+        finally:
+            os.environ.pop("MTLSGATE_PROXY_BOUNDS", None)
+            if previous is not None:
+                os.environ["MTLSGATE_PROXY_BOUNDS"] = previous
         self._run(self.pool.apply(self.config))
 
     def _run(self, coro: object) -> object:
@@ -210,6 +220,8 @@ def main() -> int:
     parser.add_argument("--hs-procs", type=int, default=4, help="load processes for the handshake test")
     parser.add_argument("--ka-procs", type=int, default=8, help="kept-alive connections for the request test")
     parser.add_argument("--keys", default="ec-p256,rsa-2048")
+    parser.add_argument("--modes", default="hs,ka", help="hs (B1 handshakes), ka (B2/B7 kept-alive requests)")
+    parser.add_argument("--no-b7", action="store_true", help="skip the node with the bounds off (B7)")
     args = parser.parse_args()
     command = "python bench/proxy.py " + " ".join(sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="mtlsgate-bench-"))
@@ -228,11 +240,15 @@ def main() -> int:
             nginx_port, node_port = free_port(), free_port()
             nginx = start_nginx(work, f"nginx-{key}", nginx_proxy_body(pki, nginx_port, backend_port))
             node = MtlsgateNode(pki, node_port, backend_port)
+            unbounded = None if args.no_b7 else MtlsgateNode(pki, unbounded_port := free_port(), backend_port, "off")
             try:
                 wait_port(nginx_port)
                 wait_port(node_port)
                 servers = {"nginx": (nginx_port, lambda master=nginx.pid: nginx_worker_pids(master)),
                            "mtlsgate": (node_port, node.worker_pids)}
+                if unbounded is not None:
+                    wait_port(unbounded_port)
+                    servers["mtlsgate-unbounded"] = (unbounded_port, unbounded.worker_pids)
                 for port, _ in servers.values():
                     load(binary, port, "ka", 2, 1.0, pki)  # warm up (imports, caches, upstream pool)
                 runs: dict[str, list[dict]] = {}
@@ -241,13 +257,17 @@ def main() -> int:
                 for round_no in range(args.rounds):
                     order = list(servers.items()) if round_no % 2 == 0 else list(reversed(servers.items()))
                     for mode, procs in (("hs", args.hs_procs), ("ka", args.ka_procs)):
+                        if mode not in args.modes.split(","):
+                            continue
                         for name, (port, pids) in order:
+                            if mode == "hs" and name == "mtlsgate-unbounded":
+                                continue  # the bounds are per connection and request, not per handshake
                             cpu_before = cpu_seconds(pids())
                             r = load(binary, port, mode, procs, args.seconds, pki)
                             r["server_cpu_ms_per_op"] = round(
                                 1000 * (cpu_seconds(pids()) - cpu_before) / max(r["ok"], 1), 3)
                             runs.setdefault(f"{name}_{mode}", []).append(r)
-                            print(f"{key:9} round {round_no + 1} {name:9} {mode}: {r['rate']:9.1f}/s  "
+                            print(f"{key:9} round {round_no + 1} {name:18} {mode}: {r['rate']:9.1f}/s  "
                                   f"errors {r['errors']}  server CPU {r['server_cpu_ms_per_op']} ms/op", flush=True)
                 for label, rs in runs.items():
                     results[key][label] = {
@@ -257,6 +277,8 @@ def main() -> int:
                     }
             finally:
                 node.close()
+                if unbounded is not None:
+                    unbounded.close()
                 nginx.terminate()
                 nginx.wait(10)
     finally:
@@ -268,6 +290,8 @@ def main() -> int:
     summary = {}
     for key, r in results.items():
         for mode, label in (("hs", "B1 new mTLS handshakes/s"), ("ka", "B2 kept-alive requests/s")):
+            if f"mtlsgate_{mode}" not in r:
+                continue
             ours, theirs = r[f"mtlsgate_{mode}"]["rate"], r[f"nginx_{mode}"]["rate"]
             ratio = ours / theirs if theirs else 0.0
             cpu_ours, cpu_theirs = r[f"mtlsgate_{mode}"]["server_cpu_ms_per_op"], r[f"nginx_{mode}"]["server_cpu_ms_per_op"]
@@ -275,6 +299,14 @@ def main() -> int:
                                         "cpu_ms_per_op": {"mtlsgate": cpu_ours, "nginx": cpu_theirs}}
             print(f"{key:9} {label:28} {ours:10.1f} {theirs:10.1f} {ratio:7.2f}   "
                   f"{cpu_ours:.3f} ms vs {cpu_theirs:.3f} ms")
+        if "mtlsgate-unbounded_ka" in r:
+            on, off = r["mtlsgate_ka"], r["mtlsgate-unbounded_ka"]
+            cost = on["server_cpu_ms_per_op"] / off["server_cpu_ms_per_op"] if off["server_cpu_ms_per_op"] else 0.0
+            summary[f"{key}_b7"] = {"cpu_ms_per_op_bounds_on": on["server_cpu_ms_per_op"],
+                                    "cpu_ms_per_op_bounds_off": off["server_cpu_ms_per_op"], "ratio": round(cost, 3),
+                                    "rate_bounds_off": off["rate"]}
+            print(f"{key:9} {'B7 CPU/request bounds on/off':28} {on['server_cpu_ms_per_op']:10.4f} "
+                  f"{off['server_cpu_ms_per_op']:10.4f} {cost:7.3f}   (ms/request; ≤ 1.05 is the target)")
     print(f"\ncommand: {command}")
     print(json.dumps(summary))
     return 0

@@ -56,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from data_plane.http.bounds import BoundsError, from_environment
     from data_plane.node.agent import Backoff
     from data_plane.node.servers import ServerListError, parse_servers
     from data_plane.node.supervisor import ProxyOptions, configure_logging, run_proxy
@@ -66,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
+    try:
+        from_environment(os.environ)  # the workers read it too; a bad value is one line here, not a crash loop
+    except BoundsError as exc:
+        raise UsageError(str(exc)) from None
     if bool(args.xds_cert) != bool(args.xds_key):
         raise UsageError("--xds-cert and --xds-key go together")
     for path in (args.xds_ca, args.xds_cert, args.xds_key):

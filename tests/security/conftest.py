@@ -6,6 +6,7 @@ documented `MTLSGATE_PROXY_BOUNDS` knob so the checks run in seconds."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import select
 import socket
@@ -120,12 +121,13 @@ class RawBackend:
                     if isinstance(event, h11.Request):
                         current = {"method": event.method.decode(), "target": event.target.decode(),
                                    "headers": [(k.decode(), v.decode("latin-1")) for k, v in event.headers.raw_items()],
-                                   "body": bytearray()}
+                                   "body": bytearray(), "body_bytes": 0, "sha256": hashlib.sha256()}
                         record.requests.append(current)
                     elif isinstance(event, h11.Data) and current is not None:
                         if len(current["body"]) < 1024 * 1024:
                             current["body"] += event.data
-                        current["body_bytes"] = current.get("body_bytes", 0) + len(event.data)
+                        current["body_bytes"] += len(event.data)
+                        current["sha256"].update(event.data)
                     elif isinstance(event, h11.EndOfMessage) and current is not None:
                         current["complete"] = True
                         answer = self.behaviour(current, record)
