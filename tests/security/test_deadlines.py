@@ -50,7 +50,7 @@ def test_slowloris_head_is_cut_at_the_head_deadline_not_reset_by_each_byte(proxy
         data = b"GET / HTTP/1.1\r\nHost: app\r\nX-Slow: " + b"a" * 100
         s.settimeout(0.25)
         answer = b""
-        while time.monotonic() - started < HEAD + 3:
+        while time.monotonic() - started < HEAD + 4:
             try:
                 s.sendall(data[sent:sent + 1])
                 sent += 1
@@ -62,15 +62,15 @@ def test_slowloris_head_is_cut_at_the_head_deadline_not_reset_by_each_byte(proxy
                 break
         elapsed = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408 "), (answer, elapsed)
-    assert HEAD * 0.8 <= elapsed < HEAD + 1.5 and sent >= 3
+    assert HEAD * 0.8 <= elapsed < HEAD + 3 and sent >= 3
 
 
 def test_no_handshake_is_closed_at_the_handshake_deadline(proxy: Proxy) -> None:
     with socket.create_connection(("127.0.0.1", proxy.ports["strict"]), source_address=(ATTACKER, 0)) as s:
         started = time.monotonic()
         s.sendall(b"\x16\x03\x01")
-        assert closed_by_peer(s, HANDSHAKE + 3)
-        assert time.monotonic() - started < HANDSHAKE + 1.5
+        assert closed_by_peer(s, HANDSHAKE + 4)
+        assert time.monotonic() - started < HANDSHAKE + 3
 
 
 def test_idle_keepalive_is_closed(proxy: Proxy, backend: RawBackend, demo_pki: DemoPki) -> None:
@@ -79,8 +79,8 @@ def test_idle_keepalive_is_closed(proxy: Proxy, backend: RawBackend, demo_pki: D
         s.sendall(b"GET /once HTTP/1.1\r\nHost: app\r\n\r\n")
         assert read_response(s)[0] == 200
         started = time.monotonic()
-        assert closed_by_peer(s, KEEPALIVE + 3)
-        assert KEEPALIVE * 0.8 <= time.monotonic() - started < KEEPALIVE + 1.5
+        assert closed_by_peer(s, KEEPALIVE + 4)
+        assert KEEPALIVE * 0.8 <= time.monotonic() - started < KEEPALIVE + 3
 
 
 def test_stalled_body_gets_408(proxy: Proxy, backend: RawBackend, demo_pki: DemoPki) -> None:
@@ -89,7 +89,7 @@ def test_stalled_body_gets_408(proxy: Proxy, backend: RawBackend, demo_pki: Demo
         s.sendall(b"POST /stall HTTP/1.1\r\nHost: app\r\nContent-Length: 10\r\n\r\nab")
         started = time.monotonic()
         status = read_response(s)[0]
-        assert status == 408 and time.monotonic() - started < BODY + 1.5
+        assert status == 408 and time.monotonic() - started < BODY + 3
 
 
 def test_backend_that_never_answers_gets_504_at_the_response_idle_deadline(
@@ -105,7 +105,7 @@ def test_backend_that_never_answers_gets_504_at_the_response_idle_deadline(
         s.sendall(b"GET /silent HTTP/1.1\r\nHost: app\r\n\r\n")
         started = time.monotonic()
         assert read_response(s)[0] == 504
-        assert RESPONSE * 0.8 <= time.monotonic() - started < RESPONSE + 1.5
+        assert RESPONSE * 0.8 <= time.monotonic() - started < RESPONSE + 3
 
 
 def test_per_client_ip_limit_refuses_that_address_only(proxy: Proxy, demo_pki: DemoPki) -> None:
