@@ -145,8 +145,8 @@ class PostgresStore:
         return [copy_message(m) for m in self._state.collection(collection).values()]
 
     def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> builtins.list[AuditRecord]:
-        query = ("SELECT revision, time, actor, method, resource_name, etag_before, etag_after FROM mtlsgate_audit "
-                 "WHERE revision > %s")
+        query = ("SELECT revision, time, actor, method, resource_name, etag_before, etag_after, role "
+                 "FROM mtlsgate_audit WHERE revision > %s")
         params: list[object] = [after_revision]
         if resource_name:
             query += " AND resource_name = %s"
@@ -158,22 +158,24 @@ class PostgresStore:
                 rows = conn.execute(query, params).fetchall()  # type: ignore[arg-type]
         except psycopg.Error as exc:
             raise StoreError(f"reading the audit log failed: {_one_line(exc)}") from None
-        return [AuditRecord(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
+        return [AuditRecord(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
 
     # ------------------------------------------------------------------ writes
 
-    def create(self, resource: Message, *, actor: str, check: WriteCheck | None = None) -> WriteResult:
-        return self._write(lambda state: plan_create(state, resource), actor, check)
-
-    def update(self, resource: Message, *, actor: str, expected_etag: str = "", allow_missing: bool = False,
+    def create(self, resource: Message, *, actor: str, role: str = "",
                check: WriteCheck | None = None) -> WriteResult:
-        return self._write(lambda state: plan_update(state, resource, expected_etag, allow_missing), actor, check)
+        return self._write(lambda state: plan_create(state, resource), (actor, role), check)
 
-    def delete(self, name: str, *, actor: str, expected_etag: str = "",
+    def update(self, resource: Message, *, actor: str, role: str = "", expected_etag: str = "",
+               allow_missing: bool = False, check: WriteCheck | None = None) -> WriteResult:
+        return self._write(lambda state: plan_update(state, resource, expected_etag, allow_missing), (actor, role),
+                           check)
+
+    def delete(self, name: str, *, actor: str, role: str = "", expected_etag: str = "",
                check: WriteCheck | None = None) -> WriteResult:
-        return self._write(lambda state: plan_delete(state, name, expected_etag), actor, check)
+        return self._write(lambda state: plan_delete(state, name, expected_etag), (actor, role), check)
 
-    def _write(self, decide: Callable[[StoreState], WritePlan | WriteResult], actor: str,
+    def _write(self, decide: Callable[[StoreState], WritePlan | WriteResult], who: tuple[str, str],
                check: WriteCheck | None) -> WriteResult:
         """One transaction: lock the revision row, catch up, decide against the database's state, commit."""
         with self._lock:
@@ -200,7 +202,7 @@ class PostgresStore:
                     stored = stamp(plan.resource, plan.before, now) if plan.resource is not None else None
                     if check is not None:
                         check(state, stored)
-                    self._insert(conn, plan, stored, revision, now, actor)
+                    self._insert(conn, plan, stored, revision, now, who)
                 committed = unchanged is None
             except psycopg.Error as exc:
                 raise StoreError(f"store write failed: {_one_line(exc)}") from None
@@ -218,7 +220,7 @@ class PostgresStore:
                                changed=True)
 
     def _insert(self, conn: psycopg.Connection, plan: WritePlan, stored: Message | None, revision: int,
-                now: float, actor: str) -> None:
+                now: float, who: tuple[str, str]) -> None:
         etag_before = plan.before.etag if plan.before is not None else ""  # type: ignore[attr-defined]
         etag_after = stored.etag if stored is not None else ""  # type: ignore[attr-defined]
         if stored is None:
@@ -233,9 +235,9 @@ class PostgresStore:
                  stored.SerializeToString(deterministic=True)),
             )
         conn.execute(
-            "INSERT INTO mtlsgate_audit (revision, time, actor, method, resource_name, etag_before, etag_after) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (revision, now, actor, plan.method, plan.name, etag_before, etag_after),
+            "INSERT INTO mtlsgate_audit (revision, time, actor, role, method, resource_name, etag_before, "
+            "etag_after) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (revision, now, who[0], who[1], plan.method, plan.name, etag_before, etag_after),
         )
         conn.execute("UPDATE mtlsgate_revision SET written_at = %s WHERE id = 1", (now,))
         conn.execute("SELECT pg_notify(%s, %s)", (self._channel, str(revision)))

@@ -42,6 +42,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX mtlsgate_audit_by_resource ON mtlsgate_audit (resource_name, revision);
     """,
+    # 2: the audit log records the writer's role (SPEC §8).
+    """
+    ALTER TABLE mtlsgate_audit ADD COLUMN role text NOT NULL DEFAULT '';
+    """,
 )
 
 # Any constant both replicas agree on; only mtlsgate's migrations take this advisory lock.

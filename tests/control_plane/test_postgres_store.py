@@ -132,24 +132,34 @@ def test_a_newer_schema_is_refused(postgres_dsn: str) -> None:
     PostgresStore(postgres_dsn).close()
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO mtlsgate_schema (version) VALUES (%s)", (len(MIGRATIONS) + 1,))
-    with pytest.raises(SchemaError, match=r"schema is at version 2, newer than this mtlsgate knows \(version 1\)"):
+    latest = len(MIGRATIONS)
+    with pytest.raises(SchemaError, match=rf"schema is at version {latest + 1}, newer than this mtlsgate knows "
+                                          rf"\(version {latest}\)"):
         PostgresStore(postgres_dsn)
     with pytest.raises(SchemaError, match="newer than this mtlsgate knows"):
         migrate(postgres_dsn)
 
 
 def test_an_older_schema_needs_migrate_and_migrate_upgrades_it(postgres_dsn: str) -> None:
-    old = PostgresStore(postgres_dsn)  # the current schema …
-    old.create(tc("t", "kept"), actor="x")
+    # A database made by the first release of the schema (version 1: audit without roles) …
+    old = PostgresStore(postgres_dsn, migrations=MIGRATIONS[:1])
     old.close()
-    newer = (*MIGRATIONS, "ALTER TABLE mtlsgate_audit ADD COLUMN note text NOT NULL DEFAULT ''")
-    with pytest.raises(SchemaError, match=r"version 1; this mtlsgate needs version 2: run `mtlsgate control-plane"):
-        PostgresStore(postgres_dsn, migrations=newer)  # … is older than this (pretend) newer code's
-    assert migrate(postgres_dsn, newer) == (1, 2)
-    assert migrate(postgres_dsn, newer) == (2, 2)  # idempotent
-    upgraded = PostgresStore(postgres_dsn, migrations=newer)
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:  # … holding a write of that release
+        conn.execute("UPDATE mtlsgate_revision SET revision = 1, written_at = 1")
+        conn.execute("INSERT INTO mtlsgate_resources VALUES ('trustConfigs/t', 'trustConfigs', 'e', 1, %s)",
+                     (tc("t", "kept").SerializeToString(),))
+        conn.execute("INSERT INTO mtlsgate_audit VALUES (1, 1, 'x', 'CREATE', 'trustConfigs/t', '', 'e')")
+    latest = len(MIGRATIONS)
+    with pytest.raises(SchemaError, match=rf"version 1; this mtlsgate needs version {latest}: run `mtlsgate "
+                                          r"control-plane --db URL --migrate`"):
+        PostgresStore(postgres_dsn)
+    assert migrate(postgres_dsn) == (1, latest)
+    assert migrate(postgres_dsn) == (latest, latest)  # idempotent
+    upgraded = PostgresStore(postgres_dsn)
     try:
         assert upgraded.get("trustConfigs/t").description == "kept"  # type: ignore[union-attr]
+        upgraded.update(tc("t", "new"), actor="y", role="editor")
+        assert [(r.actor, r.role) for r in upgraded.audit()] == [("x", ""), ("y", "editor")]
     finally:
         upgraded.close()
 
@@ -172,7 +182,8 @@ def test_replicas_starting_together_on_an_empty_database_initialise_it_once(post
     try:
         assert errors == [] and len(stores) == 4
         with psycopg.connect(postgres_dsn) as conn:
-            assert conn.execute("SELECT version FROM mtlsgate_schema").fetchall() == [(1,)]
+            versions = conn.execute("SELECT version FROM mtlsgate_schema ORDER BY version").fetchall()
+            assert versions == [(v,) for v in range(1, len(MIGRATIONS) + 1)]
     finally:
         for store in stores:
             store.close()

@@ -63,7 +63,7 @@ def test_revisions_etags_and_audit(open_store: OpenStore) -> None:
     assert store.state().written_at == pytest.approx(second.resource.update_time.ToNanoseconds() / 1e9)
     with pytest.raises(NotFound):
         store.delete("trustConfigs/other", actor="bob")
-    store.delete("trustConfigs/t", actor="carol")
+    store.delete("trustConfigs/t", actor="carol", role="admin")
     assert store.get("trustConfigs/t") is None and store.revision() == 3
     assert seen == [1, 2, 3]
     unsubscribe()
@@ -72,6 +72,7 @@ def test_revisions_etags_and_audit(open_store: OpenStore) -> None:
     assert [(r.revision, r.actor, r.method) for r in store.audit()] == [
         (1, "alice", "CREATE"), (2, "bob", "UPDATE"), (3, "carol", "DELETE"), (4, "dave", "CREATE")]
     assert [r.revision for r in store.audit("trustConfigs/t", after_revision=1, limit=2)] == [2, 3]
+    assert [r.role for r in store.audit()] == ["", "", "admin", ""]
     store.close()
     reopened = open_store()
     assert reopened.revision() == 4 and reopened.get("trustConfigs/t").description == "c"  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
+from mtlsgate.v1 import resources_pb2
 
 from control_plane.pki import DemoPki
 from data_plane import echo_backend
@@ -40,9 +41,11 @@ class Replica:
 
 @dataclass
 class Load:
-    """What the loops did: names whose write was acknowledged, writes with no answer, requests."""
+    """What the loops did: the (name, etag) of every acknowledged write, the last acknowledged counter per
+    name, writes with no answer, roll-outs, requests."""
 
-    acked: set[str] = field(default_factory=set)
+    acked: set[tuple[str, str]] = field(default_factory=set)
+    last_acked: dict[str, int] = field(default_factory=dict)
     unanswered: int = 0
     rollouts: int = 0
     ok_requests: int = 0
@@ -53,7 +56,8 @@ class Load:
 
 def writer(index: int, replicas: list[Replica], load: Load, pki: DemoPki) -> None:
     """Write to replica index % 2; on a failure (the replica died) go to the other one. Writer 0 rolls a
-    new CRL out (every node receives it); the others create trust configs no node uses."""
+    new CRL out (every node receives it); the others rewrite ten trust configs of their own that no node
+    uses, with a counter in the description (so the state stays the same size however long it runs)."""
     preferred = index % 2
     apis = [Api(r.address) for r in replicas]
     serials = itertools.count(10_000 + index * 100_000)
@@ -66,10 +70,11 @@ def writer(index: int, replicas: list[Replica], load: Load, pki: DemoPki) -> Non
                 resource.trust_stores[0].crls[0].pem_crl = rotated_crl_pem(pki, [next(serials)])
                 name = ""
             else:
-                name = f"trustConfigs/w{index}-{i}"
+                name = f"trustConfigs/w{index}-{i % 10}"
                 resource = trust_config(pki, name=name)
+                resource.description = str(i)
             try:
-                apis[preferred].put(resource)
+                stored = apis[preferred].put(resource)
             except grpc.RpcError:
                 with load.lock:
                     load.unanswered += 1  # may or may not have committed: not counted either way
@@ -78,7 +83,8 @@ def writer(index: int, replicas: list[Replica], load: Load, pki: DemoPki) -> Non
                 continue
             with load.lock:
                 if name:
-                    load.acked.add(name)
+                    load.acked.add((name, stored.etag))
+                    load.last_acked[name] = i
                 else:
                     load.rollouts += 1
             if index == 0:
@@ -186,12 +192,19 @@ def test_kill_9_of_either_replica_loses_no_write_and_no_request(
                     replica.proc.stop()
 
     with psycopg.connect(postgres_dsn) as conn:
-        present = {row[0] for row in conn.execute("SELECT name FROM mtlsgate_resources")}
-        audited = {row[0] for row in conn.execute("SELECT resource_name FROM mtlsgate_audit")}
-    lost = load.acked - present
-    assert not lost, f"{len(lost)} acknowledged writes lost: {sorted(lost)[:5]}"
-    assert load.acked <= audited
+        history = set(conn.execute("SELECT resource_name, etag_after FROM mtlsgate_audit").fetchall())
+        rows = conn.execute("SELECT name, data FROM mtlsgate_resources WHERE name LIKE 'trustConfigs/w%'")
+        final = {}
+        for name, data in rows:
+            message = resources_pb2.TrustConfig()
+            message.ParseFromString(bytes(data))
+            final[name] = int(message.description)
+    lost = load.acked - history
+    assert not lost, f"{len(lost)} acknowledged writes are not in the database's history: {sorted(lost)[:5]}"
+    # Each name has one writer: what is stored is its last acknowledged write, or a later unanswered one.
+    behind = {n: (final.get(n), i) for n, i in load.last_acked.items() if final.get(n, -1) < i}
+    assert not behind, f"stored values older than acknowledged ones: {behind}"
     assert load.failed_requests == [], f"{len(load.failed_requests)} failed valid requests: {load.failed_requests[:5]}"
     assert load.ok_requests > 50 and len(load.acked) > 100 and load.rollouts >= 12
-    print(f"acked writes {len(load.acked)} (all present), unanswered {load.unanswered}, roll-outs "
+    print(f"acked writes {len(load.acked)} (all in the database), unanswered {load.unanswered}, roll-outs "
           f"{load.rollouts}, valid requests {load.ok_requests} ok / {len(load.failed_requests)} failed")

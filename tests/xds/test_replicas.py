@@ -15,6 +15,7 @@ from mtlsgate import resource_types as rt
 from mtlsgate.v1 import api_pb2
 
 from control_plane.pki import DemoPki
+from control_plane.store.postgres_schema import MIGRATIONS
 from tests.control_plane.harness import control_plane_args, start_control_plane
 from tests.support import MTLSGATE, Proc, wait_until
 from tests.xds.conftest import Api
@@ -91,10 +92,11 @@ def test_the_password_is_not_printed_and_migrate_and_a_newer_schema(postgres_dsn
     run = subprocess.run([*MTLSGATE, "control-plane", "--db", postgres_dsn, "--migrate"], capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert "from schema version 0 to 1" in run.stdout and password not in run.stdout + run.stderr
+    latest = len(MIGRATIONS)
+    assert f"from schema version 0 to {latest}" in run.stdout and password not in run.stdout + run.stderr
     again = subprocess.run([*MTLSGATE, "control-plane", "--db", postgres_dsn, "--migrate"], capture_output=True,
                            text=True, timeout=60)
-    assert "is at schema version 1; nothing to migrate" in again.stdout
+    assert f"is at schema version {latest}; nothing to migrate" in again.stdout
 
     proc, _ = start_control_plane(tmp_path, logs_dir, db=postgres_dsn)
     proc.stop()
