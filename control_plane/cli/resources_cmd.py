@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
 from control_plane.cli.client import add_client_arguments, open_channel, rpc_error
 from control_plane.cli.common import CliError, UsageError
+from control_plane.convergence import Progress, acked_versions, apply_outcome, settled, targeted
 from control_plane.manifests import (
     ManifestError,
     ManifestResource,
@@ -38,6 +40,16 @@ from control_plane.resource_names import (
 )
 
 TIMEOUT = 30.0
+DEFAULT_WAIT = 60.0
+
+
+def _duration(text: str) -> float:
+    from control_plane.convergence import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30, 30s or 2m") from None
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -50,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     apply.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR",
                        help="manifest file, directory of *.yaml/*.yml/*.json, or - for stdin (repeatable)")
     apply.add_argument("--dry-run", action="store_true", help="validate on the server, write nothing")
+    apply.add_argument("--wait", nargs="?", const=DEFAULT_WAIT, type=_duration, metavar="TIMEOUT",
+                       help="return once every connected node the change targets has ACKed it (default "
+                       f"timeout {DEFAULT_WAIT:g}s; e.g. --wait=30s); prints each node's convergence; exit 1 "
+                       "naming the nodes that NACKed (with the reason) or did not ACK in time")
     add_client_arguments(apply)
     apply.set_defaults(func=run_apply)
 
@@ -192,6 +208,11 @@ def run_apply(args: argparse.Namespace) -> int:
     try:
         with open_channel(args) as channel:
             _check_references(items, channel)
+            fleet = api_pb2_grpc.FleetServiceStub(channel)
+            # What every node had acked before the writes: the nodes whose snapshot then differs are the
+            # ones this change targets.
+            before = acked_versions(fleet.ListNodes(api_pb2.ListNodesRequest(), timeout=TIMEOUT)) \
+                if args.wait and not args.dry_run else {}
             not_yet_stored: set[str] = set()  # dry run: created by this apply, so the server cannot see them
             for item in order_for_apply(items):
                 stub = _stub(item.kind, channel)
@@ -205,8 +226,53 @@ def run_apply(args: argparse.Namespace) -> int:
                 if args.dry_run and outcome == "created":
                     not_yet_stored.add(name)
                 print(f"{label(item.kind, item.resource.name)} {outcome}{suffix}", flush=True)  # type: ignore[attr-defined]
+            if args.wait and not args.dry_run:
+                return _wait_for_fleet(fleet, before, args.wait)
     except grpc.RpcError as exc:
         raise rpc_error(exc, args) from None
+    return 0
+
+
+def _wait_for_fleet(fleet: Any, before: dict[str, dict[str, str]], timeout: float) -> int:
+    """Follow WatchNodes until every targeted node has ACKed (or NACKed) its new snapshot; print each node
+    once when it is done. Exit 1 names the nodes that NACKed, with the reason, or did not ACK in time."""
+    started = time.monotonic()
+    targets: list[str] | None = None
+    outcome = None
+    reported: set[str] = set()
+    try:
+        for report in fleet.WatchNodes(api_pb2.ListNodesRequest(), timeout=timeout):
+            if not settled(report):
+                continue  # the write is still in the debounce: these states predate it
+            if targets is None:
+                targets = [n.id for n in targeted(report, before)]
+                if not targets:
+                    print("no connected node is affected by this change")
+                    return 0
+            outcome = apply_outcome(report, targets)
+            for node in outcome.nodes:
+                if node.node_id in reported or node.progress is Progress.PENDING:
+                    continue
+                reported.add(node.node_id)
+                elapsed = time.monotonic() - started
+                if node.progress is Progress.CONVERGED:
+                    print(f"node {node.node_id} acked after {elapsed:.2f}s", flush=True)
+                else:
+                    print(f"node {node.node_id} REJECTED: {node.detail}", flush=True)
+            if outcome.done:
+                break
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    if outcome is None or not outcome.done:
+        pending = [n for n in (outcome.nodes if outcome else ()) if n.progress is Progress.PENDING]
+        names = ", ".join(f"{n.node_id} ({n.detail})" if n.detail else n.node_id for n in pending)
+        names = names or "the control plane has not built snapshots with this change"
+        raise CliError(f"--wait: not acked after {timeout:g}s: {names}")
+    rejected = [n for n in outcome.nodes if n.progress is Progress.REJECTED]
+    if rejected:
+        raise CliError("--wait: rejected by " + "; ".join(f"{n.node_id} ({n.detail})" for n in rejected))
+    print(f"{len(outcome.nodes)} node(s) acked this change")
     return 0
 
 

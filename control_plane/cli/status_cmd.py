@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from typing import Any
 
 from mtlsgate import resource_types as rt
@@ -15,15 +17,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "status", help="show every proxy node's xDS sync state",
         description="One entry per node: id, cluster, connected, overall state (SYNCED / STALE / NOT_SENT / "
-        "ERROR) and per type its state, acked version and last error, plus convergence time (store write → "
-        "ACK). STALE = sent, not yet acknowledged; ERROR = the node rejected the last version sent.",
+        "ERROR) and per type its state, acked version and current NACK, plus convergence time (store write → "
+        "ACK). STALE = a newer version is built or sent, not yet acknowledged; ERROR = the node rejected the "
+        "last version sent. Exit 1 while any connected node is ERROR or STALE (scripts can gate on it).",
     )
     add_client_arguments(p)
     p.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
     p.add_argument("--cluster", default="", help="only nodes of this cluster")
     p.add_argument("-w", "--watch", action="store_true",
                    help="keep printing the status whenever it changes (JSON: one object per line)")
+    p.add_argument("--wait-synced", metavar="TIMEOUT", type=_duration,
+                   help="wait until every connected node has acked the current configuration (e.g. 30s, 2m); "
+                   "exit 1 naming the nodes that did not in time")
     p.set_defaults(func=run)
+
+
+def _duration(text: str) -> float:
+    from control_plane.convergence import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30, 30s or 2m") from None
 
 
 def node_to_json(node: Any) -> dict[str, Any]:
@@ -45,9 +60,12 @@ def node_to_json(node: Any) -> dict[str, Any]:
             t.type_url: {
                 "state": state(t.state),
                 "version": t.acked_version,
+                "desiredVersion": t.desired_version,
                 "sentVersion": t.sent_version,
                 "sentNonce": t.sent_nonce,
-                "error": t.error,
+                "error": t.error,  # the current NACK only; older ones are in nacks
+                "nacks": [{"version": n.version, "error": n.error, "time": n.time.ToJsonString()}
+                          for n in t.nack_history],
                 "convergenceSeconds": round(t.convergence_seconds, 6),
             }
             for t in node.types
@@ -86,11 +104,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         with open_channel(args) as channel:
             fleet = api_pb2_grpc.FleetServiceStub(channel)
+            if args.wait_synced:
+                return _wait_synced(fleet, request, args)
             if not args.watch:
-                response = fleet.ListNodes(request, timeout=10)
+                report = fleet.ListNodes(request, timeout=10)
                 problems = crl_source_problems(channel)
-                _print(response, args.output, problems=problems)
-                return 1 if problems else 0
+                _print(report, args.output, problems=problems)
+                return max(_exit_code(report), 1 if problems else 0)
             for response in fleet.WatchNodes(request):  # until interrupted
                 _print(response, args.output, watch=True)
     except grpc.RpcError as exc:
@@ -111,6 +131,54 @@ def crl_source_problems(channel: Any) -> list[dict[str, str]]:
         token = page.next_page_token
         if not token:
             return problems
+
+
+def _exit_code(report: Any) -> int:
+    from control_plane.convergence import unhealthy
+
+    bad = unhealthy(report)
+    if bad:
+        print(f"mtlsgate status: not synced: {', '.join(f'{node} {state}' for node, state in bad)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _wait_synced(fleet: Any, request: Any, args: argparse.Namespace) -> int:
+    """Follow WatchNodes until every connected node is SYNCED on the current snapshots, or time is up."""
+    import grpc
+    from mtlsgate.v1 import api_pb2
+
+    from control_plane.convergence import Progress, all_synced, node_progress, settled
+
+    deadline = time.monotonic() + args.wait_synced
+    last = None
+    try:
+        for report in fleet.WatchNodes(request, timeout=args.wait_synced):
+            last = report
+            if all_synced(report):
+                _print(report, args.output)
+                return 0
+            if time.monotonic() > deadline:
+                break
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    if last is None:
+        last = fleet.ListNodes(request, timeout=10)
+    _print(last, args.output)
+    waiting = []
+    for node in last.nodes:
+        progress = node_progress(node)
+        if node.connected and (progress.progress is not Progress.CONVERGED or node.state in (api_pb2.ERROR,
+                                                                                           api_pb2.STALE)):
+            state = api_pb2.SyncState.Name(node.state)
+            waiting.append(f"{node.id} {state}{': ' + progress.detail if progress.detail else ''}")
+    if not settled(last):
+        waiting.append(f"the control plane (snapshots at revision {last.revision}, store at {last.store_revision})")
+    print(f"mtlsgate status: not synced after {args.wait_synced:g}s: {', '.join(waiting) or 'unknown'}",
+          file=sys.stderr)
+    return 1
 
 
 def _print(response: Any, output: str, watch: bool = False, problems: list[dict[str, str]] | None = None) -> None:

@@ -325,6 +325,8 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         if outcome.kind is RequestKind.NACK:
             metrics.REJECTS.labels(short).inc()
             log.warning("node %s rejected %s version %s: %s", stream.node_id, short, outcome.version, outcome.error)
+            self.fleet.record_nack(stream.node_id, stream.id, outcome.type_url, outcome.version, outcome.error,
+                                   time.time())
         elif outcome.kind is RequestKind.STALE:
             metrics.STALE_NONCES.labels(short).inc()
         elif outcome.kind is RequestKind.ACK and outcome.acked_push is not None:
@@ -345,7 +347,13 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
 
     def _list(self, cluster: str) -> api_pb2.ListNodesResponse:
         revision = self.snapshots.revision if self.snapshots is not None else 0
-        return api_pb2.ListNodesResponse(nodes=self.fleet.list(cluster), revision=revision)
+        snapshots = self.snapshots
+
+        def desired(labels: Mapping[str, str]) -> Mapping[str, str]:
+            return snapshots.for_labels(labels).versions() if snapshots is not None else {}
+
+        return api_pb2.ListNodesResponse(nodes=self.fleet.list(cluster, desired), revision=revision,
+                                         store_revision=self.store.revision())
 
     async def ListNodes(self, request: api_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
                         ) -> api_pb2.ListNodesResponse:

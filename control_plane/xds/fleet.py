@@ -9,7 +9,7 @@ glue feeds it events, the FleetService and metrics read it.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
@@ -20,13 +20,23 @@ from control_plane.xds.protocol import StreamProtocol, TypeState
 
 # Disconnected nodes are kept for `status` (connected = false) up to this many, oldest dropped first.
 MAX_DISCONNECTED = 10_000
+MAX_NACK_HISTORY = 10  # per node and type, most recent kept
 
 _ORDER = {api_pb2.ERROR: 3, api_pb2.STALE: 2, api_pb2.SYNCED: 1, api_pb2.NOT_SENT: 0}
 
 
-def type_state(ts: TypeState | None) -> int:
+def type_state(ts: TypeState | None, desired_version: str = "") -> int:
+    """`desired_version`: the type's version in the node's current snapshot; a SYNCED type whose node
+    has not been sent that version yet is STALE (a write the stream has not pushed yet is not synced)."""
     if ts is None or (ts.last_push is None and not ts.acked_version):
         return api_pb2.NOT_SENT
+    state = _sent_state(ts)
+    if state == api_pb2.SYNCED and desired_version and ts.acked_version != desired_version:
+        return api_pb2.STALE
+    return state
+
+
+def _sent_state(ts: TypeState) -> int:
     if ts.last_push is None:
         return api_pb2.SYNCED  # reconnected already holding the current version
     if ts.nacked_version and ts.nacked_version == ts.last_push.version:
@@ -53,6 +63,13 @@ class TypeTiming:
     acked_revision: int = 0
 
 
+@dataclass(frozen=True)
+class NackEntry:
+    version: str
+    error: str
+    time: float
+
+
 @dataclass
 class NodeRecord:
     id: str
@@ -65,8 +82,10 @@ class NodeRecord:
     connected: bool = True
     disconnected_at: float = 0.0
     timings: dict[str, TypeTiming] = field(default_factory=dict)
+    nacks: dict[str, list[NackEntry]] = field(default_factory=dict)
 
-    def to_proto(self) -> api_pb2.NodeStatus:
+    def to_proto(self, desired: Mapping[str, str] | None = None) -> api_pb2.NodeStatus:
+        """`desired`: version per type of the node's current snapshot (see `type_state`)."""
         out = api_pb2.NodeStatus(id=self.id, cluster=self.cluster, labels=dict(self.labels),
                                  connected=self.connected, peer=self.peer)
         out.connected_since.CopyFrom(_timestamp(self.connected_since))
@@ -75,13 +94,17 @@ class NodeRecord:
         worst_convergence = 0.0
         for type_url in rt.ALL_TYPES:
             ts = self.protocol.types.get(type_url)
-            state = type_state(ts)
+            wanted = (desired or {}).get(type_url, "") if ts is not None and ts.subscribed else ""
+            state = type_state(ts, wanted)
             states.append(state)
             timing = self.timings.get(type_url, TypeTiming())
-            entry = out.types.add(type_url=type_url, state=state)
+            entry = out.types.add(type_url=type_url, state=state, desired_version=wanted)
+            for nack in self.nacks.get(type_url, ()):
+                entry.nack_history.add(version=nack.version, error=nack.error).time.CopyFrom(_timestamp(nack.time))
             if ts is not None:
                 entry.acked_version = ts.acked_version
-                entry.error = ts.last_error
+                # Only the NACK of what was sent last is current; an older one lives in nack_history.
+                entry.error = ts.last_error if state == api_pb2.ERROR else ""
                 if ts.last_push is not None:
                     entry.sent_version = ts.last_push.version
                     entry.sent_nonce = ts.last_push.nonce
@@ -126,12 +149,23 @@ class Fleet:
         record.timings[type_url] = TypeTiming(now, convergence or 0.0, revision)
         return convergence
 
+    def record_nack(self, node_id: str, stream_id: int, type_url: str, version: str, error: str,
+                    now: float) -> None:
+        record = self.nodes.get(node_id)
+        if record is None or record.stream_id != stream_id:
+            return
+        history = record.nacks.setdefault(type_url, [])
+        history.append(NackEntry(version, error, now))
+        del history[:-MAX_NACK_HISTORY]
+
     def connected_count(self) -> int:
         return sum(1 for r in self.nodes.values() if r.connected)
 
-    def list(self, cluster: str = "") -> list[api_pb2.NodeStatus]:
-        return [r.to_proto() for _, r in sorted(self.nodes.items())
-                if not cluster or r.cluster == cluster]
+    def list(self, cluster: str = "",
+             desired: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None) -> list[api_pb2.NodeStatus]:
+        """`desired(labels)`: the versions of the current snapshot for a node with these labels."""
+        return [r.to_proto(desired(r.labels) if desired and r.connected else None)
+                for _, r in sorted(self.nodes.items()) if not cluster or r.cluster == cluster]
 
     def _trim(self) -> None:
         gone = [r for r in self.nodes.values() if not r.connected]

@@ -207,6 +207,67 @@ def test_demo_end_to_end(demo: RunningDemo) -> None:
     assert "everything stopped" in demo.proc.log()
 
 
+@pytest.mark.slow
+def test_apply_wait_and_status_gate_on_the_fleet(demo: RunningDemo) -> None:
+    """`apply --wait` returns only once both nodes enforce the change: 20 CRL rotations back and forth,
+    each followed at once by real mTLS requests through both nodes, never see the previous verdict
+    (before --wait, a request right after `apply` got the old one). A node that cannot take a change
+    (its port is taken) makes --wait and `status` exit 1 naming it, with its NACK; once it recovers,
+    `status --wait-synced` exits 0 and the JSON holds no stale error text."""
+    from urllib.parse import urlsplit
+
+    import yaml
+
+    from tests.e2e.scenario import mtlsgate
+
+    server = demo.endpoints["control_plane"]
+    strict = demo.endpoints["listeners"]["strict"]
+    valid = demo.identity("client")
+    original = demo.directory / "trust-config-original.yaml"
+    original.write_text(yaml.safe_dump(next(yaml.safe_load_all((demo.directory / "mtlsgate.yaml").read_text()))))
+    rotated = demo.directory / "trust-config-rotated.yaml"
+    stale = []
+    for round_ in range(20):
+        revoke = round_ % 2 == 0
+        done = mtlsgate("apply", "--wait=30s", "-f", str(rotated if revoke else original), "--server", server)
+        assert done.returncode == 0, done.stderr
+        assert "node demo-a acked after" in done.stdout and "node demo-b acked after" in done.stdout, done.stdout
+        for url in strict:
+            answer = request(url, demo.ca, valid)
+            if (rejected(answer) if revoke else accepted_and_verified(answer)) is False:
+                stale.append((round_, url, answer))
+    assert stale == []
+
+    node_b_host = urlsplit(strict[1]).hostname
+    with socket.socket() as squatter:
+        squatter.bind((node_b_host, 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        extra = demo.directory / "extra-listener.yaml"
+        extra.write_text(f"kind: Listener\nname: extra\nport: {taken}\ncertificate: certificates/edge\n"
+                         f"backend: {demo.endpoints['control_plane'].rsplit(':', 1)[0]}:9\n")
+        done = mtlsgate("apply", "--wait=30s", "-f", str(extra), "--server", server)
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert "node demo-a acked after" in done.stdout
+        assert done.stderr == (f"mtlsgate apply: --wait: rejected by demo-b (Listener: listeners/extra: port {taken} "
+                               f"is already in use on this node (listen address {node_b_host}))\n")
+        shown = mtlsgate("status", "--server", server)
+        assert (shown.returncode, shown.stderr) == (1, "mtlsgate status: not synced: demo-b ERROR\n")
+        assert f"port {taken} is already in use" in shown.stdout
+        waited = mtlsgate("status", "--wait-synced", "1s", "--server", server)
+        assert waited.returncode == 1 and "not synced after 1s: demo-b ERROR: Listener: listeners/extra" in \
+            waited.stderr, waited.stderr
+        assert mtlsgate("delete", "listener", "extra", "--server", server).returncode == 0
+    recovered = mtlsgate("status", "--wait-synced", "30s", "-o", "json", "--server", server)
+    assert recovered.returncode == 0, recovered.stderr
+    node_b = {n["id"]: n for n in json.loads(recovered.stdout)["nodes"]}["demo-b"]
+    listener_type = node_b["types"]["type.googleapis.com/mtlsgate.v1.Listener"]
+    assert (node_b["state"], listener_type["error"]) == ("SYNCED", "")
+    assert [n["error"] for n in listener_type["nacks"]] == [
+        f"listeners/extra: port {taken} is already in use on this node (listen address {node_b_host})"]
+    assert mtlsgate("status", "--server", server).returncode == 0
+
+
 def test_demo_refuses_bad_arguments(tmp_path: Path) -> None:
     proc = Proc(["demo", "--dir", str(tmp_path / "d"), "--admin-ports", "9901"], tmp_path / "demo.log")
     wait_until(lambda: not proc.alive(), message="demo to exit")

@@ -81,7 +81,14 @@ def test_protocol_rules_over_a_real_stream(control_plane, populated):
         third = a.recv()
         assert third.type_url == LISTENER and third.version_info not in (first.version_info, second.version_info)
         a.send(LISTENER, version=third.version_info, nonce=third.nonce)
-        wait_until(lambda: api.nodes()["raw-a"].state == api_pb2.SYNCED, message="raw-a SYNCED again")
+        status = wait_until(lambda: (n := api.nodes()["raw-a"]).state == api_pb2.SYNCED and n,
+                            message="raw-a SYNCED again")
+        # The NACK is history now: no error text under a SYNCED type (before: the old text stayed), but
+        # the history keeps it, with the version and a time.
+        (lst,) = [t for t in status.types if t.type_url == LISTENER]
+        assert (lst.error, lst.desired_version, lst.acked_version) == ("", third.version_info, third.version_info)
+        assert [(n.version, n.error) for n in lst.nack_history] == [(second.version_info, "raw-a cannot use this")]
+        assert lst.nack_history[0].time.seconds > 0
     finally:
         a.close()
         b.close()

@@ -25,8 +25,15 @@ CERT = "type.googleapis.com/mtlsgate.v1.ServerCertificate"
 
 def status(server: str) -> dict[str, dict[str, Any]]:
     out = subprocess.run([*MTLSGATE, "status", "--server", server, "-o", "json"], capture_output=True,
-                         text=True, timeout=30, check=True)
-    return {n["id"]: n for n in json.loads(out.stdout)["nodes"]}
+                         text=True, timeout=30)
+    document = json.loads(out.stdout)
+    nodes = {n["id"]: n for n in document["nodes"]}
+    # The exit code scripts gate on: 1 exactly while a connected node is ERROR or STALE (or a CRL source
+    # has a problem).
+    gating = any(n["connected"] and n["state"] in ("ERROR", "STALE") for n in nodes.values()) or bool(
+        document.get("crlSourceProblems"))
+    assert out.returncode == (1 if gating else 0), (out.returncode, out.stderr, nodes)
+    return nodes
 
 
 def all_synced(server: str, ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -128,8 +135,10 @@ def test_fleet_distribution_end_to_end(control_plane, api, start_node, demo_pki)
         assert nacked["node-a1"]["types"][LISTENER]["version"] == after["node-a1"]["types"][LISTENER]["version"]
         assert a1.ready() and [lst["port"] for lst in a1.dump()["listeners"]] == [port_a]
         assert a1.dump()["lastError"] == err
-        table = subprocess.run([*MTLSGATE, "status", "--server", server], capture_output=True, text=True,
-                               check=True, timeout=30).stdout
+        shown = subprocess.run([*MTLSGATE, "status", "--server", server], capture_output=True, text=True,
+                               timeout=30)
+        table = shown.stdout
+        assert shown.returncode == 1 and shown.stderr == "mtlsgate status: not synced: node-a1 ERROR\n"
         assert re.search(rf"^node-a1\s+edge-a\s+yes\s+ERROR.*port {taken} is already in use", table, re.M), table
         text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
         assert metric(text, "mtlsgate_xds_rejects_total", 'type="Listener"') >= rejects_before + 1

@@ -122,3 +122,14 @@ def test_protocol_errors_and_overall_state():
     assert overall_state([api_pb2.SYNCED, api_pb2.NOT_SENT]) == api_pb2.SYNCED
     assert overall_state([api_pb2.SYNCED, api_pb2.STALE, api_pb2.ERROR]) == api_pb2.ERROR
     assert overall_state([]) == api_pb2.NOT_SENT
+
+
+def test_synced_on_an_older_version_than_the_snapshot_is_stale():
+    """Between a snapshot rebuild and the stream pushing it, the node still holds the old version: it is
+    not SYNCED (a script gating on status must not pass in that window)."""
+    from control_plane.xds.protocol import TypeState
+
+    ts = TypeState(rt.LISTENER, subscribed=True, acked_version="v1")
+    assert type_state(ts) == api_pb2.SYNCED
+    assert type_state(ts, "v1") == api_pb2.SYNCED
+    assert type_state(ts, "v2") == api_pb2.STALE
