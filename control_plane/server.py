@@ -19,13 +19,13 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from mtlsgate.v1 import api_pb2_grpc
 
 from control_plane.api import check_service
 from control_plane.api.audit_service import AuditService
 from control_plane.api.auth import Tokens
 from control_plane.api.authorization import AuthorizationInterceptor, Authorizer
+from control_plane.api.reflection import enable_reflection
 from control_plane.api.resource_service import ResourceApi, resource_service_handlers
 from control_plane.crl_sources.fetcher import CrlFetcher, FetchOptions
 from control_plane.resource_names import TRUST_CONFIG
@@ -207,7 +207,7 @@ def build_server(store: Store, options: ServerOptions) -> BuiltServer:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     ctx.on_shutdown.append(health_servicer.enter_graceful_shutdown)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    enable_reflection([*names, health.SERVICE_NAME], server)
 
     credentials = _credentials(options)
     _check_bindable(options.listen)
