@@ -32,6 +32,7 @@ class DemoLayout:
     strict_port: int
     permissive_port: int
     nodes: tuple[DemoNode, ...]
+    control_plane_metrics: str = ""  # HOST:PORT of the control plane's Prometheus /metrics ("" = off)
 
     def listener_urls(self, port: int) -> list[str]:
         return [f"https://{_url_host(node.listen_address)}:{port}/" for node in self.nodes]
@@ -73,7 +74,7 @@ def demo_manifest(pki_dir: Path, layout: DemoLayout, crl_file: str = "crl.pem") 
     certificate = {
         "kind": "Certificate",
         "name": "edge",
-        "description": "the demo server certificate (localhost, 127.0.0.1-3)",
+        "description": f"the demo server certificate (localhost, {', '.join(server_ips(layout))})",
         "pemCertificate": _block(read("server.pem")),
         "pemPrivateKey": _block(read("server-key.pem")),
     }
@@ -158,10 +159,11 @@ def instructions(layout: DemoLayout, directory: Path, cli: str) -> str:
         f"  proxy node {n.node_id:7} listeners on {n.listen_address}, admin http://{n.admin}/config_dump"
         for n in layout.nodes
     )
+    metrics = f", metrics http://{layout.control_plane_metrics}/metrics" if layout.control_plane_metrics else ""
     return f"""
 mtlsgate demo is running. Ctrl-C stops everything.
 
-  control plane        {layout.control_plane} (store {d}/mtlsgate.db)
+  control plane        {layout.control_plane} (store {d}/mtlsgate.db){metrics}
 {nodes}
   echo backend         http://{layout.backend}/
   logs                 {d}/logs/
@@ -179,12 +181,13 @@ Try it:
   curl {ca} {strict[0]}
   curl {ca} {permissive[-1]}
 
-Rotate the CRL (the new one revokes client-valid too); both nodes enforce it without a restart:
-  {cli} apply -f {d}/trust-config-rotated.yaml {server}
+Rotate the CRL (the new one revokes client-valid too); both nodes enforce it without a restart
+(--wait returns once both have acked it):
+  {cli} apply --wait -f {d}/trust-config-rotated.yaml {server}
   {cli} status {server}
   curl {valid} {strict[-1]}     # now refused
 Put the original CRL back:
-  {cli} apply -f {d}/mtlsgate.yaml {server}
+  {cli} apply --wait -f {d}/mtlsgate.yaml {server}
 See what a node runs:  curl http://{layout.nodes[0].admin}/config_dump
 Dry-run a certificate: {cli} check --cert {d}/revoked.pem --policy serverTlsPolicies/strict {server}
 """
@@ -200,15 +203,42 @@ def display_path(path: Path) -> str:
 # ---------------------------------------------------------------- preparing files
 
 
+def server_ips(layout: DemoLayout) -> list[str]:
+    """The IP addresses the demo server certificate must name: loopback (published ports, as in compose)
+    and every node's listen address — a client connecting to a node checks its address against them."""
+    import ipaddress
+
+    out = []
+    for text in ("127.0.0.1", "::1", *(node.listen_address for node in layout.nodes)):
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            continue  # a host name: covered by DNS SANs or not at all
+        if not address.is_unspecified and str(address) not in out:
+            out.append(str(address))
+    return out
+
+
+def missing_server_ips(certificate: object, ips: Sequence[str]) -> list[str]:
+    from cryptography import x509
+
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value  # type: ignore[attr-defined]
+        named = {str(a) for a in sans.get_values_for_type(x509.IPAddress)}
+    except x509.ExtensionNotFound:
+        named = set()
+    return [ip for ip in ips if ip not in named]
+
+
 def prepare(directory: Path, layout: DemoLayout) -> None:
     """PKI (kept if DIR already has one, so a re-run keeps trusting the same CA), the demo manifest and
     the CRL-rotation manifest."""
-    from control_plane.pki import Issued, crl_pem, init_demo_pki, make_crl
+    from control_plane.pki import DEMO_SERVER_NAMES, Issued, crl_pem, demo_server, init_demo_pki, make_crl
 
     directory.mkdir(parents=True, exist_ok=True)
+    ips = server_ips(layout)
     if not (directory / "pki.json").exists():
-        init_demo_pki(directory)
-    (directory / "mtlsgate.yaml").write_text(dump_manifest(demo_manifest(directory, layout)))
+        init_demo_pki(directory, server_ips=ips)
 
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -220,6 +250,15 @@ def prepare(directory: Path, layout: DemoLayout) -> None:
         load_cert("intermediate.pem"),
         load_pem_private_key((directory / "intermediate-key.pem").read_bytes(), password=None),  # type: ignore[arg-type]
     )
+    if missing_server_ips(load_cert("server.pem"), ips):
+        # A PKI kept from a run with other node addresses: same CA (clients keep trusting it), a server
+        # certificate for these addresses.
+        server = demo_server(intermediate, DEMO_SERVER_NAMES, ips)
+        (directory / "server.pem").write_text(server.cert_pem + intermediate.cert_pem)
+        key_file = directory / "server-key.pem"
+        key_file.write_text(server.key_pem)
+        key_file.chmod(0o600)
+    (directory / "mtlsgate.yaml").write_text(dump_manifest(demo_manifest(directory, layout)))
     serials = [load_cert("revoked.pem").serial_number, load_cert("client.pem").serial_number]
     (directory / "crl-rotated.pem").write_text(crl_pem(make_crl(intermediate, serials)))
     (directory / "trust-config-rotated.yaml").write_text(

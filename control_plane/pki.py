@@ -197,7 +197,16 @@ class DemoPki:
         return self.directory / self.files[name]
 
 
-def init_demo_pki(directory: str | Path, *, server_names: Sequence[str] = ("localhost",),
+DEMO_SERVER_NAMES = ("localhost",)
+
+
+def demo_server(inter: Issued, server_names: Sequence[str], server_ips: Sequence[str]) -> Issued:
+    """The demo listeners' server certificate: valid for these names and IP addresses."""
+    return issue("mtlsgate demo server", issuer=inter, eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
+                 dns=server_names, ips=server_ips)
+
+
+def init_demo_pki(directory: str | Path, *, server_names: Sequence[str] = DEMO_SERVER_NAMES,
                   server_ips: Sequence[str] = ("127.0.0.1", "127.0.0.2", "127.0.0.3", "::1")) -> DemoPki:
     """Root CA → intermediate CA → server and client certificates, a CRL revoking one client, and the
     GCP-format `trust-config.yaml` / `server-tls-policy.yaml` that `mtlsgate import` takes. (The demo's
@@ -206,10 +215,7 @@ def init_demo_pki(directory: str | Path, *, server_names: Sequence[str] = ("loca
     out.mkdir(parents=True, exist_ok=True)
     root = issue("mtlsgate demo root CA", ca=True)
     inter = issue("mtlsgate demo intermediate CA", issuer=root, ca=True, path_length=0)
-    server = issue(
-        "mtlsgate demo server", issuer=inter, eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
-        dns=server_names, ips=server_ips,
-    )
+    server = demo_server(inter, server_names, server_ips)
     client = issue("client-valid", issuer=inter, uris=("spiffe://demo.mtlsgate/client/valid",),
                    dns=("client-valid.demo.mtlsgate",))
     revoked = issue("client-revoked", issuer=inter, uris=("spiffe://demo.mtlsgate/client/revoked",))

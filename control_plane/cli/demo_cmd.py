@@ -248,6 +248,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="admin ports of the two proxy nodes, on 127.0.0.1 (default %(default)s)",
     )
     parser.add_argument(
+        "--control-plane-metrics",
+        default="127.0.0.1:9900",
+        metavar="HOST:PORT",
+        help="the control plane's Prometheus /metrics (default %(default)s; '' turns it off)",
+    )
+    parser.add_argument(
         "--workers", type=int, default=1, help="worker processes per proxy node (default %(default)s)"
     )
     parser.add_argument(
@@ -288,7 +294,8 @@ def layout_from_args(args: argparse.Namespace) -> DemoLayout:
         for letter, address, port in zip("ab", addresses, admin_ports, strict=True)
     )
     return DemoLayout(
-        args.control_plane, args.backend, args.backend, args.strict_port, args.permissive_port, nodes
+        args.control_plane, args.backend, args.backend, args.strict_port, args.permissive_port, nodes,
+        args.control_plane_metrics,
     )
 
 
@@ -328,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
             "control-plane",
             # Interim: the secure demo (node certificates, admin credentials) replaces --insecure.
             ["control-plane", "--listen", layout.control_plane, "--db", str(directory / "mtlsgate.db"),
-             "--insecure"],
+             "--insecure", *(["--metrics", layout.control_plane_metrics] if layout.control_plane_metrics else [])],
         )
         stack.start("echo-backend", ["echo-backend", "--listen", layout.backend])
         stack.wait_for("the control plane", lambda: grpc_serving(layout.control_plane), args.timeout)

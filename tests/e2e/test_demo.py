@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 from collections.abc import Iterator
@@ -67,12 +68,13 @@ class DemoPorts:
     admin_b: int
     strict: int
     permissive: int
+    metrics: int
 
     @classmethod
     def free(cls) -> DemoPorts:
-        control_plane, backend, admin_a, admin_b = distinct_free_ports("127.0.0.1", 4)
+        control_plane, backend, admin_a, admin_b, metrics = distinct_free_ports("127.0.0.1", 5)
         strict, permissive = distinct_free_ports("127.0.0.2", 2)
-        return cls(control_plane, backend, admin_a, admin_b, strict, permissive)
+        return cls(control_plane, backend, admin_a, admin_b, strict, permissive, metrics)
 
     def args(self, directory: Path) -> list[str]:
         return [
@@ -82,6 +84,7 @@ class DemoPorts:
             "--strict-port", str(self.strict),
             "--permissive-port", str(self.permissive),
             "--admin-ports", f"{self.admin_a},{self.admin_b}",
+            "--control-plane-metrics", f"127.0.0.1:{self.metrics}",
         ]
 
 
@@ -156,6 +159,13 @@ def test_demo_end_to_end(demo: RunningDemo) -> None:
         assert no_cert.status == 200 and no_cert.backend_headers["x-client-cert-present"] == "false", no_cert
 
     assert all_synced(server, {"demo-a", "demo-b"})
+    # The control plane's /metrics is on in the demo (the port is in the printed instructions).
+    metrics_url = re.search(r"metrics (http://\S+/metrics)", demo.proc.log())
+    assert metrics_url, demo.proc.log()
+    import urllib.request
+
+    metrics = urllib.request.urlopen(metrics_url[1], timeout=5).read().decode()
+    assert re.search(r"^mtlsgate_xds_connected_nodes 2\.0$", metrics, re.M), metrics
     versions_before = acked_versions(server)
     proxies = {name: demo.pids[name] for name in ("demo-a", "demo-b")}
     workers_before = {name: descendants(pid) for name, pid in proxies.items()}
@@ -266,6 +276,35 @@ def test_apply_wait_and_status_gate_on_the_fleet(demo: RunningDemo) -> None:
     assert [n["error"] for n in listener_type["nacks"]] == [
         f"listeners/extra: port {taken} is already in use on this node (listen address {node_b_host})"]
     assert mtlsgate("status", "--server", server).returncode == 0
+
+
+@pytest.mark.slow
+def test_demo_with_other_node_addresses(tmp_path: Path) -> None:
+    """Any pair of node addresses works (before: the server certificate named only 127.0.0.1-3, so the
+    demo's own readiness probe failed with "IP address mismatch" and it never got ready), also on a PKI
+    kept from an earlier run with the default addresses: same CA, a server certificate for the new ones."""
+    directory = tmp_path / "d"
+    first = Proc(["demo", "--dir", str(directory), "--prepare-only"], tmp_path / "prepare.log")
+    wait_until(lambda: not first.alive(), message="demo --prepare-only to exit")
+    assert first.stop() == 0, first.log()
+    ca_before = (directory / "ca.pem").read_bytes()
+    ports = DemoPorts.free()
+    strict = distinct_free_ports("127.0.0.23", 1)[0]
+    args = [*ports.args(directory), "--node-addresses", "127.0.0.22,127.0.0.23", "--strict-port", str(strict),
+            "--timeout", "60"]
+    proc = Proc(args, tmp_path / "demo.log")
+    try:
+        wait_until(lambda: (directory / "endpoints.json").exists() or not proc.alive(), timeout=90, interval=0.2,
+                   message="the demo to be ready")
+        assert proc.alive(), proc.log()
+        endpoints = json.loads((directory / "endpoints.json").read_text())
+        assert endpoints["listeners"]["strict"] == [f"https://127.0.0.22:{strict}/", f"https://127.0.0.23:{strict}/"]
+        valid = ClientIdentity(directory / "client.pem", directory / "client-key.pem")
+        for url in endpoints["listeners"]["strict"]:
+            assert accepted_and_verified(answer := request(url, directory / "ca.pem", valid)), (url, answer)
+        assert (directory / "ca.pem").read_bytes() == ca_before
+    finally:
+        proc.stop(timeout=30)
 
 
 def test_demo_refuses_bad_arguments(tmp_path: Path) -> None:

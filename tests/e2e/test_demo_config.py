@@ -43,5 +43,5 @@ def test_instructions_show_every_case_and_the_rotation(tmp_path: Path) -> None:
     text = instructions(LAYOUT, tmp_path, "mtlsgate")
     assert "https://127.0.0.2:8443/" in text and "https://[::1]:8444/" in text
     assert "revoked.pem" in text and "client.pem" in text
-    assert "mtlsgate apply -f" in text and "trust-config-rotated.yaml" in text
+    assert "mtlsgate apply --wait -f" in text and "trust-config-rotated.yaml" in text
     assert "--server 127.0.0.1:18000" in text
