@@ -297,12 +297,16 @@ def parse_serial(text: str, directory: Path) -> int:
     PEM certificate issued by the demo intermediate."""
     path = Path(text)
     if path.is_file() or text.endswith(".pem"):
+        from data_plane.validation.pem import PemProblem, load_certificates
+
         try:
-            cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+            cert = load_certificates(path.read_text())[0]
         except OSError as exc:
             raise RevokeError(f"{text}: {exc.strerror}") from None
-        except (ValueError, IndexError):
-            raise RevokeError(f"{text}: not a PEM certificate") from None
+        except UnicodeDecodeError:
+            raise RevokeError(f"{text}: not a PEM file (binary data)") from None
+        except PemProblem as exc:
+            raise RevokeError(f"{text}: {exc}") from None
         issuer = x509.load_pem_x509_certificate((directory / "intermediate.pem").read_bytes())
         if cert.issuer != issuer.subject:
             raise RevokeError(f"{text} was not issued by the demo intermediate CA ({issuer.subject.rfc4514_string()}); "

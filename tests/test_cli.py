@@ -60,7 +60,11 @@ def test_file_and_flag_errors_are_one_line_exit_2(tmp_path: Path) -> None:
     typo.write_text("kind: Listener\nname: public\nport: 8443\nbackendd: 127.0.0.1:9000\n")
     gcp = tmp_path / "tc.yaml"
     gcp.write_text("trustStores:\n- trustAnchors:\n  - pemCertificate: hello\n")
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n")
     cases = [
+        (["pki", "revoke", key, "--dir", tmp_path], f"mtlsgate pki: {key}: a private key where a certificate "
+         "was expected"),
         (["pki", "init", occupied], f"mtlsgate pki: cannot write the demo PKI to {occupied}: File exists"),
         (["demo", "--node-addresses", "a,b"], "mtlsgate demo: --node-addresses: 'a' is not an IP address "
          "(e.g. 127.0.0.2)"),
