@@ -136,7 +136,7 @@ class ResourceApi:
         problems += validation.validate_trust_config(out)
         if problems:
             raise InvalidResource(problems)
-        result = self.store.update(out, actor=CRL_FETCHER_ACTOR, expected_etag=expected_etag,
+        result = self.store.update(out, actor=CRL_FETCHER_ACTOR, role="system", expected_etag=expected_etag,
                                    check=self._checker(out.name))
         if result.changed:
             log.info("updated %s (revision %d, by %s)", out.name, result.revision, CRL_FETCHER_ACTOR)

@@ -32,7 +32,7 @@ def signed_crl(issuer: Issued, number: int, revoked: list[int] = (), *, signer: 
 class HostilePublisher:
     """An HTTP server on loopback whose behaviour the test sets per request: `mode` is one of
     crl (serve `body`, honouring If-None-Match), status (answer `status`), stall (send 10 bytes of a
-    longer body, then nothing until stopped), garbage (stream `garbage_bytes` of junk without a
+    longer body, then nothing until stopped), trickle (a byte every 0.2 s), garbage (stream `garbage_bytes` of junk without a
     Content-Length), redirect_loop (302 to itself). `log` records (path, If-None-Match, status)."""
 
     def __init__(self) -> None:
@@ -102,6 +102,18 @@ class HostilePublisher:
             h.wfile.write(b"0123456789")
             h.wfile.flush()
             self.released.wait(60)
+            return
+        if mode == "trickle":  # one byte every 0.2 s: never silent long enough for a read timeout
+            h.send_header("Content-Length", "100000")
+            h.end_headers()
+            for _ in range(1000):
+                if self.released.wait(0.2):
+                    return
+                try:
+                    h.wfile.write(b"0")
+                    h.wfile.flush()
+                except OSError:
+                    return
             return
         assert mode == "garbage"
         h.send_header("Connection", "close")  # no Content-Length: the body runs until the socket closes

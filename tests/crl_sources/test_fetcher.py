@@ -120,6 +120,7 @@ def test_pem_body_is_accepted_too(world: World) -> None:
     ("delta", "delta_crl"),
     ("garbage", "too_large"),
     ("stall", "timeout"),
+    ("trickle", "timeout"),
     ("redirect_loop", "too_many_redirects"),
     ("http_500", "http_status"),
     ("refused", "connect_error"),
@@ -140,8 +141,8 @@ def test_bad_answers_are_refused_by_name_and_the_last_good_crl_stays(world: Worl
         serve(world, signed_crl(world.ca, 11, delta_of=10))
     elif case == "garbage":
         p.mode = "garbage"
-    elif case == "stall":
-        p.mode = "stall"
+    elif case in ("stall", "trickle"):
+        p.mode = case
     elif case == "redirect_loop":
         p.mode = "redirect_loop"
     elif case == "http_500":
