@@ -32,6 +32,7 @@ from control_plane.resource_names import TRUST_CONFIG
 from control_plane.store import describe_db, open_store
 from control_plane.store.base import Store
 from control_plane.xds import ads as xds_ads
+from data_plane.validation.pem import tls_files_problem
 from data_plane.validation.resources import MAX_GRPC_MESSAGE_BYTES
 
 log = logging.getLogger("mtlsgate.control_plane")
@@ -116,6 +117,13 @@ def _credentials(options: ServerOptions) -> grpc.ServerCredentials | None:
         raise ConfigError("--tls-cert and --tls-key go together (and --client-ca needs both)")
     pair = (_read(options.tls_key, "TLS key"), _read(options.tls_cert, "TLS certificate"))
     client_ca = _read(options.client_ca, "client CA") if options.client_ca else None
+    problem = tls_files_problem(cert=pair[1].decode(errors="replace"), key=pair[0].decode(errors="replace"),
+                                ca=client_ca.decode(errors="replace") if client_ca else None)
+    if problem:
+        role, _, text = problem.partition(": ")
+        flag = {"certificate": f"--tls-cert {options.tls_cert}", "key": f"--tls-key {options.tls_key}",
+                "CA": f"--client-ca {options.client_ca}"}[role]
+        raise ConfigError(f"{flag}: {text}")
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 

@@ -81,3 +81,27 @@ def test_file_and_flag_errors_are_one_line_exit_2(tmp_path: Path) -> None:
     for args, message in cases:
         done = run(*args)
         assert (done.returncode, done.stderr) == (2, message + "\n"), args
+
+
+def test_tls_flag_files_in_words(tmp_path: Path) -> None:
+    """A key given as a certificate, a CRL as a CA, a key that does not match: said before any TLS library
+    sees them (before: "Failed to bind to address" with gRPC's C-core log lines, or "cannot reach the
+    control plane" once the handshake failed)."""
+    assert run("pki", "init", tmp_path).returncode == 0
+    key, cert, ca, crl = (tmp_path / n for n in ("server-key.pem", "server.pem", "ca.pem", "crl.pem"))
+    other_key = tmp_path / "client-key.pem"
+    done = run("control-plane", "--listen", "127.0.0.1:1", "--db", tmp_path / "x.db", "--tls-cert", key,
+               "--tls-key", key, "--client-ca", ca)
+    assert (done.returncode, done.stderr) == (
+        1, f"mtlsgate control-plane: --tls-cert {key}: a private key where a certificate was expected\n")
+    done = run("control-plane", "--listen", "127.0.0.1:1", "--db", tmp_path / "x.db", "--tls-cert", cert,
+               "--tls-key", other_key, "--client-ca", ca)
+    assert (done.returncode, done.stderr) == (
+        1, f"mtlsgate control-plane: --tls-key {other_key}: does not match the certificate's public key\n")
+    done = run("get", "listeners", "--server", "127.0.0.1:1", "--ca-cert", crl)
+    assert (done.returncode, done.stderr) == (
+        2, f"mtlsgate get: --ca-cert {crl}: a CRL where a CA certificate was expected\n")
+    done = run("proxy", "--server", "127.0.0.1:1", "--node-id", "n", "--xds-ca", ca, "--xds-cert", key,
+               "--xds-key", key)
+    assert (done.returncode, done.stderr) == (
+        2, f"mtlsgate proxy: --xds-cert {key}: a private key where a certificate was expected\n")

@@ -17,6 +17,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from control_plane.cli.common import CliError, UsageError, add_server_argument
+from data_plane.validation.pem import tls_files_problem
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # same as the server: TrustConfigs with large CRLs
 
@@ -83,11 +84,19 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
     if bool(cert) != bool(key):
         raise UsageError("--cert and --key go together")
     if ca_cert or cert:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=_read(ca_cert, "CA certificate") if ca_cert else None,
-            private_key=_read(key, "client key") if key else None,
-            certificate_chain=_read(cert, "client certificate") if cert else None,
-        )
+        roots = _read(ca_cert, "CA certificate") if ca_cert else None
+        private_key = _read(key, "client key") if key else None
+        chain = _read(cert, "client certificate") if cert else None
+        # In words now, rather than as an unreachable server once gRPC fails the handshake.
+        problem = tls_files_problem(cert=chain.decode(errors="replace") if chain else None,
+                                    key=private_key.decode(errors="replace") if private_key else None,
+                                    ca=roots.decode(errors="replace") if roots else None)
+        if problem:
+            role, _, text = problem.partition(": ")
+            flag = {"certificate": f"--cert {cert}", "key": f"--key {key}", "CA": f"--ca-cert {ca_cert}"}[role]
+            raise UsageError(f"{flag}: {text}")
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots, private_key=private_key,
+                                                   certificate_chain=chain)
         channel = grpc.secure_channel(server, credentials, options=options)
     else:
         channel = grpc.insecure_channel(server, options=options)

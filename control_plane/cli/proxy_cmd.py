@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 from control_plane.cli.common import UsageError, add_server_argument
+from data_plane.validation.pem import tls_files_problem
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -76,6 +77,16 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.xds_ca, args.xds_cert, args.xds_key):
         if path is not None and not path.is_file():
             raise UsageError(f"{path}: no such file")
+
+    def text(path: Path | None) -> str | None:
+        return path.read_text(errors="replace") if path is not None else None
+
+    problem = tls_files_problem(cert=text(args.xds_cert), key=text(args.xds_key), ca=text(args.xds_ca))
+    if problem:
+        role, _, words = problem.partition(": ")
+        flag = {"certificate": f"--xds-cert {args.xds_cert}", "key": f"--xds-key {args.xds_key}",
+                "CA": f"--xds-ca {args.xds_ca}"}[role]
+        raise UsageError(f"{flag}: {words}")
     options = ProxyOptions(
         server=args.server, node_id=args.node_id, cluster=args.cluster, labels=dict(args.label),
         workers=args.workers, admin=args.admin, cache_dir=args.cache_dir, listen_address=args.listen_address,

@@ -145,3 +145,32 @@ def private_key_problem(text: str) -> str:
     except PemProblem as exc:
         return str(exc)
     return der_problem(der, "a private key")
+
+
+def tls_files_problem(*, cert: str | None = None, key: str | None = None, ca: str | None = None) -> str | None:
+    """What is wrong with the PEM texts of a TLS identity (`cert` + `key`) and/or a CA bundle, in words,
+    before a TLS library turns them into "Invalid cert chain file" or a bind failure. Names the role
+    (`certificate`, `key`, `CA`) the caller maps to its flag."""
+    from cryptography.hazmat.primitives import serialization
+
+    if ca is not None:
+        try:
+            load_certificates(ca, expected="a CA certificate")
+        except PemProblem as exc:
+            return f"CA: {exc}"
+    if cert is None or key is None:
+        return None
+    try:
+        leaf = load_certificates(cert)[0]
+    except PemProblem as exc:
+        return f"certificate: {exc}"
+    try:
+        private = serialization.load_pem_private_key(key.encode(), password=None)
+    except TypeError:
+        return "key: encrypted private keys are not supported"
+    except ValueError:
+        return f"key: {private_key_problem(key)}"
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        return "key: does not match the certificate's public key"
+    return None
