@@ -6,6 +6,9 @@ ACK means the workers already enforce it. ACK times are the control plane's rece
 `last_ack_time`), so they include the whole path. p50/p99 over writes, plus per-node p50/p99.
 B4: `--scale` simulated clients on one control plane: its RSS before/after, and the time to push one
 change to all of them.
+`--replicas 2 --postgres` (or `--db postgresql://…`): B3 with control-plane replicas on one PostgreSQL
+database (SPEC §14): every write goes to replica 0, real node i and 1/N of the simulated ones stream from
+replica i % N, so the figure includes NOTIFY and the other replica's rebuild.
 
 Simulated clients are ADS streams in this process (grpc.aio, 50 streams per channel) that subscribe like a
 node and ACK every response at once. Run: `.venv/bin/python bench/convergence.py` (add `--quick` for a
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shlex
 import socket
@@ -107,10 +111,11 @@ class Bench:
         self.args = args
         self.workdir = workdir
         self.pki = init_demo_pki(workdir / "pki")
-        self.address = f"127.0.0.1:{free_port()}"
+        self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(args.replicas)]
+        self.address = self.addresses[0]  # where every write goes
         self.procs: list[subprocess.Popen[bytes]] = []
         self.channel = grpc.insecure_channel(self.address)
-        self.fleet = api_pb2_grpc.FleetServiceStub(self.channel)
+        self.fleets = [api_pb2_grpc.FleetServiceStub(grpc.insecure_channel(a)) for a in self.addresses]
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
@@ -126,22 +131,25 @@ class Bench:
         return proc
 
     def start_control_plane(self) -> subprocess.Popen[bytes]:
+        """Every replica (one unless --replicas); returns the first."""
         env = {"MTLSGATE_XDS_DEBOUNCE_QUIET": str(self.args.debounce_quiet),
                "MTLSGATE_XDS_DEBOUNCE_MAX": str(self.args.debounce_max)}
-        proc = self.start(["control-plane", "--listen", self.address, "--db", str(self.workdir / "store.db"),
-                           "--insecure"],
-                          "control-plane.log", env)
-        host, _, port = self.address.rpartition(":")
+        db = self.args.db or str(self.workdir / "store.db")
+        procs = []
+        for i, address in enumerate(self.addresses):
+            procs.append(self.start(["control-plane", "--listen", address, "--db", db, "--insecure"],
+                                    f"control-plane-{i}.log", env))
+            host, _, port = address.rpartition(":")
 
-        def up() -> bool:
-            try:
-                socket.create_connection((host, int(port)), timeout=0.2).close()
-                return True
-            except OSError:
-                return False
+            def up(host: str = host, port: str = port) -> bool:
+                try:
+                    socket.create_connection((host, int(port)), timeout=0.2).close()
+                    return True
+                except OSError:
+                    return False
 
-        wait_for(up, 30, "the control plane")
-        return proc
+            wait_for(up, 30, f"control plane {address}")
+        return procs[0]
 
     def populate(self) -> None:
         ch = self.channel
@@ -182,7 +190,9 @@ class Bench:
     def bundle_acks(self, cluster: str = "") -> dict[str, tuple[str, float]]:
         """node id → (acked TrustBundle version, control plane's ACK receipt time)."""
         out = {}
-        for node in self.fleet.ListNodes(api_pb2.ListNodesRequest(cluster=cluster), timeout=30).nodes:
+        nodes = [n for fleet in self.fleets
+                 for n in fleet.ListNodes(api_pb2.ListNodesRequest(cluster=cluster), timeout=30).nodes if n.connected]
+        for node in nodes:
             for t in node.types:
                 if t.type_url == rt.TRUST_BUNDLE:
                     out[node.id] = (t.acked_version, t.last_ack_time.ToNanoseconds() / 1e9)
@@ -262,6 +272,18 @@ class SimThread:
         self.thread.join(30)
 
 
+class SimGroup:
+    """Several SimThreads (one per replica) seen as one."""
+
+    def __init__(self, threads: list[SimThread]) -> None:
+        self.threads = threads
+        self.sims = [s for t in threads for s in t.sims]
+
+    def stop(self) -> None:
+        for t in self.threads:
+            t.stop()
+
+
 def b3(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     bench = Bench(args, workdir / "b3")
     (workdir / "b3").mkdir(parents=True, exist_ok=True)
@@ -270,14 +292,25 @@ def b3(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
         bench.start_control_plane()
         bench.populate()
         for i, addr in enumerate(("127.0.0.2", "127.0.0.3")):
-            bench.start(["proxy", "--server", bench.address, "--node-id", f"real-{i}", "--cluster", "real",
+            server = bench.addresses[i % len(bench.addresses)]
+            bench.start(["proxy", "--server", server, "--node-id", f"real-{i}", "--cluster", "real",
                          "--label", "zone=a", "--workers", "1", "--admin", f"127.0.0.1:{free_port()}",
                          "--listen-address", addr, "--cache-dir", str(bench.workdir / f"cache-{i}")],
                         f"proxy-{i}.log")
-        sims = SimThread(bench.address, args.sim, "sim")
+        n = len(bench.addresses)
+        sim_threads = [SimThread(a, args.sim // n + (i < args.sim % n), f"sim{i}")
+                       for i, a in enumerate(bench.addresses)]
+        sims = SimGroup(sim_threads)
         expected = args.sim + 2
-        wait_for(lambda: len([v for v, _ in bench.bundle_acks().values() if v]) >= expected, 120,
-                 f"{expected} nodes to ACK the initial configuration", interval=0.1)
+        try:
+            wait_for(lambda: len([v for v, _ in bench.bundle_acks().values() if v]) >= expected, 120,
+                     f"{expected} nodes to ACK the initial configuration", interval=0.1)
+        except SystemExit:
+            acks = bench.bundle_acks()
+            print(len(acks), sorted(i for i, (v, _) in acks.items() if not v)[:10], file=sys.stderr)
+            for log in sorted(bench.workdir.glob("*.log")):
+                print(log.name, log.read_text()[-1500:], file=sys.stderr)
+            raise
         totals: list[float] = []
         per_node: list[float] = []
         real: list[float] = []
@@ -334,16 +367,35 @@ def main() -> int:
     parser.add_argument("--debounce-max", type=float, default=1.0, help="control plane debounce max delay")
     parser.add_argument("--quick", action="store_true", help="short run: 10 writes, 2 B4 pushes")
     parser.add_argument("--only", choices=["b3", "b4"], help="run one part")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="control-plane replicas for B3 (more than 1 needs PostgreSQL: --db or --postgres)")
+    parser.add_argument("--db", help="the control plane's --db (default: a SQLite file in the work dir)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="start a throwaway PostgreSQL (Debian's package, as the tests do) and use it")
     args = parser.parse_args()
+    if args.replicas > 1 and not (args.postgres or (args.db or "").startswith("postgres")):
+        parser.error("--replicas > 1 needs PostgreSQL: --postgres or --db postgresql://…")
+    if args.replicas > 1 and args.only != "b3":
+        parser.error("--replicas applies to B3 only: add --only b3")
     if args.quick:
         args.writes, args.scale_writes = 10, 2
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/convergence.py", *sys.argv[1:]])
-    with tempfile.TemporaryDirectory(prefix="mtlsgate-convergence-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mtlsgate-convergence-") as tmp, contextlib.ExitStack() as cleanup:
         workdir = Path(tmp)
+        if args.postgres:
+            from tests.postgres import start_postgres  # the tests' throwaway server (initdb in a temp dir)
+
+            server = start_postgres()
+            cleanup.callback(server.remove)
+            args.db = server.dsn(server.create_database())
         if args.only in (None, "b3"):
             r = b3(args, workdir)
-            print(f"B3 convergence, API write returned -> all {r['nodes']} nodes ACKed (2 real + {args.sim} "
-                  f"simulated), {r['writes']} CRL rotations, debounce {args.debounce_quiet * 1000:.0f} ms quiet:")
+            where = ("one control plane" if args.replicas == 1 else
+                     f"{args.replicas} replicas on PostgreSQL, writes on replica 0, nodes spread over all")
+            store = "PostgreSQL" if (args.db or "").startswith("postgres") else "SQLite"
+            print(f"B3 convergence ({where}; {store}), API write returned -> all {r['nodes']} nodes ACKed "
+                  f"(2 real + {args.sim} simulated), {r['writes']} CRL rotations, debounce "
+                  f"{args.debounce_quiet * 1000:.0f} ms quiet:")
             print(f"   all-ACKed p50 {r['all_p50'] * 1000:.0f} ms  p99 {r['all_p99'] * 1000:.0f} ms  "
                   f"max {r['all_max'] * 1000:.0f} ms;  per node p50 {r['node_p50'] * 1000:.0f} ms  "
                   f"p99 {r['node_p99'] * 1000:.0f} ms   (target p99 < 500 ms, goal < 100 ms)")

@@ -35,7 +35,8 @@ def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     """`--server` plus the authentication flags."""
-    add_server_argument(parser)
+    add_server_argument(parser, help="control plane HOST:PORT, or several replicas HOST:PORT,HOST:PORT… "
+                        "(the first that answers is used)")
     add_auth_arguments(parser)
 
 
@@ -73,10 +74,34 @@ class _Details(grpc.ClientCallDetails):
         self.compression = getattr(base, "compression", None)
 
 
+# With several --server replicas, how long each gets to accept a connection before the next is tried.
+REPLICA_CONNECT_TIMEOUT = 3.0
+
+
 def open_channel(args: argparse.Namespace) -> grpc.Channel:
     """A channel to `args.server` with whatever auth the flags ask for. Works with parsers that only have
-    `--server` (missing flags count as unset). Use as a context manager."""
-    server = args.server
+    `--server` (missing flags count as unset). Use as a context manager.
+
+    `--server a:18000,b:18000` (control-plane replicas): the first that accepts a connection within
+    REPLICA_CONNECT_TIMEOUT is used, and `args.server` is set to it so errors name it; when none does,
+    the first is used and the call reports its error."""
+    candidates = [s.strip() for s in str(args.server).split(",") if s.strip()]
+    if len(candidates) <= 1:
+        return _open_channel(args, args.server)
+    for server in candidates:
+        channel = _open_channel(args, server)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=REPLICA_CONNECT_TIMEOUT)
+        except grpc.FutureTimeoutError:
+            channel.close()
+            continue
+        args.server = server
+        return channel
+    args.server = candidates[0]
+    return _open_channel(args, candidates[0])
+
+
+def _open_channel(args: argparse.Namespace, server: str) -> grpc.Channel:
     token = getattr(args, "token", None)
     ca_cert, cert, key = (getattr(args, n, None) for n in ("ca_cert", "cert", "key"))
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -133,3 +133,29 @@ def test_a_node_fails_over_from_a_killed_replica_and_is_sent_nothing_again(
         assert status(b)["node-1"]["connected"] and took < 5
     finally:
         node.stop()
+
+
+def test_the_cli_with_several_servers_uses_the_first_replica_that_answers(
+        two_replicas: list[tuple[Proc, str, str]], demo_pki: DemoPki) -> None:
+    import json
+    import subprocess
+
+    from tests.support import MTLSGATE
+
+    (proc_a, a, _), (_, b, _) = two_replicas
+    api = Api(b)
+    try:
+        api.put(trust_config(demo_pki))
+    finally:
+        api.close()
+    proc_a.kill9()
+    got = subprocess.run([*MTLSGATE, "get", "trust-configs", "-o", "json", "--server", f"{a},{b}"],
+                         capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert "trustConfigs/demo" in got.stdout
+    dead = f"127.0.0.1:{free_port()}"
+    refused = subprocess.run([*MTLSGATE, "status", "-o", "json", "--server", f"{a},{dead}"], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode != 0 and a in refused.stderr and "Traceback" not in refused.stderr
+    assert json.loads(subprocess.run([*MTLSGATE, "status", "-o", "json", "--server", f"{dead},{b}"],
+                                     capture_output=True, text=True, timeout=60, check=True).stdout)["nodes"] == []
