@@ -159,3 +159,65 @@ def test_the_cli_with_several_servers_uses_the_first_replica_that_answers(
     assert refused.returncode != 0 and a in refused.stderr and "Traceback" not in refused.stderr
     assert json.loads(subprocess.run([*MTLSGATE, "status", "-o", "json", "--server", f"{dead},{b}"],
                                      capture_output=True, text=True, timeout=60, check=True).stdout)["nodes"] == []
+
+
+def _private_hosts_file_works() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount --bind /etc/hosts /etc/hosts"],
+                           capture_output=True, timeout=10)
+    return probe.returncode == 0
+
+
+def test_a_name_resolving_to_two_replicas_fails_over_between_its_addresses(
+        postgres_dsn: str, demo_pki: DemoPki, tmp_path: Path, logs_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real name resolution: the node runs in its own mount namespace whose /etc/hosts gives
+    `cp.mtlsgate.test` two addresses, 127.0.0.1 (replica A) and 127.0.0.2 (replica B), on one port."""
+    import sys
+
+    from tests.control_plane.harness import control_plane_args, health_serving
+
+    if not _private_hosts_file_works():
+        pytest.skip("needs `unshare -m` and mount (root) to give the node its own /etc/hosts")
+    monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_QUIET", "0.05")
+    port = free_port("127.0.0.2")
+    replicas = []
+    for host in ("127.0.0.1", "127.0.0.2"):
+        address = f"{host}:{port}"
+        proc = Proc(control_plane_args(address, postgres_dsn), logs_dir / f"control-plane-{host}.log")
+        replicas.append((proc, address))
+    node: Node | None = None
+    try:
+        for _, address in replicas:
+            wait_until(lambda a=address: health_serving(a), timeout=30, message=f"replica on {address}")
+        api = Api(replicas[0][1])
+        try:
+            for resource in (trust_config(demo_pki), strict_policy(), certificate(demo_pki),
+                             listener("listeners/edge", free_port(), backend="127.0.0.1:9")):
+                api.put(resource)
+        finally:
+            api.close()
+        hosts = tmp_path / "hosts"
+        hosts.write_text("127.0.0.1 localhost\n127.0.0.1 cp.mtlsgate.test\n127.0.0.2 cp.mtlsgate.test\n")
+        admin = f"127.0.0.1:{free_port()}"
+        proxy = " ".join([sys.executable, "-m", "control_plane.cli.main", "proxy", "--server",
+                          f"cp.mtlsgate.test:{port}", "--node-id", "node-dns", "--cluster", "edge", "--admin", admin,
+                          "--cache-dir", str(tmp_path / "cache"), "--workers", "1", "--backoff-max", "1.0"])
+        node = Node("node-dns", admin, tmp_path / "cache",
+                    ["unshare", "-m", "sh", "-c", f"mount --bind {hosts} /etc/hosts && exec {proxy}"],
+                    logs_dir / "proxy-node-dns.log")
+        node.proc = Proc(node.args, node.log_path, mtlsgate=False)
+        wait_until(lambda: all_synced(replicas[0][1], ["node-dns"]), timeout=30, message="node SYNCED on A")
+        assert node.dump()["controlPlane"] == f"cp.mtlsgate.test:{port} (127.0.0.1)"
+        replicas[0][0].kill9()
+        wait_until(lambda: all_synced(replicas[1][1], ["node-dns"]), timeout=5, message="node SYNCED on B")
+        assert node.dump()["controlPlane"] == f"cp.mtlsgate.test:{port} (127.0.0.2)"
+    finally:
+        if node is not None:
+            node.stop()
+        for proc, _ in replicas:
+            proc.stop()
