@@ -33,6 +33,13 @@ class DemoLayout:
     permissive_port: int
     nodes: tuple[DemoNode, ...]
     control_plane_metrics: str = ""  # HOST:PORT of the control plane's Prometheus /metrics ("" = off)
+    # Where `mtlsgate pki publish` serves the demo CA's CRL; the TrustConfig fetches it from there
+    # (crlSources). None: no publisher (compose), the CRL is only written into the TrustConfig.
+    crl_publisher: str | None = None
+
+    @property
+    def crl_url(self) -> str | None:
+        return f"http://{self.crl_publisher}/crl" if self.crl_publisher else None
 
     def listener_urls(self, port: int) -> list[str]:
         return [f"https://{_url_host(node.listen_address)}:{port}/" for node in self.nodes]
@@ -54,13 +61,15 @@ def demo_manifest(pki_dir: Path, layout: DemoLayout, crl_file: str = "crl.pem") 
     def read(name: str) -> str:
         return (pki_dir / name).read_text()
 
-    trust_config = demo_trust_config(pki_dir, crl_file)
+    trust_config = demo_trust_config(pki_dir, crl_file, layout.crl_url)
     policies = [
         {
             "kind": "ServerTlsPolicy",
             "name": name,
             "description": description,
-            "mtlsPolicy": {"clientValidationMode": mode, "clientValidationTrustConfig": "trustConfigs/demo"},
+            "mtlsPolicy": {"clientValidationMode": mode, "clientValidationTrustConfig": "trustConfigs/demo",
+                           # strict also closes open connections of a client that becomes revoked (SPEC §6)
+                           **({"revalidateOnUpdate": True} if mode == "REJECT_INVALID" else {})},
         }
         for name, mode, description in (
             ("strict", "REJECT_INVALID", "reject connections without a valid client certificate"),
@@ -93,19 +102,22 @@ def demo_manifest(pki_dir: Path, layout: DemoLayout, crl_file: str = "crl.pem") 
     return [trust_config, *policies, certificate, *listeners]
 
 
-def demo_trust_config(pki_dir: Path, crl_file: str) -> dict:
-    return {
-        "kind": "TrustConfig",
-        "name": "demo",
-        "description": f"demo root CA and intermediate; CRL from {crl_file}",
-        "trustStores": [
-            {
-                "trustAnchors": [{"pemCertificate": _block((pki_dir / "ca.pem").read_text())}],
-                "intermediateCas": [{"pemCertificate": _block((pki_dir / "intermediate.pem").read_text())}],
-                "crls": [{"pemCrl": _block((pki_dir / crl_file).read_text())}],
-            }
-        ],
+# Short, so that `mtlsgate pki revoke` shows on every node within seconds; each re-fetch is a conditional GET.
+DEMO_CRL_REFRESH = "2s"
+
+
+def demo_trust_config(pki_dir: Path, crl_file: str, crl_url: str | None = None) -> dict:
+    store: dict = {
+        "trustAnchors": [{"pemCertificate": _block((pki_dir / "ca.pem").read_text())}],
+        "intermediateCas": [{"pemCertificate": _block((pki_dir / "intermediate.pem").read_text())}],
+        "crls": [{"pemCrl": _block((pki_dir / crl_file).read_text())}],
     }
+    description = f"demo root CA and intermediate; CRL from {crl_file}"
+    if crl_url:
+        # The demo CA's publisher: `mtlsgate pki revoke` re-signs the CRL it serves (SPEC §13).
+        store["crlSources"] = [{"uri": crl_url, "refreshInterval": DEMO_CRL_REFRESH}]
+        description += f", and fetched from {crl_url}"
+    return {"kind": "TrustConfig", "name": "demo", "description": description, "trustStores": [store]}
 
 
 def dump_manifest(documents: Sequence[dict]) -> str:
@@ -188,8 +200,21 @@ Rotate the CRL (the new one revokes client-valid too); both nodes enforce it wit
   curl {valid} {strict[-1]}     # now refused
 Put the original CRL back:
   {cli} apply --wait -f {d}/mtlsgate.yaml {server}
-See what a node runs:  curl http://{layout.nodes[0].admin}/config_dump
+{_revoke_instructions(layout, d, cli, valid, strict, server)}See what a node runs:  curl http://{layout.nodes[0].admin}/config_dump
 Dry-run a certificate: {cli} check --cert {d}/revoked.pem --policy serverTlsPolicies/strict {server}
+"""
+
+
+def _revoke_instructions(layout: DemoLayout, d: str, cli: str, valid: str, strict: list[str], server: str) -> str:
+    if not layout.crl_url:
+        return ""
+    return f"""Revoke at the CA instead (the control plane fetches the CA's CRL from {layout.crl_url} every \
+{DEMO_CRL_REFRESH}; nobody edits the TrustConfig):
+  {cli} pki revoke {d}/client.pem --dir {d}
+  curl {valid} {strict[0]}     # refused by both nodes within ~{DEMO_CRL_REFRESH} + 1s
+  {cli} get trust-configs demo -o yaml {server}    # crlSourceStatus: crlNumber, lastSuccessTime, ...
+  tail {d}/logs/crl-publisher.log                  # the fetcher's conditional GETs (304 when unchanged)
+  (a revocation is for good: start from a fresh --dir to get client-valid back)
 """
 
 
@@ -263,5 +288,5 @@ def prepare(directory: Path, layout: DemoLayout) -> None:
     (directory / "crl-rotated.pem").write_text(crl_pem(make_crl(intermediate, serials)))
     (directory / "trust-config-rotated.yaml").write_text(
         "# The demo TrustConfig with a rotated CRL that also revokes client-valid (client.pem).\n"
-        + dump_manifest([demo_trust_config(directory, "crl-rotated.pem")])
+        + dump_manifest([demo_trust_config(directory, "crl-rotated.pem", layout.crl_url)])
     )

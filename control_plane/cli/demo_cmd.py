@@ -254,6 +254,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the control plane's Prometheus /metrics (default %(default)s; '' turns it off)",
     )
     parser.add_argument(
+        "--crl-publisher",
+        default="127.0.0.1:9080",
+        metavar="HOST:PORT",
+        help="where the demo CA publishes its CRL for the control plane to fetch (default %(default)s)",
+    )
+    parser.add_argument(
         "--workers", type=int, default=1, help="worker processes per proxy node (default %(default)s)"
     )
     parser.add_argument(
@@ -296,6 +302,8 @@ def layout_from_args(args: argparse.Namespace) -> DemoLayout:
     return DemoLayout(
         args.control_plane, args.backend, args.backend, args.strict_port, args.permissive_port, nodes,
         args.control_plane_metrics,
+        # compose (--prepare-only) runs no publisher: its TrustConfig keeps the written CRL only
+        crl_publisher=None if args.prepare_only else args.crl_publisher,
     )
 
 
@@ -330,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
     from control_plane.cli.probe_cmd import grpc_serving, http_ok
 
     try:
+        # First started, last stopped: the control plane never sees the demo CA's publisher vanish.
+        stack.start("crl-publisher", ["pki", "publish", "--dir", str(directory), "--listen", str(layout.crl_publisher)])
         print(f"demo: starting the control plane on {layout.control_plane} …", flush=True)
         stack.start(
             "control-plane",
@@ -340,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
         stack.start("echo-backend", ["echo-backend", "--listen", layout.backend])
         stack.wait_for("the control plane", lambda: grpc_serving(layout.control_plane), args.timeout)
         stack.wait_for("the echo backend", lambda: http_ok(f"http://{layout.backend}/healthz"), args.timeout)
+        stack.wait_for("the CRL publisher", lambda: http_ok(str(layout.crl_url)), args.timeout)
 
         print(
             "demo: applying mtlsgate.yaml (trust config with CRL, 2 policies, certificate, 2 listeners) …",

@@ -4,14 +4,18 @@ Ctrl-C stops everything."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import socket
+import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -23,6 +27,7 @@ from tests.e2e.scenario import (
     apply,
     distinct_free_ports,
     forwarded_with_error,
+    mtlsgate,
     rejected,
     request,
 )
@@ -69,12 +74,13 @@ class DemoPorts:
     strict: int
     permissive: int
     metrics: int
+    crl_publisher: int
 
     @classmethod
     def free(cls) -> DemoPorts:
-        control_plane, backend, admin_a, admin_b, metrics = distinct_free_ports("127.0.0.1", 5)
+        control_plane, backend, admin_a, admin_b, metrics, crl_publisher = distinct_free_ports("127.0.0.1", 6)
         strict, permissive = distinct_free_ports("127.0.0.2", 2)
-        return cls(control_plane, backend, admin_a, admin_b, strict, permissive, metrics)
+        return cls(control_plane, backend, admin_a, admin_b, strict, permissive, metrics, crl_publisher)
 
     def args(self, directory: Path) -> list[str]:
         return [
@@ -85,6 +91,7 @@ class DemoPorts:
             "--permissive-port", str(self.permissive),
             "--admin-ports", f"{self.admin_a},{self.admin_b}",
             "--control-plane-metrics", f"127.0.0.1:{self.metrics}",
+            "--crl-publisher", f"127.0.0.1:{self.crl_publisher}",
         ]
 
 
@@ -204,6 +211,30 @@ def test_demo_end_to_end(demo: RunningDemo) -> None:
             timeout=10,
             message=f"{url} to accept client-valid again",
         )
+
+    # Revoke at the CA: `pki revoke` re-signs the CRL its publisher serves; the control plane fetches it
+    # (crlSources, refreshInterval 2s) and both nodes refuse the client, and the strict listener's
+    # revalidateOnUpdate closes a connection the client already had open. Nobody writes the TrustConfig.
+    parts = urlsplit(strict[0])
+    context = ssl.create_default_context(cafile=str(demo.ca))
+    context.load_cert_chain(str(valid.cert), str(valid.key))
+    kept = context.wrap_socket(socket.create_connection((parts.hostname, parts.port), timeout=10),
+                               server_hostname=parts.hostname)
+    kept.sendall(b"GET /kept HTTP/1.1\r\nHost: demo\r\n\r\n")
+    assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+    revision = len(mtlsgate("audit", "trustConfigs/demo", "-o", "json", "--server", server).stdout)
+    result = mtlsgate("pki", "revoke", str(valid.cert), "--dir", str(demo.directory))
+    assert result.returncode == 0, result.stderr
+    revoked_at = time.monotonic()
+    for url in strict:
+        wait_until(lambda u=url: rejected(request(u, demo.ca, valid)), timeout=10,
+                   message=f"{url} to refuse the client revoked at the CA")
+    print(f"pki revoke → both nodes refuse: {time.monotonic() - revoked_at:.2f}s (refreshInterval 2s)")
+    with contextlib.suppress(ssl.SSLError, ConnectionError):
+        assert kept.recv(1) == b""  # closed by the node (revalidateOnUpdate), not left open
+    kept.close()
+    audit = mtlsgate("audit", "trustConfigs/demo", "-o", "json", "--server", server).stdout
+    assert len(audit) > revision and "system:crl-fetcher" in audit
 
     # Ctrl-C: everything stops, ports are released.
     everything = set(demo.pids.values()) | set().union(*workers_before.values())
