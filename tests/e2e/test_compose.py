@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import subprocess
 import tarfile
 import time
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LONG_RUNNING = ("control-plane", "backend", "proxy-a", "proxy-b")
 PORT_VARIABLES = (
     "MTLSGATE_CONTROL_PLANE_PORT",
+    "MTLSGATE_CONTROL_PLANE_METRICS_PORT",
     "MTLSGATE_PROXY_A_STRICT_PORT",
     "MTLSGATE_PROXY_A_PERMISSIVE_PORT",
     "MTLSGATE_PROXY_A_ADMIN_PORT",
@@ -195,6 +197,11 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
     for url in permissive:
         assert forwarded_with_error(answer := request(url, ca, revoked), "client_cert_revoked"), (url, answer)
     wait_until(lambda: all_synced(server, {"proxy-a", "proxy-b"}), timeout=20, message="status all SYNCED")
+    import urllib.request
+
+    metrics_url = f"http://127.0.0.1:{stack.port('MTLSGATE_CONTROL_PLANE_METRICS_PORT')}/metrics"
+    metrics = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    assert "mtlsgate_xds_connected_nodes 2.0" in metrics, metrics[:2000]
 
     def incarnations() -> dict[str, tuple[str, int, str]]:
         out = {}
@@ -243,3 +250,74 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
         all=True, filters={"label": f"com.docker.compose.project={stack.project}"}
     )
     assert leftovers == []
+
+
+# ---------------------------------------------------------------- the README's Docker section, as written
+
+README_PORTS = (18000, 9900, 8443, 8444, 9901, 9443, 9444, 9902)
+
+
+def check_docker_promise(command: str, comment: str, done: subprocess.CompletedProcess[str], cwd: Path) -> None:
+    """What the README's comment says this line of its Docker section does, checked on what it did."""
+    from tests.e2e.test_readme import echo_headers
+
+    said = f"`{command}`  # {comment}\nexit {done.returncode}\nstdout: {done.stdout[-3000:]}\nstderr: {done.stderr[-3000:]}"
+    assert done.returncode == 0, said
+    if comment.startswith("200"):
+        headers = echo_headers(done.stdout)
+        assert headers["x-client-cert-chain-verified"] == "true", said
+    elif comment.startswith("every node SYNCED"):
+        rows = [line.split() for line in done.stdout.splitlines() if line.startswith("proxy-")]
+        assert len(rows) == 2 and all(row[3] == "SYNCED" for row in rows), said
+    elif comment.startswith("the demo PKI"):
+        assert (cwd / "pki" / "ca.pem").is_file() and (cwd / "pki" / "client.pem").is_file(), said
+    elif comment.startswith("returns once both proxies enforce"):
+        assert "node proxy-a acked" in done.stdout or "no connected node is affected" in done.stdout, said
+    elif not comment.startswith(("the stack", "control-plane, backend", "stop and delete")):
+        pytest.fail(f"the README promises something this test does not check; teach check_docker_promise: {said}")
+
+
+def test_readme_docker_section_as_written(docker_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every line of README.md's Docker section, run as written from a directory of its own — twice, so
+    `down -v`, a second `up` and the PKI copy over the first one's are covered too. With only Debian's
+    docker-compose 1.29 installed, `docker compose` is run as `docker-compose`, as the README says to."""
+    from tests.e2e.test_readme import section, sh_blocks, split_comment
+
+    [block, *_] = sh_blocks(section((ROOT / "README.md").read_text(), "Run it with Docker"))
+    cli = compose_cli()
+    assert cli is not None
+    taken = []
+    for port in README_PORTS:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                taken.append(port)
+    if taken:
+        skip_or_fail(f"the README's Docker section publishes fixed ports and these are taken: {taken}")
+    if "COMPOSE_FILE" in os.environ:  # override files chosen by the caller, as for the stack fixture
+        files = [ROOT / f for f in os.environ["COMPOSE_FILE"].split(os.pathsep)]
+    else:
+        ci_style = any("mtlsgate-base:ci" in i.tags for i in docker_client.images.list("mtlsgate-base"))
+        files = [ROOT / "compose.yaml", *([ROOT / "compose.ci.yaml"] if ci_style else [])]
+    env = {**os.environ, "COMPOSE_FILE": os.pathsep.join(map(str, files)),
+           "COMPOSE_PROJECT_NAME": f"mtlsgate-readme-{os.getpid()}"}
+    for name in PORT_VARIABLES:
+        env.pop(name, None)  # the README's ports, not moved ones
+    compose_words = " ".join(cli)
+    cas = []
+    try:
+        for _ in range(2):
+            for line in block:
+                command, comment = split_comment(line)
+                command = command.replace("docker compose", compose_words)
+                done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True,
+                                      text=True, timeout=900)
+                check_docker_promise(command, comment, done, tmp_path)
+                if "docker cp" in command:
+                    cas.append((tmp_path / "pki" / "ca.pem").read_bytes())
+        assert len(cas) == 2 and cas[0] != cas[1], "the second up made a new PKI and the copy replaced the old one"
+        assert not (tmp_path / "pki" / "pki").exists(), "docker cp nested the PKI inside the old copy"
+    finally:
+        subprocess.run([*cli, "down", "-v", "--remove-orphans"], cwd=tmp_path, env=env, capture_output=True,
+                       timeout=300)
