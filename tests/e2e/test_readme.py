@@ -66,7 +66,7 @@ def check_promise(command: str, comment: str, done: subprocess.CompletedProcess[
 def demo_ports_free() -> list[str]:
     taken = []
     for host, port in (("127.0.0.1", 18000), ("127.0.0.1", 9000), ("127.0.0.1", 9901), ("127.0.0.1", 9902),
-                       ("127.0.0.1", 9900),
+                       ("127.0.0.1", 9900), ("127.0.0.1", 9080),
                        ("127.0.0.2", 8443), ("127.0.0.2", 8444), ("127.0.0.3", 8443), ("127.0.0.3", 8444)):
         with socket.socket() as probe:
             try:
