@@ -255,3 +255,38 @@ def test_a_burst_of_writes_is_debounced_into_few_pushes(tmp_path, logs_dir, demo
         channel.close()
         api.close()
         proc.stop()
+
+
+def test_apply_wait_names_a_node_that_never_acks(control_plane, populated, tmp_path):
+    """A node that takes the push but never answers (stuck, or hostile) must not let `apply --wait` report
+    success: it exits 1 after the timeout naming that node and the type it owes, while the node that did
+    ACK is reported as such."""
+    import subprocess
+
+    from tests.support import MTLSGATE
+
+    channel = grpc.insecure_channel(control_plane.address)
+    stuck, ok = RawAds(channel, "raw-stuck", {"zone": "a"}), RawAds(channel, "raw-ok", {"zone": "a"})
+    try:
+        for node in (stuck, ok):
+            node.send(LISTENER)
+            first = node.recv()
+            node.send(LISTENER, version=first.version_info, nonce=first.nonce)
+        wait_until(lambda: all(populated.nodes()[n].state == api_pb2.SYNCED for n in ("raw-stuck", "raw-ok")),
+                   message="both raw nodes SYNCED")
+        manifest = tmp_path / "l.yaml"
+        manifest.write_text(f"kind: Listener\nname: a\nport: {free_port()}\ncertificate: certificates/edge\n"
+                            "serverTlsPolicy: serverTlsPolicies/strict\nbackend: 127.0.0.1:9\nnodeSelector: {zone: a}\n")
+        command = subprocess.Popen([*MTLSGATE, "apply", "--wait=3s", "-f", str(manifest), "--server",
+                                    control_plane.address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        pushed = ok.recv()
+        ok.send(LISTENER, version=pushed.version_info, nonce=pushed.nonce)
+        stuck.recv()  # taken, never answered
+        out, err = command.communicate(timeout=30)
+        assert command.returncode == 1, (out, err)
+        assert "node raw-ok acked after" in out and "raw-stuck" not in out
+        assert err == "mtlsgate apply: --wait: not acked after 3s: raw-stuck (Listener)\n"
+    finally:
+        stuck.close()
+        ok.close()
+        channel.close()
