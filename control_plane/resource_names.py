@@ -48,10 +48,11 @@ SERVER_TLS_POLICY = Kind("ServerTlsPolicy", "serverTlsPolicies", resources_pb2.S
                          "ServerTlsPolicy", "ServerTlsPolicies")
 LISTENER = Kind("Listener", "listeners", resources_pb2.Listener, "listeners", "listener",
                 "listener", "listeners", "Listener", "Listeners")
+NODE = Kind("Node", "nodes", resources_pb2.Node, "nodes", "node", "node", "nodes", "Node", "Nodes")
 
 # Dependency order: a kind only references kinds before it, so `apply` writes in this order (and deletes
 # in the reverse one).
-KINDS: tuple[Kind, ...] = (TRUST_CONFIG, CERTIFICATE, SERVER_TLS_POLICY, LISTENER)
+KINDS: tuple[Kind, ...] = (TRUST_CONFIG, CERTIFICATE, SERVER_TLS_POLICY, LISTENER, NODE)
 
 _BY_COLLECTION = {k.collection: k for k in KINDS}
 _BY_MESSAGE = {k.message.DESCRIPTOR.full_name: k for k in KINDS}

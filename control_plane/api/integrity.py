@@ -66,6 +66,13 @@ def check_write(state: StoreState, name: str, new: Message | None) -> None:
         if policies:
             raise ReferenceConflict([FieldViolation(
                 "trustStores", f"would leave {name} empty, but REJECT_INVALID policies use it: {', '.join(policies)}")])
+    if isinstance(new, resources_pb2.Node):
+        owners = [other_name for other_name, other in state.nodes.items()
+                  if other_name != name and other.identity == new.identity]
+        if owners:
+            raise ReferenceConflict([FieldViolation(
+                "identity", f"{new.identity} is already the identity of {owners[0]}: one certificate identity "
+                "is one node")])
     if isinstance(new, resources_pb2.Listener):
         clashes = [other_name for other_name, other in state.listeners.items()
                    if other_name != name and other.port == new.port

@@ -17,6 +17,7 @@ from mtlsgate.v1 import api_pb2, resources_pb2
 from control_plane.api.authorization import Caller, current_caller
 from control_plane.api.errors import InvalidResource, status_for
 from control_plane.api.integrity import check_write
+from control_plane.authz.admission import validate_node
 from control_plane.authz.identity import Identity
 from control_plane.crl_sources.schedule import carry_over
 from control_plane.resource_names import KINDS, InvalidName, Kind, normalise_name, normalise_references
@@ -42,6 +43,7 @@ _VALIDATORS: dict[str, Callable[[Any], list[FieldViolation]]] = {
     "serverTlsPolicies": validation.validate_server_tls_policy,
     "certificates": validation.validate_certificate,
     "listeners": validation.validate_listener,
+    "nodes": validate_node,
 }
 _OUTPUT_ONLY = ("etag", "create_time", "update_time")
 CRL_FETCHER_ACTOR = "system:crl-fetcher"
@@ -275,7 +277,8 @@ def resource_service_handlers(store: Store, live: LiveStatus | None = None) -> l
         api = ResourceApi(kind, store, live)
         service = api_pb2.DESCRIPTOR.services_by_name[f"{kind.method_suffix}Service"]
         methods = {m.name: m for m in service.methods}
-        list_response = getattr(api_pb2, f"List{kind.plural_suffix}Response")
+        # From the descriptor: `ListNodesResponse` is the fleet's, the Node kind's is ListNodesResourceResponse.
+        list_response = message_factory.GetMessageClass(methods[f"List{kind.plural_suffix}"].output_type)
 
         def do_list(request: Any, caller: Caller, api: ResourceApi = api, list_response: Any = list_response) -> Any:
             items, token = api.list(request)

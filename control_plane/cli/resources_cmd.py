@@ -29,6 +29,7 @@ from control_plane.manifests import (
 )
 from control_plane.resource_names import (
     CERTIFICATE,
+    NODE,
     SERVER_TLS_POLICY,
     TRUST_CONFIG,
     InvalidName,
@@ -81,8 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp.set_defaults(func=run_import)
 
     get = subparsers.add_parser("get", help="show resources",
-                                description="KIND: trust-configs, server-tls-policies, certificates, listeners "
-                                "(singular forms accepted). Private keys are never shown: privateKeySha256 is.")
+                                description="KIND: trust-configs, server-tls-policies, certificates, listeners, "
+                                "nodes (singular forms accepted; `get nodes` adds each node's connection state). Private keys are never shown: privateKeySha256 is.")
     get.add_argument("kind")
     get.add_argument("name", nargs="?")
     get.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
@@ -174,10 +175,12 @@ def _manifest_files(targets: list[str]) -> list[str]:
 
 def _local_problems(item: ManifestResource) -> list[str]:
     """The same pure validation the server runs, so a bad document stops the apply before any write."""
+    from control_plane.authz.admission import validate_node
     from data_plane.validation import resources as validation
 
     validators = {"TrustConfig": validation.validate_trust_config, "Certificate": validation.validate_certificate,
-                  "ServerTlsPolicy": validation.validate_server_tls_policy, "Listener": validation.validate_listener}
+                  "ServerTlsPolicy": validation.validate_server_tls_policy, "Listener": validation.validate_listener,
+                  "Node": validate_node}
     problems = [f"{field}: {text}" for field, text in normalise_references(item.resource)]
     violations = validators[item.kind.kind](item.resource)  # type: ignore[arg-type]
     if item.kind is CERTIFICATE:
@@ -337,6 +340,7 @@ def run_get(args: argparse.Namespace) -> int:
                 items = [found]
             else:
                 items = _list(kind, stub)
+            fleet = _fleet(channel) if kind is NODE and args.output == "table" else {}
     except grpc.RpcError as exc:
         raise rpc_error(exc, args) from None
     documents = [to_document(m) for m in items]
@@ -346,8 +350,14 @@ def run_get(args: argparse.Namespace) -> int:
     elif args.output == "json":
         print(json.dumps(documents[0] if name else documents, indent=2))
     else:
-        print(render_table(kind, items))
+        print(render_table(kind, items, fleet))
     return 0
+
+
+def _fleet(channel: grpc.Channel) -> dict[str, Any]:
+    """Connection state by node ID (FleetService), for `get nodes`."""
+    reply = api_pb2_grpc.FleetServiceStub(channel).ListNodes(api_pb2.ListNodesRequest(), timeout=TIMEOUT)
+    return {status.id: status for status in reply.nodes}
 
 
 def run_delete(args: argparse.Namespace) -> int:
@@ -395,6 +405,17 @@ def _certificate_summary(pem: str) -> tuple[str, str]:
     return (str(cn[0].value) if cn else leaf.subject.rfc4514_string()), leaf.not_valid_after_utc.date().isoformat()
 
 
+def _node_row(m: Any, status: Any) -> list[str]:
+    labels = ",".join(f"{k}={v}" for k, v in sorted(m.labels.items())) or "-"
+    if status is None or not status.connected:
+        connected, state = "no", "-"
+    else:
+        connected = f"yes ({status.streams} streams)" if status.streams > 1 else "yes"
+        state = api_pb2.SyncState.Name(status.state)
+    mismatch = "declares other labels" if status is not None and status.metadata_mismatch else ""
+    return [_short(m.name), m.identity, m.cluster or "-", labels, connected, state, mismatch or "-", _age(m)]
+
+
 def _row(kind: Kind, m: Any) -> list[str]:
     if kind is TRUST_CONFIG:
         return [_short(m.name), str(sum(len(s.trust_anchors) for s in m.trust_stores)),
@@ -418,6 +439,7 @@ _HEADERS = {
     "ServerTlsPolicy": ["NAME", "MODE", "TRUST CONFIG", "AGE"],
     "Certificate": ["NAME", "SUBJECT", "NOT AFTER", "KEY SHA256", "AGE"],
     "Listener": ["NAME", "PORT", "CERTIFICATE", "POLICY", "BACKEND", "NODES", "AGE"],
+    "Node": ["NAME", "IDENTITY", "CLUSTER", "LABELS", "CONNECTED", "STATE", "METADATA", "AGE"],
 }
 
 
@@ -427,9 +449,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
                      for r in [headers, *rows])
 
 
-def render_table(kind: Kind, items: list[Message]) -> str:
+def render_table(kind: Kind, items: list[Message], fleet: dict[str, Any] | None = None) -> str:
     if not items:
         return f"No {kind.cli_plural} found."
+    if kind is NODE:
+        return _table(_HEADERS[kind.kind], [_node_row(m, (fleet or {}).get(_short(m.name))) for m in items])
     return _table(_HEADERS[kind.kind], [_row(kind, m) for m in items])
 
 

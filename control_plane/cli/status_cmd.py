@@ -54,6 +54,10 @@ def node_to_json(node: Any) -> dict[str, Any]:
         "connected": node.connected,
         "connectedSince": node.connected_since.ToJsonString() if node.HasField("connected_since") else "",
         "peer": node.peer,
+        "registered": node.registered,
+        "identity": node.identity,
+        "streams": node.streams,
+        "metadataMismatch": node.metadata_mismatch,
         "state": state(node.state),
         "convergenceSeconds": round(node.convergence_seconds, 6),
         "types": {
@@ -93,6 +97,8 @@ def render_table(response: Any) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
              for row in [headers, *rows]]
     lines.append(f"(snapshot revision {response.revision}; {len(rows)} node(s))")
+    lines += [f"note: node {n['id']}: {n['metadataMismatch']}; its Node resource decides"
+              for n in nodes if n["metadataMismatch"]]
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ state, and a notification after every committed write — plus the pure rules bo
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import hashlib
 import types
 from collections.abc import Callable, Mapping
@@ -44,6 +45,8 @@ class StoreState:
     server_tls_policies: Mapping[str, resources_pb2.ServerTlsPolicy]
     certificates: Mapping[str, resources_pb2.Certificate]
     listeners: Mapping[str, resources_pb2.Listener]
+    nodes: Mapping[str, resources_pb2.Node] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))  # registered Nodes (SPEC §8)
 
     def collection(self, collection: str) -> Mapping[str, Message]:
         """The mapping for a collection name such as `trustConfigs`."""
@@ -52,6 +55,7 @@ class StoreState:
             "serverTlsPolicies": self.server_tls_policies,
             "certificates": self.certificates,
             "listeners": self.listeners,
+            "nodes": self.nodes,
         }[collection]
 
     def get(self, name: str) -> Message | None:

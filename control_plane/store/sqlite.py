@@ -54,7 +54,7 @@ CREATE INDEX IF NOT EXISTS audit_by_resource ON audit (resource_name, revision);
 log = logging.getLogger(__name__)
 
 _FIELDS = {"trustConfigs": "trust_configs", "serverTlsPolicies": "server_tls_policies",
-           "certificates": "certificates", "listeners": "listeners"}
+           "certificates": "certificates", "listeners": "listeners", "nodes": "nodes"}
 
 
 def _copy(message: Message) -> Message:

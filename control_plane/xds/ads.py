@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -25,8 +26,9 @@ from google.protobuf import struct_pb2
 from mtlsgate import resource_types as rt
 from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
+from control_plane.authz.admission import Admission, NodeRefused, admit, registered_node
 from control_plane.xds import metrics
-from control_plane.xds.fleet import Fleet, NodeRecord
+from control_plane.xds.fleet import Fleet, StreamRecord
 from control_plane.xds.protocol import ProtocolError, Push, RequestKind, StreamProtocol
 from control_plane.xds.snapshot import GroupSnapshot, SnapshotBuilder, StateSnapshots
 
@@ -44,6 +46,7 @@ MAX_LABELS = 64
 class XdsOptions:
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
+    insecure: bool = False  # admit streams without a client certificate (SPEC §8)
 
 
 class NodeRejected(Exception):
@@ -71,13 +74,14 @@ def node_labels(metadata: struct_pb2.Struct) -> dict[str, str]:
     return labels
 
 
-def peer_identities(auth_context: Mapping[str, Any]) -> set[str]:
-    """The SPIFFE URI SANs and CN of the peer's client certificate; empty when it presented none."""
+def certificate_identities(auth_context: Mapping[str, Any]) -> set[str]:
+    """The peer certificate's `spiffe://` URI SANs and `cn:<CN>` (the names Node.identity uses); empty
+    when it presented none."""
     pems = auth_context.get("x509_pem_cert") or []
     if not pems:
         return set()
     cert = x509.load_pem_x509_certificate(pems[0])
-    identities = {a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
+    identities = {f"cn:{a.value}" for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
     with contextlib.suppress(x509.ExtensionNotFound):
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         identities |= {u for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
@@ -85,21 +89,17 @@ def peer_identities(auth_context: Mapping[str, Any]) -> set[str]:
     return {str(i) for i in identities}
 
 
-def check_node(node_id: str, cluster: str, identities: set[str]) -> None:
+def check_node(node_id: str, cluster: str) -> None:
     if not node_id:
         raise NodeRejected(grpc.StatusCode.INVALID_ARGUMENT, "node.id is required in the first request")
     if len(node_id) > MAX_NODE_FIELD or len(cluster) > MAX_NODE_FIELD:
         raise NodeRejected(grpc.StatusCode.INVALID_ARGUMENT,
                            f"node.id and node.cluster are limited to {MAX_NODE_FIELD} characters")
-    # With xDS mTLS the node id is bound to its certificate, so a node cannot ask for another group's keys.
-    if identities and node_id not in identities:
-        raise NodeRejected(grpc.StatusCode.PERMISSION_DENIED,
-                           f"node.id {node_id!r} does not match the client certificate "
-                           f"(SPIFFE ID / CN: {', '.join(sorted(identities))})")
 
 
 _END = object()  # the node closed its side
 _SNAPSHOT = object()  # a newer snapshot is waiting: see _Stream.offer
+_REVOKED = object()  # the node's registration no longer admits this stream: see _Stream.revoked
 
 
 class _Stream:
@@ -111,6 +111,8 @@ class _Stream:
         self.protocol = StreamProtocol()
         self.labels: dict[str, str] | None = None
         self.node_id = ""
+        self.admission: Admission | None = None
+        self.revoked = ""  # why the stream is being ended (deregistered, identity changed)
         self._latest: GroupSnapshot | None = None
 
     def offer(self, snapshot: GroupSnapshot) -> None:
@@ -227,9 +229,32 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         metrics.SNAPSHOT_BUILDS.inc()
         metrics.SNAPSHOT_REVISION.set(state.revision)
         for stream in self._streams.values():
-            if stream.labels is not None:
+            if stream.labels is not None and self._retarget(stream, state):
                 stream.offer(self.snapshots.for_labels(stream.labels))
         self._notify_fleet()
+
+    def _retarget(self, stream: _Stream, state: Any) -> bool:
+        """Re-read the stream's Node registration (a relabel moves a running node at once). False when the
+        stream is no longer admitted: it is ended with PERMISSION_DENIED."""
+        admission = stream.admission
+        assert admission is not None
+        node = registered_node(state.nodes, stream.node_id)
+        if admission.identity and (node is None or node.identity != admission.identity):
+            stream.revoked = (f"node {stream.node_id!r} is no longer registered to {admission.identity}"
+                              if node is not None else f"node {stream.node_id!r} was deregistered")
+            stream.inbox.put_nowait(_REVOKED)
+            return False
+        if node is not None:
+            labels, cluster = dict(node.labels), node.cluster
+        else:
+            labels, cluster = dict(admission.declared), admission.cluster
+        record = self.fleet.stream(stream.node_id, stream.id)
+        if labels != stream.labels or (record is not None and record.cluster != cluster):
+            log.info("node %s re-targeted: cluster %s, labels %s", stream.node_id, cluster, labels)
+            stream.labels = labels
+            if record is not None:
+                record.labels, record.cluster, record.registered = labels, cluster, node is not None
+        return True
 
     def _snapshot_for(self, labels: Mapping[str, str]) -> GroupSnapshot | None:
         return self.snapshots.for_labels(labels) if self.snapshots is not None else None
@@ -259,6 +284,9 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                 event = await stream.inbox.get()
                 if event is _END:
                     return
+                if event is _REVOKED:
+                    log.warning("xds stream %d ended: %s", stream.id, stream.revoked)
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, stream.revoked)
                 if event is _SNAPSHOT:
                     snapshot = stream.take_snapshot()
                     if snapshot is None:
@@ -303,22 +331,32 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                      context: grpc.aio.ServicerContext) -> None:
         node = first.node
         try:
-            labels = node_labels(node.metadata)
-            check_node(node.id, node.cluster, peer_identities(context.auth_context() or {}))
+            declared = node_labels(node.metadata)
+            check_node(node.id, node.cluster)
+            if self.snapshots is None or self.store.revision() != self.snapshots.revision:
+                # Do not answer a new node from a snapshot already known to be stale (the debounced rebuild
+                # would follow with a second push); it also makes admission see the latest Nodes.
+                self._rebuild()
+            admission = admit(node.id, node.cluster, declared, certificate_identities(context.auth_context() or {}),
+                              self.store.state().nodes, insecure=self.options.insecure)
         except NodeRejected as exc:
             log.warning("xds stream refused: %s", exc)
             await context.abort(exc.code, str(exc))
-        if self.snapshots is None or self.store.revision() != self.snapshots.revision:
-            # Do not answer a new node from a snapshot already known to be stale (the debounced rebuild
-            # would follow with a second push).
-            self._rebuild()
-        stream.labels = labels
+        except NodeRefused as exc:
+            log.warning("xds stream for node.id %r from %s refused: %s", node.id[:MAX_NODE_FIELD], context.peer(), exc)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        if admission.mismatch:
+            log.warning("node %s: %s; the Node resource wins", node.id, admission.mismatch)
+        stream.admission = admission
+        stream.labels = dict(admission.labels)
         stream.node_id = node.id
-        stream.protocol.snapshot = self._snapshot_for(labels)
-        self.fleet.connect(NodeRecord(node.id, node.cluster, labels, context.peer() or "", time.time(),
-                                      stream.protocol, stream.id))
+        stream.protocol.snapshot = self._snapshot_for(stream.labels)
+        self.fleet.connect(node.id, StreamRecord(
+            stream.id, admission.cluster, stream.labels, context.peer() or "", time.time(), stream.protocol,
+            identity=admission.identity, registered=admission.registered, mismatch=admission.mismatch))
         metrics.CONNECTED_NODES.set(self.fleet.connected_count())
-        log.info("node %s (cluster %s) connected from %s", node.id, node.cluster, context.peer())
+        log.info("node %s (cluster %s, %s) connected from %s", node.id, admission.cluster,
+                 admission.identity or "unauthenticated", context.peer())
 
     def _account(self, stream: _Stream, outcome: Any) -> None:
         short = rt.short_type(outcome.type_url)
@@ -352,8 +390,16 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         def desired(labels: Mapping[str, str]) -> Mapping[str, str]:
             return snapshots.for_labels(labels).versions() if snapshots is not None else {}
 
-        return api_pb2.ListNodesResponse(nodes=self.fleet.list(cluster, desired), revision=revision,
-                                         store_revision=self.store.revision())
+        statuses = self.fleet.list(cluster, desired)
+        seen = {status.id for status in statuses}
+        # Registered Nodes that never connected are part of the fleet too: `status` shows them as such.
+        for name, node in self.store.state().nodes.items():
+            node_id = name.partition("/")[2]
+            if node_id not in seen and (not cluster or node.cluster == cluster):
+                statuses.append(api_pb2.NodeStatus(id=node_id, cluster=node.cluster, labels=dict(node.labels),
+                                                   registered=True, state=api_pb2.NOT_SENT))
+        statuses.sort(key=lambda status: status.id)
+        return api_pb2.ListNodesResponse(nodes=statuses, revision=revision, store_revision=self.store.revision())
 
     async def ListNodes(self, request: api_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
                         ) -> api_pb2.ListNodesResponse:
@@ -390,6 +436,7 @@ def add_xds_services(server: grpc.aio.Server, ctx: Any) -> None:
     """`control_plane.server.SERVICES` hook: ADS + FleetService over the server's store."""
     import os
 
-    xds = XdsServer(ctx.store, options_from_env(os.environ))
+    options = options_from_env(os.environ)
+    xds = XdsServer(ctx.store, dataclasses.replace(options, insecure=ctx.options.insecure))
     xds.register(server)
     ctx.on_shutdown.append(xds.close)

@@ -4,6 +4,12 @@ States follow istioctl proxy-status: NOT_SENT (nothing sent for the type), STALE
 acknowledged), SYNCED (the last thing sent was ACKed), ERROR (the last thing sent was NACKed). A node's
 overall state is the worst of its types (ERROR > STALE > SYNCED > NOT_SENT). Pure bookkeeping: the ADS
 glue feeds it events, the FleetService and metrics read it.
+
+Bookkeeping is per stream under a node ID (SPEC §8): a reconnecting node briefly has two streams, and under
+`--insecure` anyone can open a stream with any node ID. A node is connected while any of its streams is;
+its status is its primary stream's: authenticated streams before unauthenticated ones, then the one that
+ACKed most recently, then the oldest. So a stream closing or misbehaving never clears another one's
+state, and an unauthenticated stream never speaks for an authenticated node.
 """
 
 from __future__ import annotations
@@ -71,35 +77,64 @@ class NackEntry:
 
 
 @dataclass
-class NodeRecord:
-    id: str
+class StreamRecord:
+    """One xDS stream of a node, as admitted."""
+
+    stream_id: int
     cluster: str
     labels: Mapping[str, str]
     peer: str
     connected_since: float
     protocol: StreamProtocol
-    stream_id: int
-    connected: bool = True
-    disconnected_at: float = 0.0
+    identity: str = ""  # authenticated identity; "" = unauthenticated (only under --insecure)
+    registered: bool = False  # cluster and labels came from the Node resource
+    mismatch: str = ""  # what node.metadata / node.cluster declared against the Node resource
     timings: dict[str, TypeTiming] = field(default_factory=dict)
     nacks: dict[str, list[NackEntry]] = field(default_factory=dict)
+    last_ack_time: float = 0.0
+
+    def rank(self) -> tuple[bool, float, float]:
+        return (bool(self.identity), self.last_ack_time, -self.connected_since)
+
+
+@dataclass
+class NodeRecord:
+    """Every stream under one node ID, and the last primary stream once none is open (for `status`)."""
+
+    id: str
+    streams: dict[int, StreamRecord] = field(default_factory=dict)
+    last: StreamRecord | None = None
+    disconnected_at: float = 0.0
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.streams)
+
+    def primary(self) -> StreamRecord | None:
+        if self.streams:
+            return max(self.streams.values(), key=StreamRecord.rank)
+        return self.last
 
     def to_proto(self, desired: Mapping[str, str] | None = None) -> api_pb2.NodeStatus:
         """`desired`: version per type of the node's current snapshot (see `type_state`)."""
-        out = api_pb2.NodeStatus(id=self.id, cluster=self.cluster, labels=dict(self.labels),
-                                 connected=self.connected, peer=self.peer)
-        out.connected_since.CopyFrom(_timestamp(self.connected_since))
+        stream = self.primary()
+        assert stream is not None
+        out = api_pb2.NodeStatus(id=self.id, cluster=stream.cluster, labels=dict(stream.labels),
+                                 connected=self.connected, peer=stream.peer, registered=stream.registered,
+                                 identity=stream.identity, streams=len(self.streams),
+                                 metadata_mismatch=stream.mismatch)
+        out.connected_since.CopyFrom(_timestamp(stream.connected_since))
         states = []
-        latest_revision = max((t.acked_revision for t in self.timings.values()), default=0)
+        latest_revision = max((t.acked_revision for t in stream.timings.values()), default=0)
         worst_convergence = 0.0
         for type_url in rt.ALL_TYPES:
-            ts = self.protocol.types.get(type_url)
+            ts = stream.protocol.types.get(type_url)
             wanted = (desired or {}).get(type_url, "") if ts is not None and ts.subscribed else ""
             state = type_state(ts, wanted)
             states.append(state)
-            timing = self.timings.get(type_url, TypeTiming())
+            timing = stream.timings.get(type_url, TypeTiming())
             entry = out.types.add(type_url=type_url, state=state, desired_version=wanted)
-            for nack in self.nacks.get(type_url, ()):
+            for nack in stream.nacks.get(type_url, ()):
                 entry.nack_history.add(version=nack.version, error=nack.error).time.CopyFrom(_timestamp(nack.time))
             if ts is not None:
                 entry.acked_version = ts.acked_version
@@ -120,41 +155,52 @@ class NodeRecord:
 
 @dataclass
 class Fleet:
-    """Every node seen, by node id. A node id reconnecting replaces its old record."""
+    """Every node seen, by node ID, with its streams."""
 
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
 
-    def connect(self, record: NodeRecord) -> None:
-        self.nodes[record.id] = record
+    def connect(self, node_id: str, stream: StreamRecord) -> None:
+        record = self.nodes.setdefault(node_id, NodeRecord(node_id))
+        record.streams[stream.stream_id] = stream
         self._trim()
 
     def disconnect(self, node_id: str, stream_id: int, now: float | None = None) -> bool:
-        """Mark the node disconnected if `stream_id` is still its current stream (a newer stream of the
-        same node id must not be marked by the old one ending)."""
+        """Forget one stream; True when that left the node without any open stream."""
         record = self.nodes.get(node_id)
-        if record is None or record.stream_id != stream_id:
+        if record is None or stream_id not in record.streams:
             return False
-        record.connected = False
+        closing = record.streams.pop(stream_id)
+        # What `status` shows once the node has no stream: the last authenticated state if there was one
+        # (an unauthenticated stream that outlived it must not overwrite it).
+        if record.last is None or closing.identity or not record.last.identity:
+            record.last = closing
+        if record.streams:
+            return False
         record.disconnected_at = now if now is not None else time.time()
         return True
 
+    def stream(self, node_id: str, stream_id: int) -> StreamRecord | None:
+        record = self.nodes.get(node_id)
+        return record.streams.get(stream_id) if record is not None else None
+
     def record_ack(self, node_id: str, stream_id: int, type_url: str, revision: int, written_at: float,
                    now: float) -> float | None:
-        """Record an ACK; returns the convergence time (store write → this ACK), or None when the write
-        happened before the node connected (its first sync measures its start-up, not distribution)."""
-        record = self.nodes.get(node_id)
-        if record is None or record.stream_id != stream_id:
+        """Record an ACK on one stream; returns the convergence time (store write → this ACK), or None
+        when the write happened before the stream connected (its first sync measures start-up)."""
+        stream = self.stream(node_id, stream_id)
+        if stream is None:
             return None
-        convergence = max(0.0, now - written_at) if written_at >= record.connected_since else None
-        record.timings[type_url] = TypeTiming(now, convergence or 0.0, revision)
+        convergence = max(0.0, now - written_at) if written_at >= stream.connected_since else None
+        stream.timings[type_url] = TypeTiming(now, convergence or 0.0, revision)
+        stream.last_ack_time = now
         return convergence
 
     def record_nack(self, node_id: str, stream_id: int, type_url: str, version: str, error: str,
                     now: float) -> None:
-        record = self.nodes.get(node_id)
-        if record is None or record.stream_id != stream_id:
+        stream = self.stream(node_id, stream_id)
+        if stream is None:
             return
-        history = record.nacks.setdefault(type_url, [])
+        history = stream.nacks.setdefault(type_url, [])
         history.append(NackEntry(version, error, now))
         del history[:-MAX_NACK_HISTORY]
 
@@ -164,8 +210,15 @@ class Fleet:
     def list(self, cluster: str = "",
              desired: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None) -> list[api_pb2.NodeStatus]:
         """`desired(labels)`: the versions of the current snapshot for a node with these labels."""
-        return [r.to_proto(desired(r.labels) if desired and r.connected else None)
-                for _, r in sorted(self.nodes.items()) if not cluster or r.cluster == cluster]
+        out = []
+        for _, record in sorted(self.nodes.items()):
+            stream = record.primary()
+            if stream is None:
+                continue
+            status = record.to_proto(desired(stream.labels) if desired and record.connected else None)
+            if not cluster or status.cluster == cluster:
+                out.append(status)
+        return out
 
     def _trim(self) -> None:
         gone = [r for r in self.nodes.values() if not r.connected]

@@ -5,18 +5,13 @@ with the current version, and node identity bound to the xDS client certificate.
 from __future__ import annotations
 
 import itertools
-import json
 import queue
-import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
 from mtlsgate.v1 import api_pb2
 
-from control_plane.pki import issue
-from tests.control_plane.harness import control_plane_args
-from tests.support import Proc, free_port, port_open, wait_until
+from tests.support import free_port, wait_until
 from tests.xds.fleet_config import certificate, listener, strict_policy, trust_config
 from tests.xds.raw_ads import RawAds
 
@@ -121,72 +116,6 @@ def test_unknown_type_and_missing_node_id_are_refused(control_plane, populated):
         assert "not served" in err.value.details()
     finally:
         channel.close()
-
-
-@pytest.mark.slow
-def test_node_id_is_bound_to_the_xds_client_certificate(tmp_path: Path, logs_dir: Path, demo_pki):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    from control_plane.pki import Issued
-
-    inter = Issued(x509.load_pem_x509_certificate(demo_pki.path("intermediate_cert").read_bytes()),
-                   serialization.load_pem_private_key(demo_pki.path("intermediate_key").read_bytes(), None))
-    node_cert = issue("node-1", issuer=inter, uris=("spiffe://demo.mtlsgate/node/node-1",),
-                      eku=(ExtendedKeyUsageOID.CLIENT_AUTH,))
-    chain = tmp_path / "ca-chain.pem"
-    chain.write_text(demo_pki.path("ca_cert").read_text() + demo_pki.path("intermediate_cert").read_text())
-    address = f"127.0.0.1:{free_port()}"
-    proc = Proc(control_plane_args(address, tmp_path / "s.db", [
-        "--tls-cert", str(demo_pki.path("server_cert")), "--tls-key", str(demo_pki.path("server_key")),
-        "--client-ca", str(chain)], insecure=False), logs_dir / "cp-mtls.log")
-    try:
-        wait_until(lambda: port_open("127.0.0.1", int(address.rpartition(":")[2])), timeout=20,
-                   message="mTLS control plane")
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=demo_pki.path("ca_cert").read_bytes(),
-            private_key=node_cert.key_pem.encode(),
-            certificate_chain=(node_cert.cert_pem + demo_pki.path("intermediate_cert").read_text()).encode())
-        channel = grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", "localhost")])
-        impostor = RawAds(channel, "node-2", {})
-        impostor.send(LISTENER)
-        with pytest.raises(grpc.RpcError) as err:
-            impostor.recv()
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "node-1" in err.value.details()
-        for identity in ("spiffe://demo.mtlsgate/node/node-1", "node-1"):
-            honest = RawAds(channel, identity, {})
-            honest.send(LISTENER)
-            assert honest.recv().type_url == LISTENER
-            honest.close()
-        channel.close()
-
-        # A real proxy node with its certificate: admitted as node-1; under another id: refused.
-        (tmp_path / "node.pem").write_text(node_cert.cert_pem + demo_pki.path("intermediate_cert").read_text())
-        (tmp_path / "node-key.pem").write_text(node_cert.key_pem)
-        tls = ["--xds-ca", str(demo_pki.path("ca_cert")), "--xds-cert", str(tmp_path / "node.pem"),
-               "--xds-key", str(tmp_path / "node-key.pem")]
-        proxies = []
-        for node_id in ("node-1", "node-2"):
-            admin = f"127.0.0.1:{free_port()}"
-            proxies.append((admin, Proc(["proxy", "--server", address, "--node-id", node_id, "--admin", admin,
-                                         "--workers", "1", *tls], logs_dir / f"proxy-{node_id}.log")))
-        try:
-            def dump(admin: str) -> dict:
-                with urllib.request.urlopen(f"http://{admin}/config_dump", timeout=5) as r:
-                    return json.loads(r.read())
-
-            wait_until(lambda: dump(proxies[0][0])["connected"] and dump(proxies[0][0])["ready"], timeout=20,
-                       message="node-1 connected over mTLS")
-            wait_until(lambda: "PERMISSION_DENIED" in proxies[1][1].log(), timeout=20,
-                       message="node-2 refused")
-            assert not dump(proxies[1][0])["connected"]
-            assert "does not match the client certificate" in proxies[1][1].log()
-        finally:
-            for _, p in proxies:
-                p.stop()
-    finally:
-        proc.stop()
 
 
 def test_watch_nodes_streams_changes(control_plane, populated):
