@@ -162,7 +162,7 @@ def is_postgres_url(db: str) -> bool:
 
 
 COLLECTION_FIELDS = {"trustConfigs": "trust_configs", "serverTlsPolicies": "server_tls_policies",
-                     "certificates": "certificates", "listeners": "listeners"}
+                     "certificates": "certificates", "listeners": "listeners", "nodes": "nodes"}
 
 
 def copy_message(message: Message) -> Message:

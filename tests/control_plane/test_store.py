@@ -159,3 +159,17 @@ def test_every_collection_round_trips(open_store: OpenStore) -> None:
     assert (list(state.trust_configs), list(state.server_tls_policies), list(state.certificates),
             list(state.listeners)) == ([], ["serverTlsPolicies/p"], ["certificates/c"], ["listeners/l"])
     assert state.listeners["listeners/l"].port == 8443
+
+
+def test_audit_records_the_role_and_nodes_are_a_collection(open_store: OpenStore) -> None:
+    store = open_store()
+    store.create(tc("a"), actor="spiffe://corp/ops/alice", role="editor")
+    store.update(tc("b"), actor="system:crl-fetcher")
+    node = resources_pb2.Node(name="nodes/edge-1", identity="spiffe://corp/node/edge-1", labels={"zone": "a"})
+    store.create(node, actor="ci", role="admin")
+    assert [(r.actor, r.role) for r in store.audit()] == [
+        ("spiffe://corp/ops/alice", "editor"), ("system:crl-fetcher", ""), ("ci", "admin")]
+    store.close()
+    reopened = open_store()
+    assert dict(reopened.state().nodes["nodes/edge-1"].labels) == {"zone": "a"}
+    assert [r.role for r in reopened.audit()] == ["editor", "", "admin"]
