@@ -10,7 +10,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from control_plane.store.base import AlreadyExists, EtagMismatch, NotFound, StoreError
+from control_plane.store.base import AlreadyExists, EtagMismatch, NotFound, StoreError, StoreUnavailable
 from data_plane.validation.resources import FieldViolation
 
 
@@ -62,6 +62,8 @@ def status_for(exc: Exception) -> grpc.Status:
         status = status_pb2.Status(code=code_pb2.NOT_FOUND, message=str(exc))
     elif isinstance(exc, AlreadyExists):
         status = status_pb2.Status(code=code_pb2.ALREADY_EXISTS, message=str(exc))
+    elif isinstance(exc, StoreUnavailable):  # the database is down: retryable, not our bug
+        status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(exc))
     else:
         status = status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error: {exc}")
     return rpc_status.to_status(status)

@@ -4,6 +4,7 @@ allow_missing, update masks) parameterised by the resource kind."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
@@ -258,8 +259,10 @@ def _unary(api: ResourceApi, call: Callable[[Any, Caller], Any], request_type: t
            response_type: type[Message]) -> grpc.RpcMethodHandler:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            # The authorization interceptor decided who is calling; every server installs it.
-            return call(request, current_caller() or _UNKNOWN_CALLER)
+            # The authorization interceptor decided who is calling; every server installs it. In a thread:
+            # a write waits for the database (PostgreSQL: round trips, or a pool timeout while it is
+            # down), which must not stall the xDS streams on this loop.
+            return await asyncio.to_thread(call, request, current_caller() or _UNKNOWN_CALLER)
         except (InvalidResource, StoreError) as exc:
             await context.abort_with_status(status_for(exc))
 

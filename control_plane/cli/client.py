@@ -134,6 +134,9 @@ def rpc_error(exc: grpc.RpcError, args: argparse.Namespace | None = None) -> Cli
     """A one-line CliError for a failed call, listing the server's field violations if it sent any."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE and (details or "").startswith("store unavailable:"):
+        problem = details.removeprefix("store unavailable: ")
+        return CliError(f"the control plane at {getattr(args, 'server', '?')} answered, but its {problem}")
     if code == grpc.StatusCode.UNAVAILABLE:
         where = getattr(args, "server", "the control plane")
         return CliError(f"cannot reach the control plane at {where} ({(details or '').splitlines()[0]})")

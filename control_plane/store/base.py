@@ -29,6 +29,12 @@ class AlreadyExists(StoreError):
     pass
 
 
+class StoreUnavailable(StoreError):
+    """The store's database could not be reached (retry later). The write was not applied — unless the
+    connection was lost during the commit itself, which the message says; the etag precondition of a retry
+    tells which it was."""
+
+
 class EtagMismatch(StoreError):
     """The caller's etag precondition does not match the stored resource (someone else wrote first)."""
 

@@ -29,6 +29,7 @@ from control_plane.store.base import (
     AuditRecord,
     StoreError,
     StoreState,
+    StoreUnavailable,
     WriteCheck,
     WritePlan,
     WriteResult,
@@ -109,7 +110,9 @@ class PostgresStore:
                 raise StoreError(f"cannot initialise the schema in {redact(dsn)}: {_one_line(exc)}") from None
         self._state = make_state(0, 0.0, {})
         self._pool = ConnectionPool(
-            dsn, min_size=1, max_size=pool_size, timeout=10, open=False, name="mtlsgate-store",
+            # A write waits at most CONNECT_TIMEOUT for a connection: while the database is down the API
+            # answers UNAVAILABLE within clients' deadlines instead of hanging.
+            dsn, min_size=1, max_size=pool_size, timeout=CONNECT_TIMEOUT, open=False, name="mtlsgate-store",
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT,
                     "application_name": "mtlsgate-control-plane"},
             check=ConnectionPool.check_connection,
@@ -156,6 +159,9 @@ class PostgresStore:
         try:
             with self._pool.connection() as conn:
                 rows = conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"store unavailable: PostgreSQL at {redact(self.dsn)} cannot be reached "
+                                   f"({_one_line(exc)})") from None
         except psycopg.Error as exc:
             raise StoreError(f"reading the audit log failed: {_one_line(exc)}") from None
         return [AuditRecord(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
@@ -181,7 +187,7 @@ class PostgresStore:
         with self._lock:
             unchanged: WriteResult | None = None
             start = self._state.revision
-            committed = False
+            committed = reached_commit = False
             try:
                 with self._pool.connection() as conn, conn.transaction():
                     row = conn.execute("UPDATE mtlsgate_revision SET revision = revision + 1 WHERE id = 1 "
@@ -203,7 +209,12 @@ class PostgresStore:
                     if check is not None:
                         check(state, stored)
                     self._insert(conn, plan, stored, revision, now, who)
+                    reached_commit = True  # leaving the block commits
                 committed = unchanged is None
+            except psycopg.OperationalError as exc:  # connection refused/lost, pool timeout, shutdown
+                during = "; it may or may not have committed" if reached_commit else "; nothing was written"
+                raise StoreUnavailable(f"store unavailable: PostgreSQL at {redact(self.dsn)} cannot be reached "
+                                       f"({_one_line(exc)}){during}") from None
             except psycopg.Error as exc:
                 raise StoreError(f"store write failed: {_one_line(exc)}") from None
             finally:

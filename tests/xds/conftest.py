@@ -143,3 +143,16 @@ def start_node(control_plane: ControlPlane, tmp_path: Path, logs_dir: Path) -> I
     yield start
     for node in nodes:
         node.stop()
+
+
+@pytest.fixture
+def echo_backend() -> Iterator[str]:
+    """The demo echo backend in a thread; its HOST:PORT."""
+    import threading
+
+    from data_plane import echo_backend as echo
+
+    server = echo.EchoServer(("127.0.0.1", free_port()), echo.EchoHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

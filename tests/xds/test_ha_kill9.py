@@ -9,7 +9,6 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import pytest
 from mtlsgate.v1 import resources_pb2
 
 from control_plane.pki import DemoPki
-from data_plane import echo_backend
 from tests.control_plane.harness import start_control_plane
 from tests.support import Proc, free_port, wait_until
 from tests.workers.conftest import client_context, https_get
@@ -110,17 +108,8 @@ def client_loop(host: str, port: int, load: Load, pki: DemoPki) -> None:
                 load.failed_requests.append(f"{host}: {detail}")
 
 
-@pytest.fixture
-def backend() -> Iterator[str]:
-    port = free_port()
-    server = echo_backend.EchoServer(("127.0.0.1", port), echo_backend.EchoHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{port}"
-    server.shutdown()
-
-
 def test_kill_9_of_either_replica_loses_no_write_and_no_request(
-        postgres_dsn: str, demo_pki: DemoPki, backend: str, tmp_path: Path, logs_dir: Path,
+        postgres_dsn: str, demo_pki: DemoPki, echo_backend: str, tmp_path: Path, logs_dir: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_QUIET", "0.05")
     monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_MAX", "0.5")
@@ -136,7 +125,7 @@ def test_kill_9_of_either_replica_loses_no_write_and_no_request(
     port = free_port("127.0.0.2")
     api = Api(a.address)
     for resource in (trust_config(demo_pki), strict_policy(), certificate(demo_pki),
-                     listener("listeners/edge", port, backend=backend)):
+                     listener("listeners/edge", port, backend=echo_backend)):
         api.put(resource)
     api.close()
 

@@ -5,6 +5,7 @@ refused newer schema, no password in what the process prints)."""
 from __future__ import annotations
 
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +18,14 @@ from mtlsgate.v1 import api_pb2
 from control_plane.pki import DemoPki
 from control_plane.store.postgres_schema import MIGRATIONS
 from tests.control_plane.harness import control_plane_args, start_control_plane
-from tests.support import MTLSGATE, Proc, wait_until
+from tests.postgres import PostgresServer
+from tests.support import MTLSGATE, Proc, free_port, wait_until
 from tests.xds.conftest import Api
-from tests.xds.fleet_config import certificate, listener, strict_policy, trust_config
+from tests.xds.fleet_config import certificate, listener, rotated_crl_pem, strict_policy, trust_config
 from tests.xds.raw_ads import RawAds
+from tests.xds.test_failover import start_proxy
+from tests.xds.test_fleet import BUNDLE, all_synced
+from tests.xds.test_ha_kill9 import Load, client_loop
 
 
 @pytest.fixture
@@ -109,3 +114,59 @@ def test_the_password_is_not_printed_and_migrate_and_a_newer_schema(postgres_dsn
     assert refused.returncode != 0
     assert "schema is at version 99, newer than this mtlsgate knows" in refused.stderr
     assert "Traceback" not in refused.stderr and password not in refused.stderr
+
+
+def test_postgresql_restarted_under_load(postgres_server: PostgresServer, replicas: list[tuple[Proc, str]],
+                                         demo_pki: DemoPki, echo_backend: str, tmp_path: Path, logs_dir: Path) -> None:
+    """The database goes away and comes back while a node serves valid clients: writes fail whole with a
+    retryable error naming the database, the replicas keep answering xDS and status meanwhile, reconnect by
+    themselves, and the next write reaches the node through the other replica."""
+    (_, a), (_, b) = replicas
+    port = free_port()
+    api_a = Api(a)
+    try:
+        for resource in (trust_config(demo_pki), strict_policy(), certificate(demo_pki),
+                         listener("listeners/edge", port, backend=echo_backend)):
+            api_a.put(resource)
+        node = start_proxy("node-1", b, tmp_path, logs_dir)
+        load = Load()
+        loop = threading.Thread(target=client_loop, args=("127.0.0.1", port, load, demo_pki), daemon=True)
+        try:
+            before = wait_until(lambda: all_synced(b, ["node-1"]), timeout=30, message="node-1 SYNCED on B")
+            wait_until(node.ready, timeout=10, message="node-1 ready")
+            loop.start()
+            postgres_server.stop()
+            rotated = trust_config(demo_pki)
+            rotated.trust_stores[0].crls[0].pem_crl = rotated_crl_pem(demo_pki, [777])
+            with pytest.raises(grpc.RpcError) as refused:
+                api_a.put(rotated)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            assert "store unavailable: PostgreSQL at" in refused.value.details()  # type: ignore[attr-defined]
+            assert postgres_server.password not in refused.value.details()  # type: ignore[attr-defined]
+            cli = subprocess.run([*MTLSGATE, "delete", "listeners", "edge", "--server", a], capture_output=True,
+                                 text=True, timeout=60)
+            assert cli.returncode != 0 and "Traceback" not in cli.stderr
+            assert f"the control plane at {a} answered, but its PostgreSQL at" in cli.stderr, cli.stderr
+            assert "nothing was written" in cli.stderr and postgres_server.password not in cli.stderr
+            # Meanwhile both replicas still answer: status from memory, xDS streams untouched.
+            assert all_synced(b, ["node-1"])
+            postgres_server.restart()
+            wait_until(lambda: api_a.put(rotated), timeout=30, message="writes to succeed after the restart")
+
+            def rolled_out() -> bool:
+                now = all_synced(b, ["node-1"])
+                return bool(now) and now["node-1"]["types"][BUNDLE]["version"] != \
+                    before["node-1"]["types"][BUNDLE]["version"]
+
+            wait_until(rolled_out, timeout=15, message="the write on A to reach node-1 through B")
+        finally:
+            if postgres_server.popen.poll() is not None:  # failed during the outage: the next tests need it
+                postgres_server.restart()
+            load.stop.set()
+            if loop.is_alive():
+                loop.join(30)
+            node.stop()
+        assert load.failed_requests == [], load.failed_requests[:5]
+        assert load.ok_requests > 10
+    finally:
+        api_a.close()
