@@ -120,7 +120,7 @@ class PostgresStore:
         self._pool.open(wait=True, timeout=10)
         try:
             with self._pool.connection() as conn:
-                self._catch_up(conn)
+                self._load(conn)
         except psycopg.Error as exc:
             self._pool.close()
             raise StoreError(f"cannot load the store from {redact(dsn)}: {_one_line(exc)}") from None
@@ -275,9 +275,30 @@ class PostgresStore:
             self._state = make_state(int(last[0]), float(last[1]), maps)
             return True
 
+    def _load(self, conn: psycopg.Connection) -> None:
+        """The whole state from the resources table, in one snapshot: at start-up (cost independent of
+        the length of the history) and when the database is behind us (restored from a backup)."""
+        with self._lock, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            head = conn.execute("SELECT revision, written_at FROM mtlsgate_revision WHERE id = 1").fetchone()
+            rows = conn.execute("SELECT name, collection, data FROM mtlsgate_resources").fetchall()
+            maps: dict[str, dict[str, Message]] = {c: {} for c in COLLECTION_FIELDS}
+            for name, collection, data in rows:
+                message = kind_for_collection(collection).message()
+                message.ParseFromString(bytes(data))
+                maps[collection][name] = message
+            revision, written_at = (int(head[0]), float(head[1])) if head else (0, 0.0)
+            self._state = make_state(revision, written_at, maps)
+
     def _refresh(self, conn: psycopg.Connection) -> None:
         with self._lock:
-            if self._catch_up(conn):
+            row = conn.execute("SELECT revision FROM mtlsgate_revision WHERE id = 1").fetchone()
+            if row is not None and int(row[0]) < self._state.revision:
+                log.warning("the database is at revision %d, behind this replica's %d (restored from a "
+                            "backup?): reloading the whole state from it", int(row[0]), self._state.revision)
+                self._load(conn)
+                self._notify(self._state.revision)
+            elif self._catch_up(conn):
                 self._notify(self._state.revision)
 
     def _follow(self) -> None:

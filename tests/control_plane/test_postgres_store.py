@@ -218,3 +218,30 @@ def test_writes_during_a_database_restart_fail_whole_and_the_replicas_recover(po
         finally:
             a.close()
             b.close()
+
+
+def test_start_up_loads_the_state_not_the_history(postgres_dsn: str) -> None:
+    """A replica starts from the resources table (one snapshot), so its start-up does not grow with the
+    audit log — and a database restored to an older revision is reloaded whole by running replicas."""
+    a = PostgresStore(postgres_dsn)
+    a.create(tc("t", "one"), actor="x")
+    a.update(tc("t", "two"), actor="x")
+    a.create(tc("u"), actor="x")
+    a.delete("trustConfigs/u", actor="x")
+    b = PostgresStore(postgres_dsn, poll_interval=0.2)
+    try:
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM mtlsgate_audit")  # the history is not what start-up reads
+        c = PostgresStore(postgres_dsn)
+        assert c.revision() == 4 and sorted(c.state().trust_configs) == ["trustConfigs/t"]
+        assert c.get("trustConfigs/t").description == "two"  # type: ignore[union-attr]
+        assert c.state().written_at == pytest.approx(a.state().written_at)
+        c.close()
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:  # "restored" to revision 1
+            conn.execute("UPDATE mtlsgate_revision SET revision = 1")
+            conn.execute("UPDATE mtlsgate_resources SET data = %s", (tc("t", "one").SerializeToString(),))
+        wait_until(lambda: b.revision() == 1, timeout=5, message="replica B to reload the restored database")
+        assert b.get("trustConfigs/t").description == "one"  # type: ignore[union-attr]
+    finally:
+        a.close()
+        b.close()

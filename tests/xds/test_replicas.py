@@ -57,6 +57,15 @@ def test_a_write_on_one_replica_reaches_the_other_replicas_nodes_with_the_same_v
                          listener("listeners/one", 18443)):
             api_a.put(resource)
         on_a, version_a = _listener_version(a, "node-on-a")
+        # B follows A within milliseconds (NOTIFY); a node connecting before that gets B's older snapshot
+        # first and the new one right after. Compare like with like: once B has the write.
+        api_b = Api(b)
+        try:
+            wait_until(lambda: [lst.name for lst in api_b.listeners.ListListeners(
+                api_pb2.ListResourcesRequest(), timeout=5).listeners] == ["listeners/one"], timeout=5,
+                message="replica B to have A's writes")
+        finally:
+            api_b.close()
         on_b, version_b = _listener_version(b, "node-on-b")
         assert version_a and version_a == version_b
         # A change written on A is pushed on B's open stream too, with A's version.
