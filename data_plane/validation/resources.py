@@ -419,6 +419,18 @@ def validate_listener(listener: resources_pb2.Listener) -> list[FieldViolation]:
         out.extend(_header_problems(entries))
     if listener.HasField("resolved_server_tls_policy"):
         out.append(FieldViolation("resolvedServerTlsPolicy", "output only: set by the control plane for xDS"))
+    out.extend(_ssl_policy_problems(listener.ssl_policy))
+    return out
+
+
+def _ssl_policy_problems(policy: resources_pb2.SslPolicy) -> list[FieldViolation]:
+    """Enum values a gRPC client can send as raw numbers (JSON/YAML names are checked by the parser)."""
+    out = []
+    for field, enum, value in (("sslPolicy.minTlsVersion", resources_pb2.SslPolicy.TlsVersion, policy.min_tls_version),
+                               ("sslPolicy.profile", resources_pb2.SslPolicy.Profile, policy.profile)):
+        if value not in enum.values():
+            names = ", ".join(n for n in enum.keys() if not n.endswith("UNSPECIFIED"))  # noqa: SIM118 - an EnumTypeWrapper, not a dict
+            out.append(FieldViolation(field, f"unknown value {value}; one of {names}"))
     return out
 
 

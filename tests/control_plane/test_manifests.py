@@ -142,3 +142,13 @@ def test_yaml_output_round_trips_pem_blocks() -> None:
     text = dump_yaml([to_document(item.resource)])
     assert "pemCertificate: |\n" in text
     assert yaml.safe_load(text)["allowlistedCertificates"][0]["pemCertificate"] == pem
+
+
+def test_listener_hardening_fields_in_camel_case() -> None:
+    [item] = parse_manifest("kind: Listener\nname: l\nport: 8443\nallowUnderscoresInHeaders: true\n"
+                            "sslPolicy: {minTlsVersion: TLS_1_3, profile: COMPATIBLE}\n", "m.yaml")
+    listener = item.resource
+    assert listener.allow_underscores_in_headers
+    assert (listener.ssl_policy.min_tls_version, listener.ssl_policy.profile) == (2, 3)
+    with pytest.raises(ManifestError, match=r"sslPolicy\.profile"):
+        parse_manifest("kind: Listener\nname: l\nsslPolicy: {profile: LEGACY}\n", "m.yaml")

@@ -308,9 +308,17 @@ def test_listener_rules(api: Api, base: DemoPki) -> None:
     assert violations == [("certificate", "certificates/nope does not exist"),
                           ("serverTlsPolicy", "serverTlsPolicies/missing does not exist")]
 
+    _, violations = refused(api, create(R.Listener(**ok, ssl_policy=R.SslPolicy(min_tls_version=7, profile=9))),
+                            grpc.StatusCode.INVALID_ARGUMENT)
+    assert [v[0] for v in violations] == ["sslPolicy.minTlsVersion", "sslPolicy.profile"]
+    assert "one of MODERN, RESTRICTED, COMPATIBLE" in violations[1][1]
+
     created = api.listeners.CreateListener(api_pb2.CreateListenerRequest(listener_id="good", listener=R.Listener(
-        **ok, server_tls_policy="strict", custom_request_headers=["X-Who:{client_cert_spiffe_id}"])))
+        **ok, server_tls_policy="strict", custom_request_headers=["X-Who:{client_cert_spiffe_id}"],
+        ssl_policy=R.SslPolicy(min_tls_version=R.SslPolicy.TLS_1_3, profile=R.SslPolicy.RESTRICTED),
+        allow_underscores_in_headers=True)))
     assert created.server_tls_policy == "serverTlsPolicies/strict"
+    assert created.ssl_policy.profile == R.SslPolicy.RESTRICTED and created.allow_underscores_in_headers
 
 
 def test_referenced_resources_cannot_be_deleted(api: Api, base: DemoPki) -> None:
