@@ -105,3 +105,12 @@ def test_tls_flag_files_in_words(tmp_path: Path) -> None:
                "--xds-key", key)
     assert (done.returncode, done.stderr) == (
         2, f"mtlsgate proxy: --xds-cert {key}: a private key where a certificate was expected\n")
+
+
+def test_proxy_bounds_errors_are_one_line() -> None:
+    done = subprocess.run([*MTLSGATE, "proxy", "--server", "127.0.0.1:1"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "MTLSGATE_PROXY_BOUNDS": "head_timeout=soon"})
+    assert (done.returncode, done.stderr.strip()) == (
+        2, "mtlsgate proxy: MTLSGATE_PROXY_BOUNDS: head_timeout='soon' is not a number")
+    done = run("proxy", "--server", "127.0.0.1:1", "--max-connections-per-ip", "0")
+    assert (done.returncode, done.stderr.strip()) == (2, "mtlsgate proxy: --max-connections-per-ip must be at least 1")

@@ -51,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--xds-ca", type=Path, help="CA bundle to verify the control plane (enables TLS)")
     p.add_argument("--xds-cert", type=Path, help="client certificate for xDS mTLS (its SPIFFE ID/CN = --node-id)")
     p.add_argument("--xds-key", type=Path, help="private key of --xds-cert")
+    p.add_argument("--max-connections-per-ip", type=int, metavar="N",
+                   help="concurrent client connections per client IP per worker (SPEC §11; default 256)")
     p.add_argument("--backoff-max", type=float, default=5.0,
                    help="reconnect backoff cap in seconds (full jitter; default %(default)s)")
     p.set_defaults(func=run)
@@ -68,6 +70,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
+    if args.max_connections_per_ip is not None:
+        if args.max_connections_per_ip < 1:
+            raise UsageError("--max-connections-per-ip must be at least 1")
+        # the workers read their bounds from the environment they are spawned with (data_plane/http/bounds.py)
+        knob = os.environ.get("MTLSGATE_PROXY_BOUNDS", "").strip()
+        if knob != "off":
+            os.environ["MTLSGATE_PROXY_BOUNDS"] = ",".join(
+                part for part in (knob, f"max_connections_per_ip={args.max_connections_per_ip}") if part)
     try:
         from_environment(os.environ)  # the workers read it too; a bad value is one line here, not a crash loop
     except BoundsError as exc:

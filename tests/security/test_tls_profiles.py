@@ -1,7 +1,7 @@
 """Checklist — weak TLS is refused (SPEC §11 "TLS profile"): on an RSA listener, static-RSA key exchange
 and CBC suites are refused under MODERN (the default) and RESTRICTED, CBC with ECDHE is accepted under
 COMPATIBLE, `minTlsVersion: TLS_1_3` refuses TLS 1.2; the effective suites are in the worker status
-(`/config_dump`).
+(`/config_dump`), with the bounds in force.
 
 Failed before issue 10: `AES128-SHA` (static RSA, CBC, SHA-1) was accepted on RSA listeners."""
 
@@ -116,3 +116,5 @@ def test_effective_suites_are_reported(rsa_listeners: tuple[dict[str, int], Pool
     assert not any("-SHA" in c and "ECDHE" not in c for c in policies["listeners/compatible"]["ciphers"] if
                    not c.startswith("TLS_"))
     assert all(c.startswith("TLS_") for c in policies["listeners/tls13"]["ciphers"])
+    # the §11 bounds in force are shown beside them (the /config_dump `workers` section)
+    assert status["bounds"]["head_timeout"] == 10.0 and status["bounds"]["max_connections_per_ip"] == 256
