@@ -255,7 +255,7 @@ def missing_server_ips(certificate: object, ips: Sequence[str]) -> list[str]:
     return [ip for ip in ips if ip not in named]
 
 
-def prepare(directory: Path, layout: DemoLayout) -> None:
+def prepare(directory: Path, layout: DemoLayout, extra_node_ids: Sequence[str] = ()) -> None:
     """PKI (kept if DIR already has one, so a re-run keeps trusting the same CA), the demo manifest and
     the CRL-rotation manifest."""
     from control_plane.pki import DEMO_SERVER_NAMES, Issued, crl_pem, demo_server, init_demo_pki, make_crl
@@ -283,10 +283,121 @@ def prepare(directory: Path, layout: DemoLayout) -> None:
         key_file = directory / "server-key.pem"
         key_file.write_text(server.key_pem)
         key_file.chmod(0o600)
-    (directory / "mtlsgate.yaml").write_text(dump_manifest(demo_manifest(directory, layout)))
+    prepare_credentials(directory, intermediate, layout, extra_node_ids)
+    documents = demo_manifest(directory, layout)
+    node_ids = [n.node_id for n in layout.nodes] + [i for i in extra_node_ids if i not in
+                                                     {n.node_id for n in layout.nodes}]
+    documents += [node_document(node_id) for node_id in node_ids]
+    (directory / "mtlsgate.yaml").write_text(dump_manifest(documents))
+    # The Nodes alone: registered before the proxies start (compose), so that they are admitted at once.
+    (directory / "nodes.yaml").write_text(dump_manifest([d for d in documents if d["kind"] == "Node"]))
     serials = [load_cert("revoked.pem").serial_number, load_cert("client.pem").serial_number]
     (directory / "crl-rotated.pem").write_text(crl_pem(make_crl(intermediate, serials)))
     (directory / "trust-config-rotated.yaml").write_text(
         "# The demo TrustConfig with a rotated CRL that also revokes client-valid (client.pem).\n"
         + dump_manifest([demo_trust_config(directory, "crl-rotated.pem", layout.crl_url)])
     )
+
+
+# ---------------------------------------------------------------- the secure setup (SPEC §8)
+
+NODE_IDENTITY = "spiffe://demo.mtlsgate/node/{}"
+ADMIN_IDENTITY = "spiffe://demo.mtlsgate/admin"
+ADMIN_TOKEN_IDENTITY = "demo-admin"
+# Where the control plane is reached: on the host (demo) and inside the compose network.
+CONTROL_PLANE_NAMES = ("localhost", "control-plane")
+
+
+@dataclass(frozen=True)
+class DemoCredentials:
+    """The files of the demo's secure setup, relative to the demo directory."""
+
+    directory: Path
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    @property
+    def admin_token(self) -> str:
+        return self.path("admin-token").read_text().strip()
+
+    def control_plane_args(self) -> list[str]:
+        d = self.directory
+        return ["--tls-cert", str(d / "control-plane.pem"), "--tls-key", str(d / "control-plane-key.pem"),
+                "--client-ca", str(d / "client-ca.pem"), "--token-file", str(d / "tokens"),
+                "--authz", str(d / "authz.yaml")]
+
+    def client_args(self) -> list[str]:
+        d = self.directory
+        return ["--ca-cert", str(d / "ca.pem"), "--cert", str(d / "admin.pem"), "--key", str(d / "admin-key.pem")]
+
+    def node_args(self, node_id: str) -> list[str]:
+        d = self.directory
+        return ["--xds-ca", str(d / "ca.pem"), "--xds-cert", str(d / f"node-{node_id}.pem"),
+                "--xds-key", str(d / f"node-{node_id}-key.pem")]
+
+    def context(self, server: str) -> dict[str, str]:
+        d = self.directory.resolve()
+        return {"server": server, "caCert": str(d / "ca.pem"), "clientCert": str(d / "admin.pem"),
+                "clientKey": str(d / "admin-key.pem"), "tokenFile": str(d / "admin-token")}
+
+
+def node_document(node_id: str) -> dict:
+    return {"kind": "Node", "name": node_id, "description": f"demo proxy node {node_id}",
+            "identity": NODE_IDENTITY.format(node_id), "cluster": "demo", "labels": {"node": node_id}}
+
+
+def prepare_credentials(directory: Path, intermediate: object, layout: DemoLayout,
+                        extra_node_ids: Sequence[str] = ()) -> None:
+    """Control-plane server certificate, one client certificate per node (SPIFFE
+    spiffe://demo.mtlsgate/node/<id>), an admin certificate and token, the client CA bundle and the role
+    bindings; each made once and kept on re-runs."""
+    import secrets
+
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from control_plane.pki import Issued, issue
+
+    assert isinstance(intermediate, Issued)
+
+    def write(name: str, text: str, private: bool = False) -> None:
+        target = directory / name
+        target.write_text(text)
+        if private:
+            target.chmod(0o600)
+
+    def leaf(stem: str, make: object) -> None:
+        if (directory / f"{stem}.pem").exists() and (directory / f"{stem}-key.pem").exists():
+            return
+        issued = make()  # type: ignore[operator]
+        write(f"{stem}.pem", issued.cert_pem + intermediate.cert_pem)
+        write(f"{stem}-key.pem", issued.key_pem, private=True)
+
+    host = layout.control_plane.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    ips = sorted({"127.0.0.1", host} - {"localhost", "0.0.0.0"}) if _is_ip(host) else ["127.0.0.1"]
+    leaf("control-plane", lambda: issue("mtlsgate demo control plane", issuer=intermediate,
+                                        eku=(ExtendedKeyUsageOID.SERVER_AUTH,), dns=CONTROL_PLANE_NAMES, ips=ips))
+    leaf("admin", lambda: issue("demo-admin", issuer=intermediate, uris=(ADMIN_IDENTITY,)))
+    for node_id in [n.node_id for n in layout.nodes] + list(extra_node_ids):
+        leaf(f"node-{node_id}", lambda node_id=node_id: issue(node_id, issuer=intermediate,
+                                                              uris=(NODE_IDENTITY.format(node_id),)))
+    write("client-ca.pem", (directory / "ca.pem").read_text() + intermediate.cert_pem)
+    if not (directory / "admin-token").exists():
+        write("admin-token", secrets.token_urlsafe(24) + "\n", private=True)
+    token = (directory / "admin-token").read_text().strip()
+    write("tokens", f"{token} {ADMIN_TOKEN_IDENTITY}\n", private=True)
+    # Only the admin credentials are admins: the demo's client certificates (client.pem …) come from the
+    # same CA but are for the listeners, not for the control plane.
+    write("authz.yaml", "bindings:\n"
+          f"  - {{identity: \"{ADMIN_IDENTITY}\", role: admin}}\n"
+          f"  - {{identity: {ADMIN_TOKEN_IDENTITY}, role: admin}}\n")
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

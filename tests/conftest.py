@@ -44,3 +44,11 @@ def postgres_dsn(postgres_server: object) -> Iterator[str]:
     assert isinstance(postgres_server, PostgresServer)
     with database(postgres_server) as dsn:
         yield dsn
+
+
+@pytest.fixture(autouse=True)
+def _private_cli_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the real ~/.config/mtlsgate (CLI contexts, SPEC §8): every process a test
+    starts inherits a config path of its own."""
+    monkeypatch.setenv("MTLSGATE_CONFIG", str(tmp_path / "mtlsgate-config.yaml"))
+    monkeypatch.delenv("MTLSGATE_CONTEXT", raising=False)

@@ -7,7 +7,6 @@ Usage in a command module: `add_client_arguments(parser)` in `register`, then
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,20 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from control_plane.cli.common import CliError, UsageError, add_server_argument
+from control_plane.cli.contexts import apply_context
 from data_plane.validation.pem import tls_files_problem
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # same as the server: TrustConfigs with large CRLs
 
 
 def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--token`, `--ca-cert`, `--cert`, `--key` (for parsers that already have `--server`)."""
-    group = parser.add_argument_group("control plane connection")
-    group.add_argument("--token", default=os.environ.get("MTLSGATE_TOKEN"),
+    """`--context`, `--token`, `--ca-cert`, `--cert`, `--key` (for parsers that already have `--server`).
+    Whatever is not given comes from the CLI context (control_plane/cli/contexts.py)."""
+    group = parser.add_argument_group("control plane connection (flags override the CLI context)")
+    group.add_argument("--context", metavar="NAME",
+                       help="use this context of the CLI config (env MTLSGATE_CONTEXT; default: currentContext; "
+                       "see mtlsgate config)")
+    group.add_argument("--token", default=None,
                        help="bearer token for the management API (env MTLSGATE_TOKEN)")
     group.add_argument("--ca-cert", metavar="FILE",
                        help="connect with TLS, trusting this CA for the control plane's certificate")
@@ -36,7 +40,7 @@ def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
 def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     """`--server` plus the authentication flags."""
     add_server_argument(parser, help="control plane HOST:PORT, or several replicas HOST:PORT,HOST:PORT… "
-                        "(the first that answers is used)")
+                        "(the first that answers is used)", from_context=True)
     add_auth_arguments(parser)
 
 
@@ -85,6 +89,7 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
     `--server a:18000,b:18000` (control-plane replicas): the first that accepts a connection within
     REPLICA_CONNECT_TIMEOUT is used, and `args.server` is set to it so errors name it; when none does,
     the first is used and the call reports its error."""
+    apply_context(args)
     candidates = [s.strip() for s in str(args.server).split(",") if s.strip()]
     if len(candidates) <= 1:
         return _open_channel(args, args.server)

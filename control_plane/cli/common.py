@@ -31,7 +31,13 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_server_argument(parser: argparse.ArgumentParser, help: str = "control plane HOST:PORT") -> None:
+def add_server_argument(parser: argparse.ArgumentParser, help: str = "control plane HOST:PORT", *,
+                        from_context: bool = False) -> None:
+    """`from_context`: leave it unset when not given, so that the CLI context can supply it."""
+    if from_context:
+        parser.add_argument("--server", default=None,
+                            help=f"{help} (env MTLSGATE_SERVER, else the context's server, else {DEFAULT_SERVER})")
+        return
     parser.add_argument(
         "--server",
         default=os.environ.get("MTLSGATE_SERVER", DEFAULT_SERVER),

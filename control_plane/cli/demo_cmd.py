@@ -28,6 +28,7 @@ from pathlib import Path
 
 from control_plane.cli.common import CliError, UsageError
 from control_plane.demo_config import (
+    DemoCredentials,
     DemoLayout,
     DemoNode,
     display_path,
@@ -144,12 +145,22 @@ class Stack:
 # ---------------------------------------------------------------- readiness probes
 
 
-def fleet_problem(control_plane: str, node_ids: Sequence[str]) -> str | None:
+def admin_channel(control_plane: str, credentials: DemoCredentials) -> object:
+    """A channel to the demo's control plane as its admin (TLS, admin certificate and token)."""
+    from control_plane.cli.client import open_channel
+
+    d = credentials.directory
+    return open_channel(argparse.Namespace(server=control_plane, ca_cert=str(d / "ca.pem"),
+                                           cert=str(d / "admin.pem"), key=str(d / "admin-key.pem"),
+                                           token=credentials.admin_token, context=None))
+
+
+def fleet_problem(control_plane: str, node_ids: Sequence[str], credentials: DemoCredentials) -> str | None:
     """None when every node is connected and SYNCED (FleetService.ListNodes), else what is missing."""
     import grpc
     from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
-    with grpc.insecure_channel(control_plane) as channel:
+    with admin_channel(control_plane, credentials) as channel:  # type: ignore[attr-defined]
         try:
             reply = api_pb2_grpc.FleetServiceStub(channel).ListNodes(api_pb2.ListNodesRequest(), timeout=2)
         except grpc.RpcError as exc:
@@ -197,6 +208,18 @@ def listener_problem(url: str, pki_dir: Path) -> str | None:
     except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
         return f"{url}: {exc}"
     return None if status == 200 else f"{url}: HTTP {status}"
+
+
+def register_context(name: str, context: dict[str, str]) -> str:
+    """Write the CLI context NAME and make it current (like kind and minikube do); returns what to say."""
+    from control_plane.cli.contexts import CliConfig
+
+    config = CliConfig.load()
+    config.contexts[name] = context
+    config.current = name
+    config.save()
+    return (f'demo: registered the CLI context "{name}" in {config.path} and made it current: `mtlsgate status` '
+            f"reaches this stack as its admin (`mtlsgate config use-context …` to switch; `--no-context` skips this)")
 
 
 # ---------------------------------------------------------------- the command
@@ -270,6 +293,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write the PKI and manifests into DIR and exit (the compose stack's pki-init uses this)",
     )
+    parser.add_argument(
+        "--no-context",
+        action="store_true",
+        help="do not register the CLI context `demo` (by default it is written to the CLI config and made "
+        "current, so that `mtlsgate status` reaches this demo with its admin credentials)",
+    )
+    parser.add_argument(
+        "--register-context",
+        metavar="NAME",
+        help="register the CLI context NAME (default `demo`; with --prepare-only only when given — the compose "
+        "stack's pki-init registers `compose` for the CLI inside its containers)",
+    )
+    parser.add_argument(
+        "--extra-node-ids",
+        default="",
+        metavar="ID,ID",
+        help="with --prepare-only: also issue node certificates and Node resources for these node IDs "
+        "(the compose stack's proxy-a, proxy-b)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -316,10 +358,13 @@ def run(args: argparse.Namespace) -> int:
     layout = layout_from_args(args)
     directory = Path(args.dir)
     try:
-        prepare(directory, layout)
+        extra = [i.strip() for i in args.extra_node_ids.split(",") if i.strip()]
+        prepare(directory, layout, extra)
     except OSError as exc:
         raise UsageError(f"--dir {args.dir}: {exc.strerror or exc}") from None
     if args.prepare_only:
+        if args.register_context and not args.no_context:
+            print(register_context(args.register_context, DemoCredentials(directory).context(layout.control_plane)))
         print(f"wrote the demo PKI and manifests to {directory}/ (mtlsgate.yaml, trust-config-rotated.yaml)")
         return 0
 
@@ -341,14 +386,18 @@ def run(args: argparse.Namespace) -> int:
         # First started, last stopped: the control plane never sees the demo CA's publisher vanish.
         stack.start("crl-publisher", ["pki", "publish", "--dir", str(directory), "--listen", str(layout.crl_publisher)])
         print(f"demo: starting the control plane on {layout.control_plane} …", flush=True)
+        credentials = DemoCredentials(directory)
         stack.start(
             "control-plane",
-            # Interim: the secure demo (node certificates, admin credentials) replaces --insecure.
+            # The secure setup (SPEC §8): TLS, client certificates, the admin token, role bindings.
             ["control-plane", "--listen", layout.control_plane, "--db", str(directory / "mtlsgate.db"),
-             "--insecure", *(["--metrics", layout.control_plane_metrics] if layout.control_plane_metrics else [])],
+             *credentials.control_plane_args(),
+             *(["--metrics", layout.control_plane_metrics] if layout.control_plane_metrics else [])],
         )
         stack.start("echo-backend", ["echo-backend", "--listen", layout.backend])
-        stack.wait_for("the control plane", lambda: grpc_serving(layout.control_plane), args.timeout)
+        probe_tls = {"ca_cert": str(directory / "ca.pem"), "cert": str(directory / "admin.pem"),
+                     "key": str(directory / "admin-key.pem")}
+        stack.wait_for("the control plane", lambda: grpc_serving(layout.control_plane, **probe_tls), args.timeout)
         stack.wait_for("the echo backend", lambda: http_ok(f"http://{layout.backend}/healthz"), args.timeout)
         stack.wait_for("the CRL publisher", lambda: http_ok(str(layout.crl_url)), args.timeout)
 
@@ -366,10 +415,12 @@ def run(args: argparse.Namespace) -> int:
                 str(directory / "mtlsgate.yaml"),
                 "--server",
                 layout.control_plane,
+                *credentials.client_args(),
             ],
             capture_output=True,
             text=True,
             timeout=args.timeout,
+            env={**os.environ, "MTLSGATE_TOKEN": credentials.admin_token},  # not on a command line
         )
         stack.check()  # Ctrl-C reaches `apply` too (same process group): that is a stop, not a failure
         if apply.returncode != 0:
@@ -401,11 +452,12 @@ def run(args: argparse.Namespace) -> int:
                     str(directory / "cache" / node.node_id),
                     "--listen-address",
                     node.listen_address,
+                    *credentials.node_args(node.node_id),
                 ],
             )
         node_ids = [n.node_id for n in layout.nodes]
         stack.wait_for(
-            "both nodes SYNCED", lambda: fleet_problem(layout.control_plane, node_ids), args.timeout
+            "both nodes SYNCED", lambda: fleet_problem(layout.control_plane, node_ids, credentials), args.timeout
         )
         for node in layout.nodes:
             stack.wait_for(
@@ -418,6 +470,9 @@ def run(args: argparse.Namespace) -> int:
         tmp = endpoints_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(endpoints_document(layout, directory), indent=2) + "\n")
         tmp.replace(endpoints_path)  # atomically: readers never see half a file
+        if not args.no_context:
+            print(register_context(args.register_context or "demo", credentials.context(layout.control_plane)),
+                  flush=True)
         print(instructions(layout, directory, _cli_display()), flush=True)
         print(f"endpoints: {display_path(endpoints_path)}", flush=True)
 

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "control_plane.cli.proxy_cmd",
     "control_plane.cli.status_cmd",
     "control_plane.cli.check_cmd",
+    "control_plane.cli.config_cmd",
 ]
 
 

@@ -21,15 +21,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("target", help="HOST:PORT for grpc, URL for http")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default %(default)s)")
     parser.add_argument("--service", default="", help="gRPC health service name (default: the server)")
+    parser.add_argument("--ca-cert", metavar="FILE", help="grpc over TLS, trusting this CA")
+    parser.add_argument("--cert", metavar="FILE", help="client certificate (a control plane with --client-ca)")
+    parser.add_argument("--key", metavar="FILE", help="private key for --cert")
     parser.set_defaults(func=run)
 
 
-def grpc_serving(target: str, *, timeout: float = 2.0, service: str = "") -> str | None:
-    """None when the gRPC health service reports SERVING, else why not."""
+def grpc_serving(target: str, *, timeout: float = 2.0, service: str = "", ca_cert: str | None = None,
+                 cert: str | None = None, key: str | None = None) -> str | None:
+    """None when the gRPC health service reports SERVING, else why not. With `ca_cert`: over TLS,
+    presenting `cert`/`key` when given (health needs no role, but the handshake needs a certificate)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    if ca_cert:
+        from pathlib import Path
+
+        credentials = grpc.ssl_channel_credentials(
+            Path(ca_cert).read_bytes(), Path(key).read_bytes() if key else None,
+            Path(cert).read_bytes() if cert else None)
+        channel = grpc.secure_channel(target, credentials)
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -59,7 +73,8 @@ def http_ok(url: str, *, timeout: float = 2.0) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     problem = (
-        grpc_serving(args.target, timeout=args.timeout, service=args.service)
+        grpc_serving(args.target, timeout=args.timeout, service=args.service, ca_cert=args.ca_cert,
+                     cert=args.cert, key=args.key)
         if args.kind == "grpc"
         else http_ok(args.target, timeout=args.timeout)
     )

@@ -190,6 +190,15 @@ def test_compose_stack_end_to_end(stack: Stack) -> None:
         stack.url("MTLSGATE_PROXY_B_PERMISSIVE_PORT"),
     ]
     server = f"127.0.0.1:{stack.port('MTLSGATE_CONTROL_PLANE_PORT')}"
+    # The stack is secure (SPEC §8): from the host the CLI needs the admin credentials, as a context.
+    from tests.e2e.scenario import mtlsgate
+
+    unauthenticated = mtlsgate("status", "--server", server, "--ca-cert", str(ca))
+    assert unauthenticated.returncode == 1
+    made = mtlsgate("config", "set-context", "compose-host", "--server", server, "--ca-cert", str(ca),
+                    "--cert", str(stack.pki / "admin.pem"), "--key", str(stack.pki / "admin-key.pem"),
+                    "--token-file", str(stack.pki / "admin-token"), "--use")
+    assert made.returncode == 0, made.stderr
 
     for url in strict:
         assert accepted_and_verified(answer := request(url, ca, valid)), (url, answer)

@@ -221,7 +221,14 @@ def test_demo_end_to_end(demo: RunningDemo) -> None:
     kept = context.wrap_socket(socket.create_connection((parts.hostname, parts.port), timeout=10),
                                server_hostname=parts.hostname)
     kept.sendall(b"GET /kept HTTP/1.1\r\nHost: demo\r\n\r\n")
-    assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+    answer = b""
+    while b"\r\n\r\n" not in answer:  # the whole response, so that what is read later is only the close
+        answer += kept.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += kept.recv(65536)
     revision = len(mtlsgate("audit", "trustConfigs/demo", "-o", "json", "--server", server).stdout)
     result = mtlsgate("pki", "revoke", str(valid.cert), "--dir", str(demo.directory))
     assert result.returncode == 0, result.stderr
@@ -348,9 +355,12 @@ def test_demo_refuses_bad_arguments(tmp_path: Path) -> None:
 
 def test_demo_prepare_only_writes_apply_ready_manifests(tmp_path: Path) -> None:
     import yaml
+    from cryptography.x509 import SubjectAlternativeName, UniformResourceIdentifier
+    from cryptography.x509 import load_pem_x509_certificate as x509_load
 
     proc = Proc(
-        ["demo", "--dir", str(tmp_path), "--prepare-only", "--backend", "backend:9000"], tmp_path / "log"
+        ["demo", "--dir", str(tmp_path), "--prepare-only", "--backend", "backend:9000", "--extra-node-ids",
+         "proxy-a,proxy-b"], tmp_path / "log"
     )
     wait_until(lambda: not proc.alive(), message="demo --prepare-only to exit")
     assert proc.stop() == 0, proc.log()
@@ -363,7 +373,21 @@ def test_demo_prepare_only_writes_apply_ready_manifests(tmp_path: Path) -> None:
         ("Certificate", "edge"),
         ("Listener", "strict"),
         ("Listener", "permissive"),
+        ("Node", "demo-a"),
+        ("Node", "demo-b"),
+        ("Node", "proxy-a"),
+        ("Node", "proxy-b"),
     ]
+    # The secure setup (SPEC §8): one certificate per node carrying its SPIFFE ID, admin credentials.
+    nodes = {d["name"]: d for d in documents if d["kind"] == "Node"}
+    for node_id, node in nodes.items():
+        assert node["identity"] == f"spiffe://demo.mtlsgate/node/{node_id}"
+        leaf = x509_load((tmp_path / f"node-{node_id}.pem").read_bytes())
+        sans = leaf.extensions.get_extension_for_class(SubjectAlternativeName).value
+        assert sans.get_values_for_type(UniformResourceIdentifier) == [node["identity"]]
+        assert (tmp_path / f"node-{node_id}-key.pem").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "admin-token").stat().st_mode & 0o777 == 0o600
+    assert "spiffe://demo.mtlsgate/admin" in (tmp_path / "authz.yaml").read_text()
     modes = {
         d["name"]: d["mtlsPolicy"]["clientValidationMode"]
         for d in documents
@@ -400,3 +424,63 @@ def test_demo_fails_fast_with_the_nodes_reason_when_a_listener_port_is_taken(tmp
     assert f"port {strict} is already in use" in log, log
     assert "everything stopped" in log
     assert not (tmp_path / "d" / "endpoints.json").exists()
+
+
+@pytest.mark.slow
+def test_the_demo_runs_the_secure_setup(demo: RunningDemo) -> None:
+    """SPEC §8: no xDS stream without a registered node's certificate, no API call without the admin's
+    credentials, and the plain README commands reach it through the `demo` context it registered."""
+    import grpc
+    from mtlsgate.v1 import api_pb2, api_pb2_grpc
+
+    from tests.xds.raw_ads import RawAds
+
+    server = demo.endpoints["control_plane"]
+    assert 'registered the CLI context "demo"' in demo.proc.log()
+    ca = demo.ca.read_bytes()
+    client = demo.identity("client")
+
+    def channel(cert: Path | None, key: Path | None) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(ca, key.read_bytes() if key else None,
+                                             cert.read_bytes() if cert else None)
+        return grpc.secure_channel(server, creds)
+
+    # xDS: a client certificate of the same CA that is no registered node, a node's certificate as the
+    # other node, and a plaintext stream are all refused.
+    for cert, key, node_id, expected in (
+        (client.cert, client.key, "demo-a", grpc.StatusCode.PERMISSION_DENIED),
+        (demo.directory / "node-demo-a.pem", demo.directory / "node-demo-a-key.pem", "demo-b",
+         grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        ads = RawAds(channel(cert, key), node_id, {"node": node_id})
+        ads.send("type.googleapis.com/mtlsgate.v1.ServerCertificate", names=("edge",))
+        with pytest.raises(grpc.RpcError) as caught:
+            ads.recv()
+        assert caught.value.code() == expected, (node_id, caught.value)
+        ads.close()
+    plaintext = RawAds(grpc.insecure_channel(server), "demo-a", {})
+    plaintext.send("type.googleapis.com/mtlsgate.v1.ServerCertificate", names=("edge",))
+    with pytest.raises(grpc.RpcError) as caught:
+        plaintext.recv()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    plaintext.close()
+
+    # API: the listeners' client certificate is no admin; a wrong token is refused outright.
+    with channel(client.cert, client.key) as ch:
+        listeners = api_pb2_grpc.ListenerServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as caught:
+            listeners.ListListeners(api_pb2.ListResourcesRequest(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "spiffe://demo.mtlsgate/client/valid has no role" in caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            listeners.ListListeners(api_pb2.ListResourcesRequest(), timeout=10,
+                                    metadata=(("authorization", "Bearer not-the-demo-token-000"),))
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # The README's commands, as written: no --server, no credentials on the command line.
+    status = mtlsgate("status")
+    assert status.returncode == 0, status.stderr
+    assert "demo-a" in status.stdout and "demo-b" in status.stdout
+    assert mtlsgate("apply", "-f", str(demo.directory / "trust-config-rotated.yaml")).returncode == 0
+    nodes = mtlsgate("get", "nodes")
+    assert nodes.returncode == 0 and "spiffe://demo.mtlsgate/node/demo-a" in nodes.stdout
