@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -191,7 +192,11 @@ class CrlFetcher:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         wake = self._wake
-        self._unsubscribe = self.store.subscribe(lambda _revision: loop.call_soon_threadsafe(wake.set))
+
+        def on_write(_revision: int) -> None:  # may run on another thread (store writers)
+            loop.call_soon_threadsafe(wake.set)
+
+        self._unsubscribe = self.store.subscribe(on_write)
         self._task = loop.create_task(self._run(), name="crl-fetcher")
 
     async def close(self) -> None:
@@ -222,13 +227,13 @@ class CrlFetcher:
                 if rt.next_attempt <= now and source.key not in self._inflight:
                     task = asyncio.create_task(self.refresh(source), name=f"crl-fetch {source.trust_config}")
                     self._inflight[source.key] = task
-                    task.add_done_callback(lambda _t, key=source.key: self._done(key))
+                    task.add_done_callback(functools.partial(self._done, source.key))
             waiting = [rt.next_attempt for k, rt in self.runtime.items() if k not in self._inflight]
             delay = min(waiting, default=now + 3600) - now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, delay))
 
-    def _done(self, key: tuple[str, str]) -> None:
+    def _done(self, key: tuple[str, str], _task: object = None) -> None:
         self._inflight.pop(key, None)
         if self._wake is not None:
             self._wake.set()

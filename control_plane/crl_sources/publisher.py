@@ -43,7 +43,7 @@ class CrlPublisher:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}/crl"
+        return f"http://{host!s}:{port}/crl"
 
     def start(self) -> CrlPublisher:
         self._thread.start()
