@@ -93,12 +93,23 @@ def refuse_newer(version: int, migrations: Sequence[str]) -> None:
 
 
 def ensure_current(conn: psycopg.Connection, migrations: Sequence[str] = MIGRATIONS) -> None:
-    """At start-up: initialise an empty database, accept the current schema, refuse anything else."""
-    version = schema_version(conn)
-    refuse_newer(version, migrations)
-    if version == 0:
-        apply_migrations(conn, migrations)
-    elif version < len(migrations):
+    """At start-up: initialise an empty database, accept the current schema, refuse anything else.
+
+    The version is read under the migration lock, and an empty database gets every migration in that
+    same transaction: a replica starting at the same moment waits on the lock and then sees either no
+    schema or the current one, never a half-initialised one it would refuse as "older"."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        version = schema_version(conn)
+        refuse_newer(version, migrations)
+        if version == 0:
+            conn.execute("CREATE TABLE IF NOT EXISTS mtlsgate_schema ("
+                         "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+            for number, migration in enumerate(migrations, start=1):
+                conn.execute(migration)  # type: ignore[arg-type]
+                conn.execute("INSERT INTO mtlsgate_schema (version) VALUES (%s)", (number,))
+            return
+    if version < len(migrations):
         raise SchemaError(
             f"the database schema is at version {version}; this mtlsgate needs version {len(migrations)}: "
             f"run `mtlsgate control-plane --db URL --migrate` once, then start the replicas")

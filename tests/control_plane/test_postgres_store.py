@@ -189,6 +189,45 @@ def test_replicas_starting_together_on_an_empty_database_initialise_it_once(post
             store.close()
 
 
+def test_a_replica_starting_while_another_initialises_waits_instead_of_refusing(postgres_dsn: str) -> None:
+    """Replica A initialises an empty database; replica B starts before A has finished. B must see either
+    no schema or the whole of it, never A's half (which it would refuse as an older schema). A slow last
+    migration holds A inside the window; the events order the two starts, no sleep in the test."""
+    slow = (*MIGRATIONS, "SELECT pg_sleep(1)")
+    a_inside = threading.Event()
+    stores: list[PostgresStore] = []
+    errors: list[BaseException] = []
+
+    def start(signal: threading.Event | None) -> None:
+        try:
+            if signal is not None:
+                signal.set()
+            stores.append(PostgresStore(postgres_dsn, migrations=slow))
+        except BaseException as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=start, args=(a_inside,))
+    first.start()
+    a_inside.wait(10)
+    wait_until(lambda: _initialising(postgres_dsn), timeout=10, message="replica A inside its initialisation")
+    second = threading.Thread(target=start, args=(None,))
+    second.start()
+    first.join(30)
+    second.join(30)
+    try:
+        assert errors == [] and len(stores) == 2
+    finally:
+        for store in stores:
+            store.close()
+
+
+def _initialising(dsn: str) -> bool:
+    """True while a session holds the migration lock (replica A is initialising)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchone()
+        return bool(row and row[0])
+
+
 def test_the_password_stays_out_of_messages(postgres_server: PostgresServer) -> None:
     wrong = postgres_server.dsn().replace(postgres_server.password, "s3cret-Pa55")
     with pytest.raises(StoreError) as refused:
