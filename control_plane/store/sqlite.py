@@ -11,14 +11,14 @@ import os
 import sqlite3
 import threading
 import time
-import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 from google.protobuf.message import Message
 
 from control_plane.resource_names import kind_for_collection
 from control_plane.store.base import (
+    COLLECTION_FIELDS,
     AlreadyExists,
     AuditRecord,
     EtagMismatch,
@@ -28,6 +28,8 @@ from control_plane.store.base import (
     WriteCheck,
     WriteResult,
     content_etag,
+    copy_message,
+    make_state,
 )
 
 _SCHEMA = """
@@ -52,16 +54,6 @@ CREATE INDEX IF NOT EXISTS audit_by_resource ON audit (resource_name, revision);
 """
 
 log = logging.getLogger(__name__)
-
-_FIELDS = {"trustConfigs": "trust_configs", "serverTlsPolicies": "server_tls_policies",
-           "certificates": "certificates", "listeners": "listeners", "nodes": "nodes"}
-
-
-def _copy(message: Message) -> Message:
-    out = type(message)()
-    out.CopyFrom(message)
-    return out
-
 
 class SqliteStore:
     """`Store` on SQLite. Thread-safe: writes are serialised by a lock, each in one IMMEDIATE transaction;
@@ -93,7 +85,7 @@ class SqliteStore:
     # ------------------------------------------------------------------ reads
 
     def _load(self) -> StoreState:
-        maps: dict[str, dict[str, Message]] = {c: {} for c in _FIELDS}
+        maps: dict[str, dict[str, Message]] = {c: {} for c in COLLECTION_FIELDS}
         for name, collection, data in self._db.execute("SELECT name, collection, data FROM resources"):
             kind = kind_for_collection(collection)
             message = kind.message()
@@ -101,12 +93,7 @@ class SqliteStore:
             maps[collection][name] = message
         row = self._db.execute("SELECT revision, time FROM audit ORDER BY revision DESC LIMIT 1").fetchone()
         revision, written_at = (int(row[0]), float(row[1])) if row else (0, 0.0)
-        return self._make_state(revision, written_at, maps)
-
-    @staticmethod
-    def _make_state(revision: int, written_at: float, maps: Mapping[str, Mapping[str, Message]]) -> StoreState:
-        frozen = {_FIELDS[c]: types.MappingProxyType(dict(sorted(m.items()))) for c, m in maps.items()}
-        return StoreState(revision=revision, written_at=written_at, **frozen)  # type: ignore[arg-type]
+        return make_state(revision, written_at, maps)
 
     def state(self) -> StoreState:
         return self._state
@@ -116,10 +103,10 @@ class SqliteStore:
 
     def get(self, name: str) -> Message | None:
         found = self._state.get(name)
-        return _copy(found) if found is not None else None
+        return copy_message(found) if found is not None else None
 
     def list(self, collection: str) -> list[Message]:
-        return [_copy(m) for m in self._state.collection(collection).values()]
+        return [copy_message(m) for m in self._state.collection(collection).values()]
 
     def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> builtins.list[AuditRecord]:
         query = ("SELECT revision, time, actor, method, resource_name, etag_before, etag_after, role "
@@ -156,7 +143,7 @@ class SqliteStore:
                 return self._write("CREATE", name, resource, None, (actor, role), check)
             self._check_etag(name, before, expected_etag)
             if content_etag(resource) == before.etag:  # type: ignore[attr-defined]
-                return WriteResult(_copy(before), _copy(before), self._state.revision, changed=False)
+                return WriteResult(copy_message(before), copy_message(before), self._state.revision, changed=False)
             return self._write("UPDATE", name, resource, before, (actor, role), check)
 
     def delete(self, name: str, *, actor: str, role: str = "", expected_etag: str = "",
@@ -184,7 +171,7 @@ class SqliteStore:
         now = time.time()
         stored: Message | None = None
         if resource is not None:
-            stored = _copy(resource)
+            stored = copy_message(resource)
             stored.etag = content_etag(stored)  # type: ignore[attr-defined]
             if before is not None:
                 stored.create_time.CopyFrom(before.create_time)  # type: ignore[attr-defined]
@@ -219,14 +206,14 @@ class SqliteStore:
                 raise
         except sqlite3.Error as exc:
             raise StoreError(f"store write failed: {exc}") from exc
-        maps = {c: dict(state.collection(c)) for c in _FIELDS}
+        maps = {c: dict(state.collection(c)) for c in COLLECTION_FIELDS}
         if stored is None:
             del maps[collection][name]
         else:
             maps[collection][name] = stored
-        self._state = self._make_state(revision, now, maps)
-        result = WriteResult(_copy(stored) if stored is not None else None,
-                             _copy(before) if before is not None else None, revision, changed=True)
+        self._state = make_state(revision, now, maps)
+        result = WriteResult(copy_message(stored) if stored is not None else None,
+                             copy_message(before) if before is not None else None, revision, changed=True)
         # Notify outside the lock would reorder notifications across threads; inside keeps them in
         # revision order. Callbacks must be quick and must not write.
         for callback in list(self._subscribers):
