@@ -159,14 +159,16 @@ def endpoints_document(layout: DemoLayout, pki_dir: Path) -> dict:
     }
 
 
-def instructions(layout: DemoLayout, directory: Path, cli: str) -> str:
+def instructions(layout: DemoLayout, directory: Path, cli: str, connect: Sequence[str] = ()) -> str:
+    """What to try, as commands to paste. `connect`: the connection flags the CLI commands need besides
+    `--server` (the admin credentials, when no CLI context was registered for them)."""
     d = display_path(directory)
     strict = layout.listener_urls(layout.strict_port)
     permissive = layout.listener_urls(layout.permissive_port)
     ca = f"--cacert {d}/ca.pem"
     valid = f"{ca} --cert {d}/client.pem --key {d}/client-key.pem"
     revoked = f"{ca} --cert {d}/revoked.pem --key {d}/revoked-key.pem"
-    server = f"--server {layout.control_plane}"
+    server = " ".join(["--server", layout.control_plane, *connect])
     nodes = "\n".join(
         f"  proxy node {n.node_id:7} listeners on {n.listen_address}, admin http://{n.admin}/config_dump"
         for n in layout.nodes

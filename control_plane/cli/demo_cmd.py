@@ -473,7 +473,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_context:
             print(register_context(args.register_context or "demo", credentials.context(layout.control_plane)),
                   flush=True)
-        print(instructions(layout, directory, _cli_display()), flush=True)
+        # Without a registered context the printed commands must carry the admin credentials themselves.
+        connect = credentials.client_args() if args.no_context else []
+        print(instructions(layout, directory, _cli_display(), connect), flush=True)
         print(f"endpoints: {display_path(endpoints_path)}", flush=True)
 
         while True:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from control_plane.demo_config import DemoLayout, DemoNode, demo_manifest, endpoints_document, instructions
+from control_plane.demo_config import (
+    DemoCredentials,
+    DemoLayout,
+    DemoNode,
+    demo_manifest,
+    endpoints_document,
+    instructions,
+)
 from control_plane.pki import DemoPki
 
 LAYOUT = DemoLayout(
@@ -45,3 +52,11 @@ def test_instructions_show_every_case_and_the_rotation(tmp_path: Path) -> None:
     assert "revoked.pem" in text and "client.pem" in text
     assert "mtlsgate apply --wait -f" in text and "trust-config-rotated.yaml" in text
     assert "--server 127.0.0.1:18000" in text
+    assert "admin.pem" not in text  # a registered CLI context holds the credentials
+
+
+def test_instructions_without_a_context_carry_the_admin_credentials(tmp_path: Path) -> None:
+    connect = DemoCredentials(tmp_path).client_args()
+    text = instructions(LAYOUT, tmp_path, "mtlsgate", connect)
+    status_line = next(line for line in text.splitlines() if " status " in f"{line} ")
+    assert status_line.split() == ["mtlsgate", "status", "--server", "127.0.0.1:18000", *connect]
