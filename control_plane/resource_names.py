@@ -142,6 +142,8 @@ def references(message: Message) -> Iterator[Reference]:
     elif isinstance(message, resources_pb2.Listener):
         if message.certificate:
             yield Reference("certificate", message.certificate, CERTIFICATE)
+        for i, name in enumerate(message.certificates):
+            yield Reference(f"certificates[{i}]", name, CERTIFICATE)
         if message.server_tls_policy:
             yield Reference("serverTlsPolicy", message.server_tls_policy, SERVER_TLS_POLICY)
 
@@ -165,5 +167,10 @@ def normalise_references(message: Message) -> list[tuple[str, str]]:
             TRUST_CONFIG)
     elif isinstance(message, resources_pb2.Listener):
         fix(message, "certificate", "certificate", CERTIFICATE)
+        for i, name in enumerate(message.certificates):
+            try:
+                message.certificates[i] = normalise_name(name, CERTIFICATE)
+            except InvalidName as exc:
+                problems.append((f"certificates[{i}]", str(exc)))
         fix(message, "server_tls_policy", "serverTlsPolicy", SERVER_TLS_POLICY)
     return problems

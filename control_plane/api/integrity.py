@@ -6,7 +6,7 @@ Pure functions of (store state, the write)."""
 from __future__ import annotations
 
 from google.protobuf.message import Message
-from mtlsgate.v1 import resources_pb2
+from mtlsgate.v1 import backends_pb2, resources_pb2
 
 from control_plane.api.errors import InvalidResource, ReferenceConflict
 from control_plane.resource_names import KINDS, references
@@ -74,6 +74,7 @@ def check_write(state: StoreState, name: str, new: Message | None) -> None:
                 "identity", f"{new.identity} is already the identity of {owners[0]}: one certificate identity "
                 "is one node")])
     if isinstance(new, resources_pb2.Listener):
+        _check_routes(state, new)
         clashes = [other_name for other_name, other in state.listeners.items()
                    if other_name != name and other.port == new.port
                    and selectors_overlap(other.node_selector, new.node_selector)]
@@ -81,3 +82,21 @@ def check_write(state: StoreState, name: str, new: Message | None) -> None:
             raise ReferenceConflict([FieldViolation(
                 "port", f"port {new.port} is already used by {', '.join(sorted(clashes))} on nodes this "
                 "listener's nodeSelector also selects; use another port or disjoint nodeSelectors")])
+
+
+def _check_routes(state: StoreState, listener: resources_pb2.Listener) -> None:
+    """A route that requires a verified client certificate needs a listener that asks for one."""
+    pending = [f"routes[{i}].backendService" for i, route in enumerate(listener.routes) if route.backend_service]
+    pending += ["defaultBackendService"] if listener.default_backend_service else []
+    if pending:
+        raise InvalidResource([FieldViolation(field, "BackendService resources are not served by this control "
+                                              "plane yet; use backend (HOST:PORT)") for field in pending])
+    required = [i for i, route in enumerate(listener.routes) if route.client_certificate == backends_pb2.Route.REQUIRED]
+    if not required:
+        return
+    policy = state.server_tls_policies.get(listener.server_tls_policy) if listener.server_tls_policy else None
+    if policy is None or not policy.HasField("mtls_policy"):
+        raise InvalidResource([FieldViolation(
+            f"routes[{required[0]}].clientCertificate",
+            "REQUIRED needs a serverTlsPolicy with an mtlsPolicy on this listener (without one no client "
+            "certificate is asked for, so every request would be refused)")])

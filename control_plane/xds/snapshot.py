@@ -21,6 +21,8 @@ from google.protobuf.message import Message
 from mtlsgate import resource_types as rt
 from mtlsgate.v1 import resources_pb2, xds_pb2
 
+from data_plane.validation.resources import listener_certificates
+
 log = logging.getLogger("mtlsgate.xds")
 
 # A group key: the sorted names of the listeners a node's labels select.
@@ -123,7 +125,7 @@ class SnapshotBuilder:
         trust_configs = {short_name(n): t for n, t in state.trust_configs.items()}
         certificates = {short_name(n): c for n, c in state.certificates.items()}
 
-        listeners: dict[str, tuple[resources_pb2.Listener, any_pb2.Any, str | None, str | None]] = {}
+        listeners: dict[str, tuple[resources_pb2.Listener, any_pb2.Any, tuple[str, ...], str | None]] = {}
         for raw_name, listener in state.listeners.items():
             name = short_name(raw_name)
             policy_name = short_name(listener.server_tls_policy) if listener.server_tls_policy else ""
@@ -141,6 +143,7 @@ class SnapshotBuilder:
                 out.name = name
                 if listener.certificate:
                     out.certificate = short_name(listener.certificate)
+                out.certificates[:] = [short_name(c) for c in listener.certificates]
                 if policy is not None:
                     out.server_tls_policy = policy_name
                     out.resolved_server_tls_policy.CopyFrom(policy)
@@ -154,8 +157,8 @@ class SnapshotBuilder:
 
             sources: list[Message] = [listener] + ([policy] if policy is not None else [])
             packed = encode(rt.LISTENER, name, sources, make_listener)
-            cert_name = short_name(listener.certificate) if listener.certificate else None
-            listeners[name] = (listener, packed, cert_name, trust_name)
+            cert_names = tuple(short_name(c) for c in listener_certificates(listener))
+            listeners[name] = (listener, packed, cert_names, trust_name)
 
         bundles: dict[str, any_pb2.Any] = {}
         for name, tc in trust_configs.items():
@@ -188,7 +191,7 @@ class StateSnapshots:
 
     revision: int
     written_at: float
-    listeners: Mapping[str, tuple[resources_pb2.Listener, any_pb2.Any, str | None, str | None]]
+    listeners: Mapping[str, tuple[resources_pb2.Listener, any_pb2.Any, tuple[str, ...], str | None]]
     bundles: Mapping[str, any_pb2.Any]
     certificates: Mapping[str, any_pb2.Any]
     _groups: dict[GroupKey, GroupSnapshot] = field(default_factory=dict)
@@ -204,7 +207,7 @@ class StateSnapshots:
         if snap is not None:
             return snap
         listeners = {n: self.listeners[n][1] for n in key}
-        cert_names = {c for n in key if (c := self.listeners[n][2])}
+        cert_names = {c for n in key for c in self.listeners[n][2]}
         trust_names = {t for n in key if (t := self.listeners[n][3])}
         # A reference to a missing resource cannot happen through the API (references are checked on
         # write); skipping it keeps a broken store from producing a half-encoded resource.

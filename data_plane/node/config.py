@@ -69,7 +69,9 @@ class NodeConfig:
 
 
 def required_names(listeners: Mapping[str, resources_pb2.Listener]) -> dict[str, frozenset[str]]:
-    certs = {lst.certificate for lst in listeners.values() if lst.certificate}
+    from data_plane.validation.resources import listener_certificates
+
+    certs = {name for lst in listeners.values() for name in listener_certificates(lst)}
     bundles = {lst.resolved_server_tls_policy.mtls_policy.client_validation_trust_config
                for lst in listeners.values()
                if lst.resolved_server_tls_policy.mtls_policy.client_validation_trust_config}
@@ -131,6 +133,7 @@ def validate_node_config(config: NodeConfig) -> None:
     from data_plane.validation.bundle import InvalidBundle, compile_bundle
     from data_plane.validation.headers import compile_headers
     from data_plane.validation.policy import compile_policy
+    from data_plane.validation.resources import listener_certificates, route_problems
 
     for name, bundle in sorted(config.bundles.items()):
         try:
@@ -146,9 +149,17 @@ def validate_node_config(config: NodeConfig) -> None:
         if lst.port in ports:
             raise ConfigRejected(f"{name}: port {lst.port} is also used by {ports[lst.port]}")
         ports[lst.port] = name
-        if lst.certificate not in config.certificates:
-            raise ConfigRejected(f"{name}: certificate {lst.certificate or '(none)'} was not received")
-        _check_backend(name, lst.backend)
+        certificates = listener_certificates(lst)
+        if not certificates:
+            raise ConfigRejected(f"{name}: names no certificate")
+        for cert_name in certificates:
+            if cert_name not in config.certificates:
+                raise ConfigRejected(f"{name}: certificate {cert_name} was not received")
+        if lst.backend or not lst.routes:
+            _check_backend(name, lst.backend)
+        problems = route_problems(lst)
+        if problems:
+            raise ConfigRejected(f"{name}: {problems[0]}")
         policy = lst.resolved_server_tls_policy if lst.HasField("resolved_server_tls_policy") else None
         trust = policy.mtls_policy.client_validation_trust_config if policy is not None else ""
         if trust and trust not in config.bundles:

@@ -15,8 +15,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from mtlsgate.v1 import resources_pb2
+from mtlsgate.v1 import backends_pb2, resources_pb2
 
+from data_plane.http import routes as routes_mod
 from data_plane.validation import pem as pem_text
 from data_plane.validation.bundle import InvalidBundle, compile_bundle, trust_bundle_from_trust_config
 from data_plane.validation.headers import compile_headers
@@ -54,6 +55,7 @@ MAX_SERVER_CHAIN_CERTIFICATES = 10
 MAX_CUSTOM_REQUEST_HEADERS = 16  # also enforced by compile_headers; SAN matcher limits live in policy.py
 MAX_NODE_SELECTOR_ENTRIES = 16
 MAX_BACKEND_CHARS = 255
+MAX_LISTENER_CERTIFICATES = 20  # SNI certificates per listener (SPEC §15)
 MAX_GRPC_MESSAGE_BYTES = 64 * 1024 * 1024  # the API server's and clients' message size limit
 MAX_CRL_SOURCES = 8  # per trust store (SPEC §13)
 MAX_CRL_SOURCE_URI_CHARS = 2048
@@ -406,11 +408,21 @@ def validate_listener(listener: resources_pb2.Listener) -> list[FieldViolation]:
     if not 1 <= listener.port <= 65535:
         out.append(FieldViolation("port", "required, between 1 and 65535"))
     out.extend(_label_map("nodeSelector", dict(listener.node_selector), MAX_NODE_SELECTOR_ENTRIES))
-    if not listener.certificate:
-        out.append(FieldViolation("certificate", "required (certificates/ID)"))
-    problem = _backend_problem(listener.backend)
-    if problem:
-        out.append(FieldViolation("backend", problem))
+    if not listener.certificate and not listener.certificates:
+        out.append(FieldViolation("certificate", "required (certificates/ID), or `certificates`"))
+    if len(listener.certificates) > MAX_LISTENER_CERTIFICATES:
+        out.append(FieldViolation("certificates", f"too many entries ({len(listener.certificates)}, "
+                                  f"limit {MAX_LISTENER_CERTIFICATES})"))
+    names = listener_certificates(listener)
+    if len(names) != len(set(names)):
+        out.append(FieldViolation("certificates", "names a certificate twice"))
+    if listener.backend or not (listener.routes or listener.default_backend_service):
+        problem = _backend_problem(listener.backend)
+        if problem:
+            out.append(FieldViolation("backend", problem))
+    if listener.backend and listener.default_backend_service:
+        out.append(FieldViolation("defaultBackendService", "set together with backend: name one of them"))
+    out.extend(route_problems(listener))
     entries = list(listener.custom_request_headers)
     if len(entries) > MAX_CUSTOM_REQUEST_HEADERS:
         out.append(FieldViolation("customRequestHeaders", f"too many entries ({len(entries)}, "
@@ -420,6 +432,44 @@ def validate_listener(listener: resources_pb2.Listener) -> list[FieldViolation]:
     if listener.HasField("resolved_server_tls_policy"):
         out.append(FieldViolation("resolvedServerTlsPolicy", "output only: set by the control plane for xDS"))
     out.extend(_ssl_policy_problems(listener.ssl_policy))
+    return out
+
+
+def listener_certificates(listener: resources_pb2.Listener) -> list[str]:
+    """The certificates a listener serves, the default first (`certificate`, then `certificates`)."""
+    names = [listener.certificate] if listener.certificate else []
+    return names + [name for name in listener.certificates if name != listener.certificate]
+
+
+def route_problems(listener: resources_pb2.Listener) -> list[FieldViolation]:
+    """Routes compile with the proxy's own route table (`data_plane/http/routes.py`)."""
+    out: list[FieldViolation] = []
+    specs = []
+    for i, route in enumerate(listener.routes):
+        where = f"routes[{i}]"
+        if bool(route.backend) == bool(route.backend_service):
+            out.append(FieldViolation(where, "needs exactly one of backendService and backend"))
+        elif route.backend:
+            problem = _backend_problem(route.backend)
+            if problem:
+                out.append(FieldViolation(f"{where}.backend", problem))
+        if route.client_certificate not in backends_pb2.Route.ClientCertificate.values():
+            out.append(FieldViolation(f"{where}.clientCertificate", f"unknown value {route.client_certificate}"))
+        entries = list(route.custom_request_headers)
+        if len(entries) > MAX_CUSTOM_REQUEST_HEADERS:
+            out.append(FieldViolation(f"{where}.customRequestHeaders", f"too many entries ({len(entries)}, "
+                                      f"limit {MAX_CUSTOM_REQUEST_HEADERS})"))
+        else:
+            out.extend(FieldViolation(f"{where}.{v.field}", v.description) for v in _header_problems(entries))
+        match = route.WhichOneof("path_match")
+        specs.append(routes_mod.RouteSpec(
+            tuple(route.hosts), route.path_prefix if match == "path_prefix" else None,
+            route.path if match == "path" else None, routes_mod.Route(i, route.backend or route.backend_service)))
+    try:
+        routes_mod.RouteTable(specs, None)
+    except routes_mod.InvalidRoute as exc:
+        field, _, description = str(exc).partition(": ")
+        out.append(FieldViolation(field, description))
     return out
 
 

@@ -22,6 +22,7 @@ import httptools
 from data_plane.http import request as request_rules
 from data_plane.http.bounds import Bounds
 from data_plane.http.response import REASONS as _REASONS
+from data_plane.http.routes import normalise_path, split_target
 from data_plane.validation import headers as headers_mod
 from data_plane.workers.backend import (
     BackendConnection,
@@ -31,7 +32,7 @@ from data_plane.workers.backend import (
     ExchangeResult,
     settle,
 )
-from data_plane.workers.listeners import XFCC, ListenerRuntime
+from data_plane.workers.listeners import XFCC, ListenerRuntime, Upstream
 from data_plane.workers.observability import WorkerCounters, log_event
 from data_plane.workers.tls import TlsConnection, TlsFailed
 
@@ -56,6 +57,7 @@ class _Request:
     expect_continue: bool = False
     buffered: int = 0
     refusal: request_rules.Refusal | None = None  # answered by us, never forwarded; then the connection closes
+    upstream: Upstream | None = None  # where it goes: the listener's default or its route's (set on dispatch)
 
 
 _REFUSED_HEAD = request_rules.RequestHead(method=b"", target=b"", http_version="1.1", host=b"", headers=[],
@@ -108,6 +110,7 @@ class ClientConnection(asyncio.Protocol):
         self.on_write_resumed: Callable[[], None] | None = None
         self._cert_header_lines: bytes | None = None
         self._cert_header_verdict: Any = None
+        self._cert_header_set: Any = None
         self._paused_reading = False
         self.in_flight = False
 
@@ -374,12 +377,52 @@ class ClientConnection(asyncio.Protocol):
             self._send_error_and_close(request.refusal.status, request.refusal.reason)
             return
         self.in_flight = True
-        if request.body is None and not self._rejected_at_http():
-            conn = self.worker.backends.take_idle(listener.backend)
-            if conn is not None:
-                self._start_exchange(request, listener, conn)
-                return
+        if not self._rejected_at_http():
+            # A listener without routes pays one attribute test for routing (SPEC §15, B2).
+            upstream = listener.upstream if listener.routes is None else self._route(request, listener)
+            if upstream is None:
+                return  # answered by the route table (400/403/404)
+            request.upstream = upstream
+            if request.body is None:
+                conn = self.worker.backends.take_idle(upstream.address)
+                if conn is not None:
+                    self._start_exchange(request, listener, conn)
+                    return
         self._handler = asyncio.get_running_loop().create_task(self._serve_one(request))
+
+    def _route(self, request: _Request, listener: ListenerRuntime) -> Upstream | None:
+        """The route table's answer for this request, or None once it has been refused here. The path
+        is matched, and forwarded, in its normalised form (data_plane/http/routes.py)."""
+        assert listener.routes is not None
+        head = request.head
+        path, query = split_target(head.target)
+        normal = path if path == b"*" else normalise_path(path)
+        if normal is None:
+            self._refuse(request, 400, "request path cannot be routed (malformed %-escape, encoded / or \\)")
+            return None
+        route = listener.routes.match(head.host, normal)
+        if route is None:
+            self._refuse(request, 404, "no route matches this host and path")
+            return None
+        upstream = listener.upstream if route.index < 0 else listener.upstreams[route.index]
+        assert upstream is not None
+        verdict = self.verdict
+        if upstream.require_client_certificate and (verdict is None or not verdict.valid):
+            error = verdict.error if verdict is not None else "client_cert_not_requested"
+            self._refuse(request, 403, f"this route requires a verified client certificate: {error}")
+            return None
+        if normal is not path:
+            head.target = normal + query
+        return upstream
+
+    def _refuse(self, request: _Request, status: int, message: str) -> None:
+        """Answer a request ourselves; one with a body closes the connection (its body is never read)."""
+        if request.body is not None:
+            self._send_error_and_close(status, message)
+            return
+        keep_alive = request.head.keep_alive
+        self._respond_simple(status, f"{status} {_REASONS.get(status, '')}: {message}\n", keep_alive)
+        self._finish_request(keep_alive)
 
     def _rejected_at_http(self) -> bool:
         assert self.listener is not None
@@ -391,7 +434,8 @@ class ClientConnection(asyncio.Protocol):
                                         client_gone=self._closing)
 
     def _start_exchange(self, request: _Request, listener: ListenerRuntime, conn: BackendConnection) -> None:
-        assert conn.transport is not None
+        assert conn.transport is not None and request.upstream is not None
+        upstream = request.upstream
         head = self._upstream_head(request, listener, self.verdict)
 
         def done(result: ExchangeResult) -> None:
@@ -402,16 +446,16 @@ class ClientConnection(asyncio.Protocol):
                     # the idle keep-alive connection had been closed by the backend: once more, freshly
                     self._handler = asyncio.get_running_loop().create_task(self._serve_one(request, fresh=True))
                 elif not self._closing:
-                    self._finish_request(self._backend_failed(request, 502, f"backend {_address(listener)}: {result}"))
+                    self._finish_request(self._backend_failed(request, 502, f"backend {upstream.label}: {result}"))
                 return
             if isinstance(result, BaseException):  # timed out
                 conn.close()
                 keep_alive = False if exchange.started else self._backend_failed(
-                    request, 504, f"backend {_address(listener)} did not answer in time")
+                    request, 504, f"backend {upstream.label} did not answer in time")
                 self._finish_request(keep_alive)
                 return
             status, backend_reusable, client_keep_alive = result
-            self._backend_done(listener, conn, backend_reusable, status)
+            self._backend_done(listener, upstream, conn, backend_reusable, status)
             self._finish_request(client_keep_alive)
 
         exchange = Exchange(self, request, conn, done)
@@ -419,9 +463,10 @@ class ClientConnection(asyncio.Protocol):
         conn.transport.write(head)
         exchange.request_sent()
 
-    def _backend_done(self, listener: ListenerRuntime, conn: BackendConnection, reusable: bool, status: int) -> None:
+    def _backend_done(self, listener: ListenerRuntime, upstream: Upstream, conn: BackendConnection, reusable: bool,
+                      status: int) -> None:
         if reusable:
-            self.worker.backends.release(listener.backend, conn)
+            self.worker.backends.release(upstream.address, conn)
         else:
             conn.exchange = None
             conn.close()
@@ -480,11 +525,14 @@ class ClientConnection(asyncio.Protocol):
     def _upstream_head(self, request: _Request, listener: ListenerRuntime, verdict: Any) -> bytes:
         certificate_headers = b""
         if listener.mtls and verdict is not None:
-            if self._cert_header_lines is None or self._cert_header_verdict is not verdict:
-                # rendered once per connection (and again if revalidation replaced the verdict)
+            header_set = request.upstream.header_set if request.upstream is not None else listener.header_set
+            if self._cert_header_lines is None or self._cert_header_verdict is not verdict \
+                    or self._cert_header_set is not header_set:
+                # rendered once per connection (again if revalidation replaced the verdict or a route has its own set)
                 self._cert_header_lines = b"".join(
-                    f"{name}: {value}\r\n".encode("latin-1") for name, value in listener.header_set.render(verdict))
+                    f"{name}: {value}\r\n".encode("latin-1") for name, value in header_set.render(verdict))
                 self._cert_header_verdict = verdict
+                self._cert_header_set = header_set
             certificate_headers = self._cert_header_lines
         xfcc = None
         if listener.xfcc_mode != _XFCC_SANITIZE:
@@ -501,12 +549,14 @@ class ClientConnection(asyncio.Protocol):
 
     async def _forward(self, request: _Request, listener: ListenerRuntime, verdict: Any, fresh: bool) -> bool:
         head = self._upstream_head(request, listener, verdict)
-        backend = _address(listener)
+        upstream = request.upstream
+        assert upstream is not None
+        backend = upstream.label
         for attempt in (0, 1):
             if fresh:
                 attempt = 1  # this is already the one re-send
             try:
-                conn, reused = await self.worker.backends.acquire(listener.backend, fresh=attempt > 0)
+                conn, reused = await self.worker.backends.acquire(upstream.address, fresh=attempt > 0)
             except TimeoutError:
                 return self._backend_failed(request, 504, f"connecting to backend {backend} timed out")
             except OSError as exc:
@@ -536,7 +586,7 @@ class ClientConnection(asyncio.Protocol):
                 return self._backend_failed(request, 502, f"backend {backend}: {exc}")
             finally:
                 self._exchange = None
-            self._backend_done(listener, conn, backend_reusable, status)
+            self._backend_done(listener, upstream, conn, backend_reusable, status)
             return client_keep_alive
         return False
 
@@ -658,6 +708,3 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.close()
 
-
-def _address(listener: ListenerRuntime) -> str:
-    return f"{listener.backend[0]}:{listener.backend[1]}"

@@ -13,10 +13,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtlsgate.v1 import resources_pb2, xds_pb2
+from mtlsgate.v1 import backends_pb2, resources_pb2, xds_pb2
 
+from data_plane.http import routes as routes_mod
+from data_plane.http.routes import RouteTable
 from data_plane.validation import bundle as bundle_mod
 from data_plane.validation import engine, headers, policy
+from data_plane.validation.resources import listener_certificates
 from data_plane.workers.tls import ClientAuth, ServerTls, TlsProfile
 
 MTLS = resources_pb2.MTLSPolicy
@@ -50,13 +53,28 @@ class WireConfig:
                    bundles=bundles, certificates=certificates)
 
 
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where a routed request goes and what it carries: a backend address and the certificate header set
+    rendered for it (the listener's, or the route's own `customRequestHeaders`)."""
+
+    address: tuple[str, int]
+    header_set: Any
+    require_client_certificate: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+
 @dataclass
 class ListenerRuntime:
     """One listener as a worker runs it for one configuration version."""
 
     name: str
     port: int
-    backend: tuple[str, int]
+    # The default upstream (`backend` / `defaultBackendService`); None = a request no route matches gets 404.
+    upstream: Upstream | None
     tls: ServerTls
     header_set: Any
     xfcc_mode: int
@@ -68,11 +86,17 @@ class ListenerRuntime:
     summary: dict[str, Any] = field(default_factory=dict)
 
     allow_underscores: bool = False  # allowUnderscoresInHeaders (SPEC §5)
-    # lowercase names of the headers we set, `_` read as `-` (SPEC §5)
+    # None when the listener has no routes: then every request goes to `upstream` and pays nothing for routing.
+    routes: RouteTable | None = None
+    upstreams: tuple[Upstream, ...] = ()  # per route index
+    # lowercase names of the headers we set on any route, `_` read as `-` (SPEC §5)
     spoofable_names: frozenset[bytes] = frozenset()
 
     def __post_init__(self) -> None:
-        self.spoofable_names = frozenset(n.lower().replace("_", "-").encode() for n in self.header_set.names)
+        names = set(self.header_set.names)
+        for upstream in self.upstreams:
+            names.update(upstream.header_set.names)
+        self.spoofable_names = frozenset(n.lower().replace("_", "-").encode() for n in names)
 
     def validate(self, chain: Sequence[bytes]) -> Any:
         """The engine's verdict now (it memoises successful verdicts per bundle, inside their validity)."""
@@ -105,10 +129,13 @@ def compile_listeners(wire: WireConfig) -> dict[str, ListenerRuntime]:
 
 def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> ListenerRuntime:
     name = listener.name
-    cert_raw = wire.certificates.get(listener.certificate)
-    if cert_raw is None:
-        raise ListenerConfigError(f"{name}: certificate {listener.certificate!r} was not received")
-    certificate = xds_pb2.ServerCertificate.FromString(cert_raw)
+    identities = []
+    for cert_name in listener_certificates(listener):
+        cert_raw = wire.certificates.get(cert_name)
+        if cert_raw is None:
+            raise ListenerConfigError(f"{name}: certificate {cert_name!r} was not received")
+        certificate = xds_pb2.ServerCertificate.FromString(cert_raw)
+        identities.append((certificate.pem_certificate_chain, certificate.pem_private_key))
     tls_policy = listener.resolved_server_tls_policy if listener.HasField("resolved_server_tls_policy") else None
     mtls_policy = tls_policy.mtls_policy if tls_policy is not None and tls_policy.HasField("mtls_policy") else None
 
@@ -134,11 +161,15 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> Lis
             reject_at_tls=reject and not reject_at_http,
         )
     profile = _tls_profile(listener)
-    tls = ServerTls(certificate.pem_certificate_chain, certificate.pem_private_key, client_auth, profile)
+    tls = ServerTls(identities, client_auth, profile)
+    default = Upstream(parse_backend(listener.backend), header_set) if listener.backend else None
+    table, upstreams = _compile_routes(listener, header_set, default)
     runtime = ListenerRuntime(
         name=name,
         port=int(listener.port),
-        backend=parse_backend(listener.backend),
+        upstream=default,
+        routes=table,
+        upstreams=upstreams,
         tls=tls,
         header_set=header_set,
         xfcc_mode=int(listener.forward_client_cert_details) or XFCC.SANITIZE,
@@ -152,6 +183,9 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> Lis
             "port": int(listener.port),
             "backend": listener.backend,
             "certificate": listener.certificate,
+            "certificates": listener_certificates(listener),
+            "sni_names": tls.sni_names(),
+            "routes": [_route_summary(route) for route in listener.routes],
             "server_tls_policy": listener.server_tls_policy,
             "trust_bundle": bundle_name,
             "mode": MTLS.ClientValidationMode.Name(mtls_policy.client_validation_mode) if mtls_policy else "PLAIN_TLS",
@@ -165,6 +199,36 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> Lis
     )
     runtime_box.append(runtime)
     return runtime
+
+
+def _compile_routes(listener: resources_pb2.Listener, header_set: Any, default: Upstream | None
+                    ) -> tuple[RouteTable | None, tuple[Upstream, ...]]:
+    if not listener.routes:
+        return None, ()
+    specs, upstreams = [], []
+    for i, route in enumerate(listener.routes):
+        required = route.client_certificate == backends_pb2.Route.REQUIRED
+        route_headers = (headers.compile_headers(list(route.custom_request_headers))
+                         if route.custom_request_headers else header_set)
+        if not route.backend:
+            raise ListenerConfigError(f"{listener.name}: routes[{i}] has no backend")
+        upstreams.append(Upstream(parse_backend(route.backend), route_headers, required))
+        match = route.WhichOneof("path_match")
+        specs.append(routes_mod.RouteSpec(
+            tuple(route.hosts), route.path_prefix if match == "path_prefix" else None,
+            route.path if match == "path" else None, routes_mod.Route(i, route.backend, required)))
+    try:
+        table = RouteTable(specs, routes_mod.Route(-1, listener.backend) if default is not None else None)
+    except routes_mod.InvalidRoute as exc:
+        raise ListenerConfigError(f"{listener.name}: {exc}") from None
+    return table, tuple(upstreams)
+
+
+def _route_summary(route: backends_pb2.Route) -> dict[str, Any]:
+    match = route.WhichOneof("path_match")
+    return {"hosts": list(route.hosts), match or "path_prefix": getattr(route, match) if match else "",
+            "backend": route.backend or route.backend_service,
+            "client_certificate": backends_pb2.Route.ClientCertificate.Name(route.client_certificate)}
 
 
 def _tls_profile(listener: resources_pb2.Listener) -> TlsProfile:

@@ -111,27 +111,66 @@ class ServerTls:
     """One listener's TLS settings for one configuration version (OpenSSL contexts are immutable once
     used, so a new configuration builds a new ServerTls; connections keep the one they started with)."""
 
-    def __init__(self, cert_chain_pem: str, key_pem: str, client_auth: ClientAuth | None,
+    def __init__(self, identities: Sequence[tuple[str, str]], client_auth: ClientAuth | None,
                  profile: TlsProfile = TlsProfile()) -> None:
+        """`identities`: (PEM chain, PEM key) per certificate, the default first. With more than one, the
+        servername callback picks by the client's SNI (SPEC §15): the certificate with that exact DNS SAN,
+        else one whose wildcard SAN covers it, else the first."""
+        if not identities:
+            raise ValueError("a listener needs at least one certificate")
         self.client_auth = client_auth
         self.profile = profile
+        if client_auth is not None:
+            self._verify_callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", self._verify)
+        self.contexts = [self._context(chain, key) for chain, key in identities]
+        self.context = self.contexts[0]
+        self._exact: dict[bytes, SSL.Context] = {}
+        self._wildcard: dict[bytes, SSL.Context] = {}
+        self._names: list[list[str]] = []
+        if len(self.contexts) > 1:
+            for ctx, (chain, _) in zip(self.contexts, identities, strict=True):
+                names = _dns_sans(chain)
+                self._names.append(names)
+                for dns in names:
+                    table = self._wildcard if dns.startswith("*.") else self._exact
+                    table.setdefault((dns[1:] if dns.startswith("*.") else dns).encode(), ctx)
+            self.context.set_tlsext_servername_callback(self._choose)
+
+    def _context(self, cert_chain_pem: str, key_pem: str) -> SSL.Context:
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        ctx.set_min_proto_version(MIN_TLS_VERSIONS[profile.min_version])
-        ctx.set_cipher_list(TLS12_CIPHERS[profile.profile].encode())
+        ctx.set_min_proto_version(MIN_TLS_VERSIONS[self.profile.min_version])
+        ctx.set_cipher_list(TLS12_CIPHERS[self.profile.profile].encode())
         # No resumption: a resumed session would skip the verify callback, so a revoked certificate
         # could come back through a ticket after a CRL update.
         ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         _load_identity(ctx, cert_chain_pem, key_pem)
-        if client_auth is not None:
+        if self.client_auth is not None:
+            # Every context of a listener verifies the same way: OpenSSL keeps the first context's verify
+            # mode and callback on a connection whose context the servername callback switches.
             mode = SSL.VERIFY_PEER
-            if client_auth.reject_at_tls:
+            if self.client_auth.reject_at_tls:
                 mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-            self._verify_callback = _ffi.callback("int (*)(int, X509_STORE_CTX *)", self._verify)
             _lib.SSL_CTX_set_verify(ctx._context, mode, self._verify_callback)
             ctx.set_verify_depth(OPENSSL_VERIFY_DEPTH)
-        self.context = ctx
+        return ctx
+
+    def _choose(self, conn: SSL.Connection) -> None:
+        name = conn.get_servername()
+        if not name:
+            return
+        name = name.lower().rstrip(b".")
+        ctx = self._exact.get(name)
+        if ctx is None:
+            dot = name.find(b".")
+            ctx = self._wildcard.get(name[dot:]) if dot > 0 else None
+        if ctx is not None and ctx is not self.context:
+            conn.set_context(ctx)
+
+    def sni_names(self) -> list[list[str]]:
+        """The DNS SANs each certificate is chosen for (empty with a single certificate)."""
+        return self._names
 
     def connection(self) -> TlsConnection:
         return TlsConnection(self)
@@ -175,6 +214,15 @@ def _load_identity(ctx: SSL.Context, cert_chain_pem: str, key_pem: str) -> None:
         ctx.add_extra_chain_cert(extra)
     ctx.use_privatekey(serialization.load_pem_private_key(key_pem.encode(), password=None))  # type: ignore[arg-type]
     ctx.check_privatekey()
+
+
+def _dns_sans(cert_chain_pem: str) -> list[str]:
+    leaf = x509.load_pem_x509_certificates(cert_chain_pem.encode())[0]
+    try:
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [name.lower().rstrip(".") for name in sans.get_values_for_type(x509.DNSName)]
 
 
 def _chain_der(store_ctx: Any) -> tuple[bytes, ...]:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from mtlsgate.v1 import api_pb2, resources_pb2
+from mtlsgate.v1 import api_pb2, backends_pb2, resources_pb2
 
 from control_plane.pki import DemoPki, crl_pem, issue, make_crl
 from tests.control_plane.conftest import Api
@@ -319,6 +319,50 @@ def test_listener_rules(api: Api, base: DemoPki) -> None:
         allow_underscores_in_headers=True)))
     assert created.server_tls_policy == "serverTlsPolicies/strict"
     assert created.ssl_policy.profile == R.SslPolicy.RESTRICTED and created.allow_underscores_in_headers
+
+
+def test_route_and_sni_rules(api: Api, base: DemoPki) -> None:
+    """SPEC §15: routes compile with the proxy's own route table; REQUIRED needs an mTLS listener; every
+    SNI certificate must exist."""
+    B = backends_pb2
+
+    def create(listener: R.Listener) -> Callable[[], object]:
+        return lambda: api.listeners.CreateListener(
+            api_pb2.CreateListenerRequest(listener_id="routed", listener=listener), timeout=10)
+
+    routes = [B.Route(hosts=["A.example.com"], backend="127.0.0.1:9000"),
+              B.Route(hosts=["a.example.com"], path_prefix="/a/../b", backend="127.0.0.1:9000"),
+              B.Route(hosts=["*.x.*"], backend="127.0.0.1:9000"),
+              B.Route(path="/x"),
+              B.Route(backend="127.0.0.1:9000", custom_request_headers=["X-A:{client_cert_nope}"])]
+    _, violations = refused(api, create(R.Listener(port=8450, certificate="certificates/edge", routes=routes)),
+                            grpc.StatusCode.INVALID_ARGUMENT)
+    fields = [v[0] for v in violations]
+    assert fields == ["routes[3]", "routes[4].customRequestHeaders[0]", "routes[0].hosts[0]"], violations
+    assert "must be lowercase" in violations[2][1]
+    for bad, field in ((B.Route(hosts=["a.example.com"], path_prefix="/a/../b", backend="127.0.0.1:1"),
+                        "routes[0].pathPrefix"),
+                       (B.Route(hosts=["*.x.*"], backend="127.0.0.1:1"), "routes[0].hosts[0]")):
+        _, violations = refused(api, create(R.Listener(port=8450, certificate="certificates/edge", routes=[bad])),
+                                grpc.StatusCode.INVALID_ARGUMENT)
+        assert [v[0] for v in violations] == [field]
+
+    required = B.Route(hosts=["a.example.com"], path_prefix="/admin/", backend="127.0.0.1:9000",
+                       client_certificate=B.Route.REQUIRED)
+    _, violations = refused(api, create(R.Listener(port=8450, certificate="certificates/edge", routes=[required])),
+                            grpc.StatusCode.INVALID_ARGUMENT)
+    assert violations[0][0] == "routes[0].clientCertificate" and "mtlsPolicy" in violations[0][1]
+
+    _, violations = refused(api, create(R.Listener(port=8450, certificate="certificates/edge",
+                                                   certificates=["certificates/edge", "nope"], routes=[required],
+                                                   server_tls_policy="strict")),
+                            grpc.StatusCode.FAILED_PRECONDITION)
+    assert violations == [("certificates[1]", "certificates/nope does not exist")]
+
+    created = api.listeners.CreateListener(api_pb2.CreateListenerRequest(listener_id="routed", listener=R.Listener(
+        port=8450, certificates=["edge"], routes=[required], server_tls_policy="strict")))
+    assert list(created.certificates) == ["certificates/edge"] and not created.backend
+    api.listeners.DeleteListener(api_pb2.DeleteResourceRequest(name="listeners/routed"))
 
 
 def test_referenced_resources_cannot_be_deleted(api: Api, base: DemoPki) -> None:
