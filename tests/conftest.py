@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from control_plane.pki import DemoPki, init_demo_pki
+from tests.support import stop_leftovers
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +53,22 @@ def _private_cli_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     starts inherits a config path of its own."""
     monkeypatch.setenv("MTLSGATE_CONFIG", str(tmp_path / "mtlsgate-config.yaml"))
     monkeypatch.delenv("MTLSGATE_CONTEXT", raising=False)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # SIGTERM (a CI timeout, a killed terminal) ends the run like Ctrl-C: fixtures are torn down, so the
+    # control planes, proxies and PostgreSQL servers they started are stopped instead of outliving the run.
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+@pytest.hookimpl(trylast=True)  # after the session-scoped fixtures are torn down
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    killed = stop_leftovers()
+    if killed:  # a test or fixture let a process leak: say which, so it can be fixed
+        print(f"\nkilled {len(killed)} process(es) still running at the end of the session: {killed[:5]}")

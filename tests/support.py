@@ -58,6 +58,22 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+# Every Proc not yet stopped: `stop_leftovers()` ends them when the test session ends, however it ends
+# (a test or fixture that fails between starting a process and its `try`, an interrupted run), so that no
+# control plane or proxy outlives the run. Each runs in its own session, so nothing else would stop it.
+_RUNNING: set[Proc] = set()
+
+
+def stop_leftovers() -> list[str]:
+    """SIGKILL the process group of every Proc still running; returns what was killed."""
+    killed = []
+    for proc in list(_RUNNING):
+        if proc.alive():
+            killed.append(" ".join(proc.args))
+        proc.kill9()
+    return killed
+
+
 class Proc:
     """A real `mtlsgate …` (or any) process with its output in a log file, stopped on `stop()`."""
 
@@ -69,6 +85,7 @@ class Proc:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.popen = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
                                       cwd=cwd, start_new_session=True)
+        _RUNNING.add(self)
 
     @property
     def pid(self) -> int:
@@ -84,8 +101,11 @@ class Proc:
         """SIGKILL the whole process group (the process and any workers it forked)."""
         if self.alive():
             os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # leftover children (workers) of a dead supervisor
+            os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait(10)
         self._log.close()
+        _RUNNING.discard(self)
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.alive():
@@ -98,6 +118,7 @@ class Proc:
         with contextlib.suppress(ProcessLookupError):  # leftover children (workers) of a dead supervisor
             os.killpg(self.popen.pid, signal.SIGKILL)
         self._log.close()
+        _RUNNING.discard(self)
         return self.popen.returncode
 
     def __repr__(self) -> str:

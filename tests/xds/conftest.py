@@ -103,7 +103,11 @@ class Node:
     def start(self) -> None:
         self.proc = Proc(self.args, self.log_path)
         host, _, port = self.admin.rpartition(":")
-        wait_until(lambda: port_open(host, int(port)), timeout=20, message=f"admin of {self.node_id}")
+        try:
+            wait_until(lambda: port_open(host, int(port)), timeout=20, message=f"admin of {self.node_id}")
+        except AssertionError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is not None:

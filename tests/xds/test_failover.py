@@ -79,11 +79,11 @@ def two_replicas(postgres_dsn: str, tmp_path: Path, logs_dir: Path,
     monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_QUIET", "0.05")
     monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_MAX", "0.5")
     started = []
-    for _ in range(2):
-        metrics = f"127.0.0.1:{free_port()}"
-        proc, address = start_control_plane(tmp_path, logs_dir, ["--metrics", metrics], db=postgres_dsn)
-        started.append((proc, address, metrics))
-    try:
+    try:  # the first replica is stopped even when the second fails to start
+        for _ in range(2):
+            metrics = f"127.0.0.1:{free_port()}"
+            proc, address = start_control_plane(tmp_path, logs_dir, ["--metrics", metrics], db=postgres_dsn)
+            started.append((proc, address, metrics))
         yield started
     finally:
         for proc, _, _ in started:
@@ -131,6 +131,8 @@ def test_a_node_fails_over_from_a_killed_replica_and_is_sent_nothing_again(
         assert metric_sum(b_metrics, "mtlsgate_xds_pushes_total") == 0
         assert metric_sum(node.get("/metrics")[1], "mtlsgate_node_config_applies_total") == applies
         assert status(b)["node-1"]["connected"] and took < 5
+        # Status from B shows the node moved to B (B's name defaults to its listen address).
+        assert status(b)["node-1"]["replica"] == b
     finally:
         node.stop()
 

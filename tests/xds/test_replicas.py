@@ -33,8 +33,10 @@ def replicas(postgres_dsn: str, tmp_path: Path, logs_dir: Path,
              monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[Proc, str]]]:
     monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_QUIET", "0.05")
     monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_MAX", "0.5")
-    started = [start_control_plane(tmp_path, logs_dir, db=postgres_dsn) for _ in range(2)]
-    try:
+    started: list[tuple[Proc, str]] = []
+    try:  # the first replica is stopped even when the second fails to start
+        for _ in range(2):
+            started.append(start_control_plane(tmp_path, logs_dir, db=postgres_dsn))
         yield started
     finally:
         for proc, _ in started:
