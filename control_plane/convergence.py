@@ -94,9 +94,11 @@ def apply_outcome(report: api_pb2.ListNodesResponse, target_ids: Iterable[str]) 
 
 
 def unhealthy(report: api_pb2.ListNodesResponse) -> list[tuple[str, str]]:
-    """(node id, state) of every connected node that is ERROR or STALE: what makes `status` exit 1."""
+    """(node id, state) of every connected node that is ERROR or STALE, and of every node moving off a
+    dead replica (SPEC §14; shown as MOVING): what makes `status` exit 1."""
     bad = (api_pb2.ERROR, api_pb2.STALE)
-    return [(n.id, api_pb2.SyncState.Name(n.state)) for n in report.nodes if n.connected and n.state in bad]
+    return [(n.id, "MOVING" if n.moving else api_pb2.SyncState.Name(n.state)) for n in report.nodes
+            if n.moving or (n.connected and n.state in bad)]
 
 
 def all_synced(report: api_pb2.ListNodesResponse) -> bool:

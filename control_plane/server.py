@@ -52,6 +52,7 @@ class ServerOptions:
     authz: str | None = None  # role bindings file (SPEC §8), reloaded on SIGHUP
     grace_seconds: float = 5.0  # how long in-flight calls get on shutdown
     crl_fetch_deadline: float = 30.0  # seconds one CRL source fetch may take, redirects included (SPEC §13)
+    replica_name: str = ""  # this replica's name in `status` (SPEC §14); default: the listen address
 
 
 @dataclass

@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="run WITHOUT authentication (no --client-ca needed): refused unless --listen is a "
                         "loopback address, warns at start. For local trials and tests only")
+    parser.add_argument("--replica-name", default="", metavar="NAME",
+                        help="how `mtlsgate status` names this replica among the control planes sharing a "
+                        "PostgreSQL database (default: the --listen address, with the host name when it "
+                        "listens on every address)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics (xDS metrics) here")
     parser.add_argument("--crl-fetch-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -58,11 +62,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.migrate:
         return _migrate(args.db)
+    if len(args.replica_name) > 128 or any(not c.isprintable() for c in args.replica_name):
+        raise CliError("--replica-name: at most 128 printable characters")
     if not 0 < args.crl_fetch_timeout <= 600:
         raise CliError(f"--crl-fetch-timeout: {args.crl_fetch_timeout:g} is not between 0 and 600 seconds")
     options = ServerOptions(listen=args.listen, db=args.db, token_file=args.token_file, tls_cert=args.tls_cert,
                             tls_key=args.tls_key, client_ca=args.client_ca, insecure=args.insecure,
-                            crl_fetch_deadline=args.crl_fetch_timeout, authz=args.authz)
+                            crl_fetch_deadline=args.crl_fetch_timeout, authz=args.authz,
+                            replica_name=args.replica_name)
     try:
         if args.metrics:
             from control_plane.xds.metrics import serve_metrics

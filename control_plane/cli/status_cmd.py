@@ -41,7 +41,12 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30, 30s or 2m") from None
 
 
-def node_to_json(node: Any) -> dict[str, Any]:
+def replica_names(response: Any) -> dict[str, str]:
+    """Replica id → name, from a ListNodesResponse (SPEC §14)."""
+    return {r.id: r.name for r in response.replicas}
+
+
+def node_to_json(node: Any, names: dict[str, str] | None = None) -> dict[str, Any]:
     from mtlsgate.v1 import api_pb2
 
     def state(s: int) -> str:
@@ -58,6 +63,8 @@ def node_to_json(node: Any) -> dict[str, Any]:
         "identity": node.identity,
         "streams": node.streams,
         "metadataMismatch": node.metadata_mismatch,
+        "replica": (names or {}).get(node.replica, node.replica),
+        "moving": node.moving,
         "state": state(node.state),
         "convergenceSeconds": round(node.convergence_seconds, 6),
         "types": {
@@ -77,10 +84,31 @@ def node_to_json(node: Any) -> dict[str, Any]:
     }
 
 
+def replicas_to_json(response: Any) -> list[dict[str, Any]]:
+    return [{"id": r.id, "name": r.name, "alive": r.alive, "stopped": r.stopped, "nodes": r.nodes,
+             "heartbeatAgeSeconds": round(r.heartbeat_age_seconds, 1), "answered": r.id == response.replica}
+            for r in response.replicas]
+
+
+def _replica_line(response: Any) -> str:
+    parts = []
+    for r in response.replicas:
+        if r.id == response.replica:
+            what = "answered"
+        elif r.alive:
+            what = "alive"
+        else:
+            what = "stopped" if r.stopped else f"silent {r.heartbeat_age_seconds:.0f}s"
+        parts.append(f"{r.name} ({what}, {r.nodes} node(s))")
+    return "replicas: " + ", ".join(parts)
+
+
 def render_table(response: Any) -> str:
-    nodes = [node_to_json(n) for n in response.nodes]
-    headers = ["NODE", "CLUSTER", "CONNECTED", "STATE", *[rt.short_type(t).upper() for t in rt.ALL_TYPES],
-               "CONVERGENCE", "ERROR"]
+    names = replica_names(response)
+    nodes = [node_to_json(n, names) for n in response.nodes]
+    several = len(response.replicas) > 1
+    headers = ["NODE", "CLUSTER", "CONNECTED", *(["REPLICA"] if several else []), "STATE",
+               *[rt.short_type(t).upper() for t in rt.ALL_TYPES], "CONVERGENCE", "ERROR"]
     rows = []
     for n in nodes:
         cells = []
@@ -90,13 +118,18 @@ def render_table(response: Any) -> str:
             cells.append(f"{entry['state']} {entry['version'][:8]}".strip())
             if entry["error"] and entry["state"] == "ERROR" and entry["error"] not in errors:
                 errors.append(entry["error"])
-        rows.append([n["id"], n["cluster"], "yes" if n["connected"] else "no", n["state"], *cells,
+        connected = "yes" if n["connected"] else "moving" if n["moving"] else "no"
+        rows.append([n["id"], n["cluster"], connected, *([n["replica"] or "-"] if several else []), n["state"], *cells,
                      f"{n['convergenceSeconds'] * 1000:.0f}ms" if n["convergenceSeconds"] else "-",
                      "; ".join(errors)])
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
              for row in [headers, *rows]]
     lines.append(f"(snapshot revision {response.revision}; {len(rows)} node(s))")
+    if several:
+        lines.append(_replica_line(response))
+    lines += [f"note: node {n['id']}: its replica {n['replica']} stopped answering; waiting for it to reconnect "
+              "to another" for n in nodes if n["moving"]]
     lines += [f"note: node {n['id']}: {n['metadataMismatch']}; its Node resource decides"
               for n in nodes if n["metadataMismatch"]]
     return "\n".join(lines)
@@ -190,7 +223,9 @@ def _wait_synced(fleet: Any, request: Any, args: argparse.Namespace) -> int:
 def _print(response: Any, output: str, watch: bool = False, problems: list[dict[str, str]] | None = None) -> None:
     """One report; while watching, JSON is one object per line and tables are separated by a blank line."""
     if output == "json":
-        body = {"revision": response.revision, "nodes": [node_to_json(n) for n in response.nodes]}
+        names = replica_names(response)
+        body = {"revision": response.revision, "nodes": [node_to_json(n, names) for n in response.nodes],
+                "replicas": replicas_to_json(response)}
         if problems is not None:
             body["crlSourceProblems"] = problems
         print(json.dumps(body, indent=None if watch else 2), flush=True)

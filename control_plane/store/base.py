@@ -8,8 +8,9 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import hashlib
+import time
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -141,7 +142,83 @@ class Store(Protocol):
         """Audit records in revision order, optionally for one resource, starting after `after_revision`."""
         ...
 
+    def fleet_table(self) -> FleetTable:
+        """Where this control plane publishes the fleet status of the nodes it holds and reads the other
+        replicas' (SPEC §14)."""
+        ...
+
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReplicaRow:
+    """One control-plane replica in the fleet table. Times are the database's clock."""
+
+    id: str
+    name: str
+    started_at: float
+    heartbeat_at: float
+    stopped: bool = False  # shut down cleanly
+    generation: int = 0  # increases with every publish that carried node rows
+
+
+@dataclass(frozen=True)
+class FleetRow:
+    """One node's status (a serialised `NodeStatus`) as one replica published it; `status == b""` is a
+    tombstone (the replica forgot the node). `seq`: the replica's generation when it wrote the row."""
+
+    replica: str
+    node_id: str
+    seq: int
+    status: bytes
+
+
+@dataclass(frozen=True)
+class FleetRead:
+    """One read of the fleet table: the database's clock, every replica, and the rows newer than asked."""
+
+    now: float
+    replicas: tuple[ReplicaRow, ...]
+    rows: tuple[FleetRow, ...]
+    generations: Mapping[str, int]  # replica id → the generation its rows were read up to
+
+
+class FleetTable(Protocol):
+    """Fleet status shared by the replicas of one store (SPEC §14). `shared` is False for a store only one
+    control plane can open (SQLite): there is nobody to share with, publishing is a no-op."""
+
+    shared: bool
+
+    def publish(self, replica: ReplicaRow, rows: Sequence[tuple[str, bytes]],
+                forget: Sequence[str] = ()) -> float:
+        """Heartbeat `replica` (stamped with the database's clock, which is returned), upsert its node rows
+        (`(node_id, serialised NodeStatus or b"" to forget the node)`), and delete the replicas in
+        `forget` with all their rows, in one transaction."""
+        ...
+
+    def read(self, local_replica: str, after: Mapping[str, int], max_rows: int) -> FleetRead:
+        """Every replica, and the rows of the other replicas newer than `after[replica]` (generation)."""
+        ...
+
+    def retire(self, replica_id: str) -> None:
+        """Mark the replica stopped (clean shutdown): the others show its nodes as moving at once."""
+        ...
+
+
+class LocalFleetTable:
+    """The fleet table of a single-replica store: nothing is shared; the clock is this machine's."""
+
+    shared = False
+
+    def publish(self, replica: ReplicaRow, rows: Sequence[tuple[str, bytes]],
+                forget: Sequence[str] = ()) -> float:
+        return time.time()
+
+    def read(self, local_replica: str, after: Mapping[str, int], max_rows: int) -> FleetRead:
+        return FleetRead(time.time(), (), (), {})
+
+    def retire(self, replica_id: str) -> None:
+        return None
 
 
 # Fields the store owns: never part of a resource's content (so never part of its etag).

@@ -42,6 +42,7 @@ from control_plane.store.base import (
     stamp,
     with_change,
 )
+from control_plane.store.postgres_fleet import PostgresFleetTable
 from control_plane.store.postgres_schema import MIGRATIONS, apply_migrations, ensure_current
 
 log = logging.getLogger(__name__)
@@ -354,6 +355,9 @@ class PostgresStore:
                     self._subscribers.remove(callback)
 
         return unsubscribe
+
+    def fleet_table(self) -> PostgresFleetTable:
+        return PostgresFleetTable(self._pool, redact(self.dsn))
 
     def close(self) -> None:
         self._closed.set()

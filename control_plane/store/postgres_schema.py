@@ -46,6 +46,26 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE mtlsgate_audit ADD COLUMN role text NOT NULL DEFAULT '';
     """,
+    # 3: fleet status shared by the replicas (SPEC §14): one heartbeat row per replica, and per replica the
+    # statuses of the nodes it holds (serialised mtlsgate.v1.NodeStatus; empty = forgotten).
+    """
+    CREATE TABLE mtlsgate_replicas (
+        id text PRIMARY KEY,
+        name text NOT NULL,
+        started_at double precision NOT NULL,
+        heartbeat_at double precision NOT NULL,
+        stopped boolean NOT NULL DEFAULT false,
+        generation bigint NOT NULL DEFAULT 0
+    );
+    CREATE TABLE mtlsgate_fleet (
+        replica text NOT NULL REFERENCES mtlsgate_replicas (id) ON DELETE CASCADE,
+        node_id text NOT NULL,
+        seq bigint NOT NULL,
+        status bytea NOT NULL,
+        PRIMARY KEY (replica, node_id)
+    );
+    CREATE INDEX mtlsgate_fleet_by_seq ON mtlsgate_fleet (replica, seq);
+    """,
 )
 
 # Any constant both replicas agree on; only mtlsgate's migrations take this advisory lock.

@@ -22,6 +22,7 @@ from control_plane.store.base import (
     AlreadyExists,
     AuditRecord,
     EtagMismatch,
+    LocalFleetTable,
     NotFound,
     StoreError,
     StoreState,
@@ -233,6 +234,10 @@ class SqliteStore:
                     self._subscribers.remove(callback)
 
         return unsubscribe
+
+    def fleet_table(self) -> LocalFleetTable:
+        # One process owns the file (flock): it is the only replica, its memory is the whole fleet.
+        return LocalFleetTable()
 
     def close(self) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -27,9 +28,12 @@ from mtlsgate import resource_types as rt
 from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
 from control_plane.authz.admission import Admission, NodeRefused, admit, registered_node
+from control_plane.store.base import LocalFleetTable, ReplicaRow
 from control_plane.xds import metrics
 from control_plane.xds.fleet import Fleet, StreamRecord
+from control_plane.xds.fleet_sync import FleetSync
 from control_plane.xds.protocol import ProtocolError, Push, RequestKind, StreamProtocol
+from control_plane.xds.replicas import merge, replica_statuses
 from control_plane.xds.snapshot import GroupSnapshot, SnapshotBuilder, StateSnapshots
 
 log = logging.getLogger("mtlsgate.xds")
@@ -47,6 +51,7 @@ class XdsOptions:
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
     insecure: bool = False  # admit streams without a client certificate (SPEC §8)
+    replica_name: str = ""  # how `status` names this control plane among the replicas (SPEC §14)
 
 
 class NodeRejected(Exception):
@@ -146,6 +151,10 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         self._fleet_changed: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._subscribed = False
+        table = store.fleet_table() if hasattr(store, "fleet_table") else LocalFleetTable()
+        self.replica = ReplicaRow(secrets.token_hex(8), self.options.replica_name[:MAX_NODE_FIELD] or "control-plane",
+                                  time.time(), time.time())
+        self.sync = FleetSync(table, self.replica, self.fleet, self._status_of, self._notify_fleet)
 
     # ------------------------------------------------------------ wiring
 
@@ -173,8 +182,10 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
             self._subscribed = True
         self._rebuild()
         self._task = self._loop.create_task(self._debounce_loop(), name="xds-debounce")
+        self.sync.start()
 
     async def close(self) -> None:
+        await self.sync.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -231,6 +242,7 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         for stream in self._streams.values():
             if stream.labels is not None and self._retarget(stream, state):
                 stream.offer(self.snapshots.for_labels(stream.labels))
+        self.fleet.touch_all()  # every node's desired versions may have changed
         self._notify_fleet()
 
     def _retarget(self, stream: _Stream, state: Any) -> bool:
@@ -294,7 +306,7 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                     for push in stream.protocol.on_snapshot(snapshot):
                         ts = stream.protocol.types[push.type_url]
                         yield self._encode(push, ts.sent_names)
-                    self._notify_fleet()
+                    self._notify_fleet(stream.node_id)
                     continue
                 assert isinstance(event, discovery_pb2.DiscoveryRequest)
                 if stream.labels is None:
@@ -309,7 +321,7 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                 if outcome.push is not None:
                     ts = stream.protocol.types[outcome.push.type_url]
                     yield self._encode(outcome.push, ts.sent_names)
-                self._notify_fleet()
+                self._notify_fleet(stream.node_id)
         finally:
             reader.cancel()
             self._streams.pop(stream.id, None)
@@ -376,21 +388,33 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
 
     # ------------------------------------------------------------ FleetService
 
-    def _notify_fleet(self) -> None:
+    def _notify_fleet(self, node_id: str = "") -> None:
+        """The fleet changed (`node_id`'s status, if given): wake the watchers and publish it."""
+        self.fleet.touch(node_id)
+        self.sync.wake()
         # A fresh event per change, so every watcher sees it (one shared event cleared by one watcher
         # would hide the change from the others).
         if self._fleet_changed is not None:
             self._fleet_changed.set()
             self._fleet_changed = asyncio.Event()
 
+    def _desired(self, labels: Mapping[str, str]) -> Mapping[str, str]:
+        return self.snapshots.for_labels(labels).versions() if self.snapshots is not None else {}
+
+    def _status_of(self, node_id: str) -> api_pb2.NodeStatus | None:
+        """One node's status as this replica sees it (what it publishes to the fleet table)."""
+        status = self.fleet.status(node_id, self._desired)
+        if status is not None:
+            status.replica = self.replica.id
+        return status
+
     def _list(self, cluster: str) -> api_pb2.ListNodesResponse:
         revision = self.snapshots.revision if self.snapshots is not None else 0
-        snapshots = self.snapshots
-
-        def desired(labels: Mapping[str, str]) -> Mapping[str, str]:
-            return snapshots.for_labels(labels).versions() if snapshots is not None else {}
-
-        statuses = self.fleet.list(cluster, desired)
+        now = self.sync.now()
+        # This replica's nodes from memory, the other replicas' from the fleet table (SPEC §14).
+        statuses = [s for s in merge(self.replica.id, self.fleet.list("", self._desired), self.sync.remote.published(),
+                                     self.sync.remote.replicas, now)
+                    if not cluster or s.cluster == cluster]
         seen = {status.id for status in statuses}
         # Registered Nodes that never connected are part of the fleet too: `status` shows them as such.
         for name, node in self.store.state().nodes.items():
@@ -399,7 +423,10 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                 statuses.append(api_pb2.NodeStatus(id=node_id, cluster=node.cluster, labels=dict(node.labels),
                                                    registered=True, state=api_pb2.NOT_SENT))
         statuses.sort(key=lambda status: status.id)
-        return api_pb2.ListNodesResponse(nodes=statuses, revision=revision, store_revision=self.store.revision())
+        local = dataclasses.replace(self.replica, heartbeat_at=now)
+        replicas = replica_statuses(local, self.sync.remote.replicas, statuses, now)
+        return api_pb2.ListNodesResponse(nodes=statuses, revision=revision, store_revision=self.store.revision(),
+                                         replicas=replicas, replica=self.replica.id)
 
     async def ListNodes(self, request: api_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
                         ) -> api_pb2.ListNodesResponse:
@@ -414,9 +441,13 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         while True:
             changed = self._fleet_changed
             current = self._list(request.cluster)
-            if current != last:
+            compared = api_pb2.ListNodesResponse()
+            compared.CopyFrom(current)
+            for replica in compared.replicas:
+                replica.heartbeat_age_seconds = 0  # ages tick every second: not a change worth sending
+            if compared != last:
                 yield current
-                last = current
+                last = compared
             # Wait for a change, then coalesce bursts (1,000 nodes ACKing) into one update per 100 ms.
             await changed.wait()
             await asyncio.sleep(0.1)
@@ -432,11 +463,24 @@ def options_from_env(environ: Mapping[str, str]) -> XdsOptions:
     return XdsOptions(debounce_quiet=max(0.0, quiet), debounce_max=max(quiet, most))
 
 
+def replica_name(options: Any) -> str:
+    """`--replica-name`, else the listen address, with this host's name when it listens on every address."""
+    if getattr(options, "replica_name", ""):
+        return str(options.replica_name)
+    host, _, port = str(options.listen).rpartition(":")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        import socket
+
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
 def add_xds_services(server: grpc.aio.Server, ctx: Any) -> None:
     """`control_plane.server.SERVICES` hook: ADS + FleetService over the server's store."""
     import os
 
     options = options_from_env(os.environ)
-    xds = XdsServer(ctx.store, dataclasses.replace(options, insecure=ctx.options.insecure))
+    xds = XdsServer(ctx.store, dataclasses.replace(options, insecure=ctx.options.insecure,
+                                                   replica_name=replica_name(ctx.options)))
     xds.register(server)
     ctx.on_shutdown.append(xds.close)

@@ -155,13 +155,27 @@ class NodeRecord:
 
 @dataclass
 class Fleet:
-    """Every node seen, by node ID, with its streams."""
+    """Every node seen, by node ID, with its streams. `changed` collects the IDs whose status may have
+    changed since the last `drain_changed()` (what a replica publishes to the shared fleet table)."""
 
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)
+
+    def touch(self, node_id: str) -> None:
+        if node_id:
+            self.changed.add(node_id)
+
+    def touch_all(self) -> None:
+        self.changed.update(self.nodes)
+
+    def drain_changed(self) -> set[str]:
+        changed, self.changed = self.changed, set()
+        return changed
 
     def connect(self, node_id: str, stream: StreamRecord) -> None:
         record = self.nodes.setdefault(node_id, NodeRecord(node_id))
         record.streams[stream.stream_id] = stream
+        self.changed.add(node_id)
         self._trim()
 
     def disconnect(self, node_id: str, stream_id: int, now: float | None = None) -> bool:
@@ -170,6 +184,7 @@ class Fleet:
         if record is None or stream_id not in record.streams:
             return False
         closing = record.streams.pop(stream_id)
+        self.changed.add(node_id)
         # What `status` shows once the node has no stream: the last authenticated state if there was one
         # (an unauthenticated stream that outlived it must not overwrite it).
         if record.last is None or closing.identity or not record.last.identity:
@@ -193,6 +208,7 @@ class Fleet:
         convergence = max(0.0, now - written_at) if written_at >= stream.connected_since else None
         stream.timings[type_url] = TypeTiming(now, convergence or 0.0, revision)
         stream.last_ack_time = now
+        self.changed.add(node_id)
         return convergence
 
     def record_nack(self, node_id: str, stream_id: int, type_url: str, version: str, error: str,
@@ -203,9 +219,19 @@ class Fleet:
         history = stream.nacks.setdefault(type_url, [])
         history.append(NackEntry(version, error, now))
         del history[:-MAX_NACK_HISTORY]
+        self.changed.add(node_id)
 
     def connected_count(self) -> int:
         return sum(1 for r in self.nodes.values() if r.connected)
+
+    def status(self, node_id: str,
+               desired: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None) -> api_pb2.NodeStatus | None:
+        """One node's status (None: not known, or forgotten)."""
+        record = self.nodes.get(node_id)
+        stream = record.primary() if record is not None else None
+        if record is None or stream is None:
+            return None
+        return record.to_proto(desired(stream.labels) if desired and record.connected else None)
 
     def list(self, cluster: str = "",
              desired: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None) -> list[api_pb2.NodeStatus]:
@@ -226,3 +252,4 @@ class Fleet:
             gone.sort(key=lambda r: r.disconnected_at)
             for r in gone[: len(gone) - MAX_DISCONNECTED]:
                 del self.nodes[r.id]
+                self.changed.add(r.id)  # published as forgotten

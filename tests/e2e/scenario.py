@@ -86,8 +86,10 @@ def fleet_status(server: str) -> list[dict]:
     done = mtlsgate("status", "-o", "json", "--server", server)
     document = json.loads(done.stdout)
     nodes = document["nodes"] if isinstance(document, dict) else document
-    # status exits 1 exactly while a connected node is ERROR or STALE (scripts gate on it)
-    gating = any(n.get("connected", True) and n["state"] in ("ERROR", "STALE") for n in nodes) or bool(
+    # status exits 1 exactly while a connected node is ERROR or STALE, or a node is moving off a dead
+    # replica (scripts gate on it)
+    gating = any(n.get("moving") or (n.get("connected", True) and n["state"] in ("ERROR", "STALE"))
+                 for n in nodes) or bool(
         isinstance(document, dict) and document.get("crlSourceProblems"))
     assert done.returncode == (1 if gating else 0), (done.returncode, done.stderr)
     return nodes

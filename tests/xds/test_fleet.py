@@ -28,9 +28,9 @@ def status(server: str) -> dict[str, dict[str, Any]]:
                          text=True, timeout=30)
     document = json.loads(out.stdout)
     nodes = {n["id"]: n for n in document["nodes"]}
-    # The exit code scripts gate on: 1 exactly while a connected node is ERROR or STALE (or a CRL source
-    # has a problem).
-    gating = any(n["connected"] and n["state"] in ("ERROR", "STALE") for n in nodes.values()) or bool(
+    # The exit code scripts gate on: 1 exactly while a connected node is ERROR or STALE, a node is moving
+    # off a dead replica, or a CRL source has a problem.
+    gating = any(n["moving"] or (n["connected"] and n["state"] in ("ERROR", "STALE")) for n in nodes.values()) or bool(
         document.get("crlSourceProblems"))
     assert out.returncode == (1 if gating else 0), (out.returncode, out.stderr, nodes)
     return nodes

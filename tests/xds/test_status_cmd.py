@@ -53,7 +53,9 @@ def test_status_watch_prints_one_json_object_per_change(tmp_path, logs_dir):
     watcher = Proc(["status", "--server", address, "--watch", "-o", "json"], logs_dir / "watch.log")
     try:
         first = wait_until(lambda: watcher.log().splitlines(), timeout=20, message="first watch line")
-        assert json.loads(first[0]) == {"revision": 0, "nodes": []}
+        report = json.loads(first[0])
+        assert (report["revision"], report["nodes"]) == (0, [])
+        assert [(r["name"], r["alive"], r["answered"]) for r in report["replicas"]] == [(address, True, True)]
         channel = grpc.insecure_channel(address)
         node = RawAds(channel, "watched", {})
         node.send("type.googleapis.com/mtlsgate.v1.Listener")
