@@ -78,26 +78,47 @@ class _Details(grpc.ClientCallDetails):
         self.compression = getattr(base, "compression", None)
 
 
-# With several --server replicas, how long each gets to accept a connection before the next is tried.
+# With several --server replicas, how long each gets to accept a connection before the next is tried (a
+# replica that refuses the connection is skipped at once).
 REPLICA_CONNECT_TIMEOUT = 3.0
+
+
+def _connects(channel: grpc.Channel, timeout: float) -> bool:
+    """Whether the channel becomes READY within `timeout`; False as soon as its first attempt fails."""
+    import threading
+
+    settled = threading.Event()
+    reached: list[grpc.ChannelConnectivity] = []
+
+    def watch(state: grpc.ChannelConnectivity) -> None:
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+                     grpc.ChannelConnectivity.SHUTDOWN):
+            reached.append(state)
+            settled.set()
+
+    channel.subscribe(watch, try_to_connect=True)
+    try:
+        settled.wait(timeout)
+    finally:
+        channel.unsubscribe(watch)
+    return bool(reached) and reached[0] == grpc.ChannelConnectivity.READY
 
 
 def open_channel(args: argparse.Namespace) -> grpc.Channel:
     """A channel to `args.server` with whatever auth the flags ask for. Works with parsers that only have
     `--server` (missing flags count as unset). Use as a context manager.
 
-    `--server a:18000,b:18000` (control-plane replicas): the first that accepts a connection within
-    REPLICA_CONNECT_TIMEOUT is used, and `args.server` is set to it so errors name it; when none does,
-    the first is used and the call reports its error."""
+    `--server a:18000,b:18000` (control-plane replicas; also a context's `server` list): in order, the first
+    that accepts a connection (TLS included) is used — one that refuses is skipped at once, one that does
+    not answer after REPLICA_CONNECT_TIMEOUT — and `args.server` is set to it so errors name it; when none
+    does, the first is used and the call reports its error."""
     apply_context(args)
     candidates = [s.strip() for s in str(args.server).split(",") if s.strip()]
     if len(candidates) <= 1:
         return _open_channel(args, args.server)
     for server in candidates:
         channel = _open_channel(args, server)
-        try:
-            grpc.channel_ready_future(channel).result(timeout=REPLICA_CONNECT_TIMEOUT)
-        except grpc.FutureTimeoutError:
+        if not _connects(channel, REPLICA_CONNECT_TIMEOUT):
             channel.close()
             continue
         args.server = server

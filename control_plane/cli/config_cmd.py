@@ -9,7 +9,8 @@ from pathlib import Path
 from control_plane.cli.common import UsageError
 from control_plane.cli.contexts import CliConfig
 
-_SETTINGS = (("server", "server", "control plane HOST:PORT"),
+_SETTINGS = (("server", "server", "control plane HOST:PORT, or several replicas HOST:PORT,HOST:PORT… (the "
+              "CLI uses the first that answers)"),
              ("ca_cert", "caCert", "CA bundle that verifies the control plane's certificate"),
              ("cert", "clientCert", "client certificate (mTLS)"),
              ("key", "clientKey", "private key of the client certificate"),
@@ -73,6 +74,13 @@ def run_set(args: argparse.Namespace) -> int:
         value = getattr(args, attr)
         if value is None:
             continue
+        if attr == "server":
+            from control_plane.cli.contexts import server_list
+
+            try:
+                value = server_list(value)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         if attr in ("ca_cert", "cert", "key", "token_file"):
             path = Path(value).expanduser()
             if not path.is_file():

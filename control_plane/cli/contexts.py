@@ -4,6 +4,9 @@
     contexts: {NAME: {server, caCert, clientCert, clientKey, token | tokenFile}}
     currentContext: NAME
 
+`server` is one HOST:PORT or several control-plane replicas, as a list or `a:18000,b:18000`; the CLI uses
+the first that answers (control_plane/cli/client.py).
+
 — and how a client command's flags are completed from the chosen context (`--context`, else
 `MTLSGATE_CONTEXT`, else `currentContext`). Flags always override the context."""
 
@@ -28,6 +31,23 @@ def config_path(environ: Mapping[str, str] = os.environ) -> Path:
         return Path(environ["MTLSGATE_CONFIG"])
     home = Path(environ.get("HOME") or Path.home())
     return Path(environ.get("XDG_CONFIG_HOME") or home / ".config") / "mtlsgate" / "config.yaml"
+
+
+def server_list(value: object) -> str:
+    """A context's `server` — `HOST:PORT`, `a:18000,b:18000` or a YAML list of them — as the `--server`
+    text (comma-separated); ValueError naming what is wrong."""
+    from data_plane.node.servers import ServerListError, parse_servers
+
+    if isinstance(value, list):
+        if not all(isinstance(item, str) for item in value):
+            raise ValueError("expected HOST:PORT strings")
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise ValueError("expected HOST:PORT, HOST:PORT,HOST:PORT or a list of them")
+    try:
+        return ",".join(str(server) for server in parse_servers(value))
+    except ServerListError as exc:
+        raise ValueError(str(exc)) from None
 
 
 @dataclass
@@ -61,12 +81,21 @@ class CliConfig:
             if unknown:
                 raise UsageError(f"{path}: contexts.{name}.{unknown[0]}: unknown field "
                                  f"(known: {', '.join(FIELDS)})")
-            contexts[str(name)] = {k: str(v) for k, v in entry.items() if v is not None}
+            values = {k: str(v) for k, v in entry.items() if v is not None and k != "server"}
+            if entry.get("server") is not None:
+                try:
+                    values["server"] = server_list(entry["server"])
+                except ValueError as exc:
+                    raise UsageError(f"{path}: contexts.{name}.server: {exc}") from None
+            contexts[str(name)] = values
         return cls(path, contexts, str(document.get("currentContext") or ""))
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        document: dict[str, Any] = {"contexts": self.contexts}
+        # Several replicas are written as a list: easier to read and edit than one comma-separated string.
+        contexts = {name: {k: (v.split(",") if k == "server" and "," in v else v) for k, v in context.items()}
+                    for name, context in self.contexts.items()}
+        document: dict[str, Any] = {"contexts": contexts}
         if self.current:
             document["currentContext"] = self.current
         tmp = self.path.with_suffix(".tmp")

@@ -70,3 +70,67 @@ def test_contexts_supply_credentials_and_flags_override(tmp_path: Path, logs_dir
         assert plain.returncode == 1
     finally:
         cp.stop()
+
+
+def test_a_context_with_several_replicas_fails_over_to_the_one_that_answers(tmp_path: Path, logs_dir: Path) -> None:
+    """SPEC §14: a context lists several control-plane replicas; the CLI uses the first that accepts a
+    (TLS) connection. A refused port and a port that accepts TCP but closes every connection are skipped
+    at once, not after the 3 s connect timeout."""
+    import socket
+    import threading
+    import time
+
+    from tests.support import free_port
+
+    pki = CaPki(tmp_path / "pki")
+    cp = SecureControlPlane.start(pki, tmp_path, logs_dir)
+    closer = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def close_everything() -> None:
+        closer.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = closer.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+
+    thread = threading.Thread(target=close_everything, daemon=True)
+    thread.start()
+    try:
+        cert, key = pki.client(ADMIN)
+        refused, slammed = f"127.0.0.1:{free_port()}", f"127.0.0.1:{closer.getsockname()[1]}"
+        made = _cli("config", "set-context", "ha", "--server", f"{refused}, {slammed},{cp.address}", "--ca-cert",
+                    str(pki.ca_path), "--cert", str(cert), "--key", str(key), "--use")
+        assert made.returncode == 0, made.stderr
+        config = Path(os.environ["MTLSGATE_CONFIG"])
+        assert yaml.safe_load(config.read_text())["contexts"]["ha"]["server"] == [refused, slammed, cp.address]
+        listing = _cli("config", "get-contexts").stdout
+        assert f"{refused},{slammed},{cp.address}" in listing
+        started = time.monotonic()
+        direct = _cli("status", "-o", "json", "--server", cp.address)
+        baseline = time.monotonic() - started
+        started = time.monotonic()
+        status = _cli("status", "-o", "json")
+        took = time.monotonic() - started
+        assert direct.returncode == 0 and status.returncode == 0, status.stderr
+        # Waiting out the connect timeout would cost 3 s per dead replica: they are skipped at once.
+        assert took < baseline + 2.5, f"status took {took:.1f}s, {baseline:.1f}s straight to the live replica"
+        # A list written by hand works the same; a bad entry is named, in one line.
+        document = yaml.safe_load(config.read_text())
+        document["contexts"]["ha"]["server"] = [refused, cp.address]
+        config.write_text(yaml.safe_dump(document))
+        assert _cli("get", "trust-configs").returncode == 0
+        document["contexts"]["ha"]["server"] = [cp.address, "no-port"]
+        config.write_text(yaml.safe_dump(document))
+        bad = _cli("get", "trust-configs")
+        assert bad.returncode == 2 and "contexts.ha.server: " in bad.stderr and "'no-port'" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+        refused_set = _cli("config", "set-context", "x", "--server", "a:1,,b:2")
+        assert refused_set.returncode == 2 and "expected HOST:PORT" in refused_set.stderr
+    finally:
+        stop.set()
+        thread.join(5)
+        closer.close()
+        cp.stop()
