@@ -307,7 +307,7 @@ NODE_IDENTITY = "spiffe://demo.mtlsgate/node/{}"
 ADMIN_IDENTITY = "spiffe://demo.mtlsgate/admin"
 ADMIN_TOKEN_IDENTITY = "demo-admin"
 # Where the control plane is reached: on the host (demo) and inside the compose network.
-CONTROL_PLANE_NAMES = ("localhost", "control-plane")
+CONTROL_PLANE_NAMES = ("localhost", "control-plane", "control-plane-b")  # -b: compose.ha.yaml
 
 
 @dataclass(frozen=True)
