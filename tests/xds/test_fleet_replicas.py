@@ -132,7 +132,9 @@ def test_forged_and_stale_heartbeat_rows_and_a_spoofing_stream_do_not_make_statu
         api.close()
     claimed = api_pb2.NodeStatus(id="node-9", connected=True, state=api_pb2.SYNCED, streams=1,
                                  identity="spiffe://demo.mtlsgate/node/node-9")
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+    # One transaction, as a replica publishes (a replica reading between a heartbeat row and its node rows
+    # would otherwise take that generation as read without them).
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn, conn.transaction():
         now = float(conn.execute("SELECT extract(epoch from clock_timestamp())").fetchone()[0])  # type: ignore[index]
         # Heartbeats ten minutes in the future (never alive) and two hours in the future (deleted as forged),
         # one 30 s old (dead: its node is moving), and a row filed under one node that describes another.
