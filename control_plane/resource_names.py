@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
-from mtlsgate.v1 import resources_pb2
+from mtlsgate.v1 import resources_pb2, rollouts_pb2
 
 ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
 # Full GCP names: projects/P/locations/L/<collection>/ID (L is `global` for everything we model).
@@ -49,12 +49,20 @@ SERVER_TLS_POLICY = Kind("ServerTlsPolicy", "serverTlsPolicies", resources_pb2.S
 LISTENER = Kind("Listener", "listeners", resources_pb2.Listener, "listeners", "listener",
                 "listener", "listeners", "Listener", "Listeners")
 NODE = Kind("Node", "nodes", resources_pb2.Node, "nodes", "node", "node", "nodes", "Node", "Nodes")
+ROLLOUT_POLICY = Kind("RolloutPolicy", "rolloutPolicies", rollouts_pb2.RolloutPolicy, "rollout-policies",
+                      "rollout-policy", "rollout_policy", "rollout_policies", "RolloutPolicy", "RolloutPolicies")
+# Roll-out runs are stored like resources (durable, replicated, audited) but written only by the control
+# plane's roll-out driver: not a kind users apply, get or delete (`mtlsgate rollout …` shows them).
+ROLLOUT = Kind("Rollout", "rollouts", rollouts_pb2.RolloutRun, "rollouts", "rollout", "rollout", "rollouts",
+               "Rollout", "Rollouts")
 
 # Dependency order: a kind only references kinds before it, so `apply` writes in this order (and deletes
 # in the reverse one).
-KINDS: tuple[Kind, ...] = (TRUST_CONFIG, CERTIFICATE, SERVER_TLS_POLICY, LISTENER, NODE)
+KINDS: tuple[Kind, ...] = (TRUST_CONFIG, CERTIFICATE, SERVER_TLS_POLICY, ROLLOUT_POLICY, LISTENER, NODE)
+# Every collection the store holds.
+STORED_KINDS: tuple[Kind, ...] = (*KINDS, ROLLOUT)
 
-_BY_COLLECTION = {k.collection: k for k in KINDS}
+_BY_COLLECTION = {k.collection: k for k in STORED_KINDS}
 _BY_MESSAGE = {k.message.DESCRIPTOR.full_name: k for k in KINDS}
 _BY_SPELLING: dict[str, Kind] = {}
 for _k in KINDS:
@@ -146,6 +154,8 @@ def references(message: Message) -> Iterator[Reference]:
             yield Reference(f"certificates[{i}]", name, CERTIFICATE)
         if message.server_tls_policy:
             yield Reference("serverTlsPolicy", message.server_tls_policy, SERVER_TLS_POLICY)
+        if message.rollout_policy:
+            yield Reference("rolloutPolicy", message.rollout_policy, ROLLOUT_POLICY)
 
 
 def normalise_references(message: Message) -> list[tuple[str, str]]:
@@ -173,4 +183,5 @@ def normalise_references(message: Message) -> list[tuple[str, str]]:
             except InvalidName as exc:
                 problems.append((f"certificates[{i}]", str(exc)))
         fix(message, "server_tls_policy", "serverTlsPolicy", SERVER_TLS_POLICY)
+        fix(message, "rollout_policy", "rolloutPolicy", ROLLOUT_POLICY)
     return problems

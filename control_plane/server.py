@@ -16,12 +16,13 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mtlsgate.v1 import api_pb2_grpc
 
-from control_plane.api import check_service
+from control_plane.api import check_service, rollout_service
 from control_plane.api.audit_service import AuditService
 from control_plane.api.auth import Tokens
 from control_plane.api.authorization import AuthorizationInterceptor, Authorizer
@@ -64,6 +65,9 @@ class ServerContext:
     tokens: Tokens | None
     authorizer: Authorizer
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_start: list[Callable[[], None]] = field(default_factory=list)  # called once the server has started
+    xds: Any = None  # the XdsServer (set by its registration; the roll-out driver steers it)
+    rollouts: Any = None  # the RolloutDriver
 
 
 @dataclass(frozen=True)
@@ -91,12 +95,13 @@ def _add_audit_service(server: grpc.aio.Server, ctx: ServerContext) -> None:
 SERVICES: list[ServiceRegistration] = [
     ServiceRegistration(
         ("mtlsgate.v1.TrustConfigService", "mtlsgate.v1.ServerTlsPolicyService", "mtlsgate.v1.CertificateService",
-         "mtlsgate.v1.ListenerService"),
+         "mtlsgate.v1.ListenerService", "mtlsgate.v1.NodeService", "mtlsgate.v1.RolloutPolicyService"),
         _add_resource_services,
     ),
     ServiceRegistration(("mtlsgate.v1.AuditService",), _add_audit_service),
     ServiceRegistration(xds_ads.SERVICE_NAMES, xds_ads.add_xds_services),
     ServiceRegistration((check_service.SERVICE_NAME,), check_service.add_check_service),
+    ServiceRegistration((rollout_service.SERVICE_NAME,), rollout_service.add_rollout_service),
 ]
 
 
@@ -239,6 +244,8 @@ async def serve(options: ServerOptions, *, ready: Callable[[str], None] | None =
     try:
         built = build_server(store, options)
         await built.server.start()
+        for started in built.context.on_start:
+            started()
         for name in ["", *[n for r in SERVICES for n in r.names]]:
             await built.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = options.listen.rpartition(":")[0]

@@ -45,7 +45,8 @@ class AuditService(api_pb2_grpc.AuditServiceServicer):
         for record in records[:size]:
             entry = response.entries.add(revision=record.revision, actor=record.actor, method=record.method,
                                          resource_name=record.resource_name, etag_before=record.etag_before,
-                                         etag_after=record.etag_after, role=record.role)
+                                         etag_after=record.etag_after, role=record.role,
+                                         detail=record.detail)
             entry.time.FromNanoseconds(int(record.time * 1e9))
         if len(records) > size:
             response.next_page_token = str(records[size - 1].revision)

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2, message_factory
 from google.protobuf.message import Message
-from mtlsgate.v1 import api_pb2, resources_pb2
+from mtlsgate.v1 import api_pb2, resources_pb2, rollouts_pb2
 
 from control_plane.api.authorization import Caller, current_caller
 from control_plane.api.errors import InvalidResource, status_for
@@ -22,6 +22,7 @@ from control_plane.authz.admission import validate_node
 from control_plane.authz.identity import Identity
 from control_plane.crl_sources.schedule import carry_over
 from control_plane.resource_names import KINDS, InvalidName, Kind, normalise_name, normalise_references
+from control_plane.rollouts.policy import validate_rollout_policy
 from control_plane.store.base import (
     AlreadyExists,
     EtagMismatch,
@@ -45,6 +46,7 @@ _VALIDATORS: dict[str, Callable[[Any], list[FieldViolation]]] = {
     "certificates": validation.validate_certificate,
     "listeners": validation.validate_listener,
     "nodes": validate_node,
+    "rolloutPolicies": validate_rollout_policy,
 }
 _OUTPUT_ONLY = ("etag", "create_time", "update_time")
 CRL_FETCHER_ACTOR = "system:crl-fetcher"
@@ -278,7 +280,9 @@ def resource_service_handlers(store: Store, live: LiveStatus | None = None) -> l
     handlers = []
     for kind in KINDS:
         api = ResourceApi(kind, store, live)
-        service = api_pb2.DESCRIPTOR.services_by_name[f"{kind.method_suffix}Service"]
+        service_name = f"{kind.method_suffix}Service"
+        service = next(file.services_by_name[service_name] for file in (api_pb2.DESCRIPTOR, rollouts_pb2.DESCRIPTOR)
+                       if service_name in file.services_by_name)
         methods = {m.name: m for m in service.methods}
         # From the descriptor: `ListNodesResponse` is the fleet's, the Node kind's is ListNodesResourceResponse.
         list_response = message_factory.GetMessageClass(methods[f"List{kind.plural_suffix}"].output_type)

@@ -36,7 +36,7 @@ _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRef
                   "/grpc.reflection.v1.ServerReflection/")
 _XDS_SERVICES = ("/envoy.service.discovery.v3.", "/mtlsgate.v1.NodeReportService/")
 _RESOURCE_SERVICES = ("TrustConfigService", "ServerTlsPolicyService", "CertificateService",
-                      "ListenerService", "NodeService")
+                      "ListenerService", "NodeService", "RolloutPolicyService")
 
 
 def access_for(method: str) -> Access:
@@ -57,6 +57,8 @@ def access_for(method: str) -> Access:
         return Access.ADMIN
     if short in ("FleetService", "AuditService", "ClientService"):
         return Access.READ
+    if short == "RolloutService":  # starting and steering a roll-out changes what nodes serve
+        return Access.READ if name.startswith(("Get", "List")) else Access.WRITE
     if short == "CheckService":
         return Access.CHECK
     return Access.ADMIN

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "control_plane.cli.status_cmd",
     "control_plane.cli.check_cmd",
     "control_plane.cli.config_cmd",
+    "control_plane.cli.rollout_cmd",
 ]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import Message
-from mtlsgate.v1 import api_pb2, api_pb2_grpc
+from mtlsgate.v1 import api_pb2, api_pb2_grpc, rollouts_pb2, rollouts_pb2_grpc
 
 from control_plane.cli.client import add_client_arguments, open_channel, rpc_error
 from control_plane.cli.common import CliError, UsageError
@@ -30,6 +30,7 @@ from control_plane.manifests import (
 from control_plane.resource_names import (
     CERTIFICATE,
     NODE,
+    ROLLOUT_POLICY,
     SERVER_TLS_POLICY,
     TRUST_CONFIG,
     InvalidName,
@@ -67,6 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="return once every connected node the change targets has ACKed it (default "
                        f"timeout {DEFAULT_WAIT:g}s; e.g. --wait=30s); prints each node's convergence; exit 1 "
                        "naming the nodes that NACKed (with the reason) or did not ACK in time")
+    apply.add_argument("--rollout", metavar="ROLLOUT_POLICY",
+                       help="send the change out wave by wave with this RolloutPolicy (SPEC §12): nodes not yet "
+                       "reached keep what they serve; `mtlsgate rollout status` follows it")
     add_client_arguments(apply)
     apply.set_defaults(func=run_apply)
 
@@ -108,7 +112,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _stub(kind: Kind, channel: grpc.Channel) -> Any:
-    return getattr(api_pb2_grpc, f"{kind.method_suffix}ServiceStub")(channel)
+    name = f"{kind.method_suffix}ServiceStub"
+    module = api_pb2_grpc if hasattr(api_pb2_grpc, name) else rollouts_pb2_grpc
+    return getattr(module, name)(channel)
 
 
 def _get(kind: Kind, stub: Any, name: str) -> Message | None:
@@ -135,7 +141,8 @@ def _list(kind: Kind, stub: Any) -> list[Message]:
 def _upsert(kind: Kind, stub: Any, resource: Message, *, dry_run: bool = False) -> str:
     """Update with allow_missing; returns created | configured | unchanged."""
     existing = _get(kind, stub, resource.name)  # type: ignore[attr-defined]
-    request = getattr(api_pb2, f"Update{kind.method_suffix}Request")(
+    request_name = f"Update{kind.method_suffix}Request"
+    request = getattr(api_pb2 if hasattr(api_pb2, request_name) else rollouts_pb2, request_name)(
         **{kind.field: resource}, allow_missing=True, validate_only=dry_run)
     stored = getattr(stub, f"Update{kind.method_suffix}")(request, timeout=TIMEOUT)
     if existing is None:
@@ -176,11 +183,12 @@ def _manifest_files(targets: list[str]) -> list[str]:
 def _local_problems(item: ManifestResource) -> list[str]:
     """The same pure validation the server runs, so a bad document stops the apply before any write."""
     from control_plane.authz.admission import validate_node
+    from control_plane.rollouts.policy import validate_rollout_policy
     from data_plane.validation import resources as validation
 
     validators = {"TrustConfig": validation.validate_trust_config, "Certificate": validation.validate_certificate,
                   "ServerTlsPolicy": validation.validate_server_tls_policy, "Listener": validation.validate_listener,
-                  "Node": validate_node}
+                  "Node": validate_node, "RolloutPolicy": validate_rollout_policy}
     problems = [f"{field}: {text}" for field, text in normalise_references(item.resource)]
     violations = validators[item.kind.kind](item.resource)  # type: ignore[arg-type]
     if item.kind is CERTIFICATE:
@@ -208,6 +216,7 @@ def run_apply(args: argparse.Namespace) -> int:
         problems = _local_problems(item)
         if problems:
             raise UsageError(f"{item.source}: {'; '.join(problems)}")
+    begun: list[Any] = []  # the roll-out this apply opened, aborted if a write fails
     try:
         with open_channel(args) as channel:
             _check_references(items, channel)
@@ -217,6 +226,12 @@ def run_apply(args: argparse.Namespace) -> int:
             before = acked_versions(fleet.ListNodes(api_pb2.ListNodesRequest(), timeout=TIMEOUT)) \
                 if args.wait and not args.dry_run else {}
             not_yet_stored: set[str] = set()  # dry run: created by this apply, so the server cannot see them
+            run = None
+            if args.rollout and not args.dry_run:
+                run = rollouts_pb2_grpc.RolloutServiceStub(channel).BeginRollout(
+                    rollouts_pb2.BeginRolloutRequest(policy=args.rollout, description="mtlsgate apply --rollout"),
+                    timeout=TIMEOUT)
+                begun.append((channel, run))
             for item in order_for_apply(items):
                 stub = _stub(item.kind, channel)
                 name = item.resource.name  # type: ignore[attr-defined]
@@ -229,9 +244,28 @@ def run_apply(args: argparse.Namespace) -> int:
                 if args.dry_run and outcome == "created":
                     not_yet_stored.add(name)
                 print(f"{label(item.kind, item.resource.name)} {outcome}{suffix}", flush=True)  # type: ignore[attr-defined]
+            if run is not None:
+                from control_plane.cli.rollout_cmd import print_started
+
+                run = rollouts_pb2_grpc.RolloutServiceStub(channel).CommitRollout(
+                    rollouts_pb2.RolloutRequest(name=run.name), timeout=TIMEOUT)
+                begun.clear()
+                print_started(run)
+                if args.wait:
+                    print("(--wait with --rollout: follow the waves with `mtlsgate rollout status`)")
+                return 0
             if args.wait and not args.dry_run:
                 return _wait_for_fleet(fleet, before, args.wait)
     except grpc.RpcError as exc:
+        for _channel, run in begun:
+            with open_channel(args) as again:
+                try:
+                    rollouts_pb2_grpc.RolloutServiceStub(again).AbortRollout(rollouts_pb2.RolloutRequest(
+                        name=run.name, reason="the apply that opened it failed"), timeout=TIMEOUT)
+                    print(f"{run.name} aborted: the resources written so far are back as they were",
+                          file=sys.stderr)
+                except grpc.RpcError:
+                    pass
         raise rpc_error(exc, args) from None
     return 0
 
@@ -429,6 +463,10 @@ def _row(kind: Kind, m: Any) -> list[str]:
     if kind is CERTIFICATE:
         subject, expires = _certificate_summary(m.pem_certificate)
         return [_short(m.name), subject, expires, m.private_key_sha256[:16], _age(m)]
+    if kind is ROLLOUT_POLICY:
+        from control_plane.cli.rollout_cmd import describe_gates, describe_waves
+
+        return [_short(m.name), describe_waves(m), describe_gates(m), _age(m)]
     selector = ",".join(f"{k}={v}" for k, v in sorted(m.node_selector.items())) or "*"
     return [_short(m.name), str(m.port), _short(m.certificate), _short(m.server_tls_policy), m.backend, selector,
             _age(m)]
@@ -440,6 +478,7 @@ _HEADERS = {
     "Certificate": ["NAME", "SUBJECT", "NOT AFTER", "KEY SHA256", "AGE"],
     "Listener": ["NAME", "PORT", "CERTIFICATE", "POLICY", "BACKEND", "NODES", "AGE"],
     "Node": ["NAME", "IDENTITY", "CLUSTER", "LABELS", "CONNECTED", "STATE", "METADATA", "AGE"],
+    "RolloutPolicy": ["NAME", "WAVES", "GATES", "AGE"],
 }
 
 
@@ -484,14 +523,15 @@ def run_audit(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps([{"revision": e.revision, "time": e.time.ToJsonString(), "actor": e.actor,
                            "role": e.role, "method": e.method, "resourceName": e.resource_name, "etagBefore": e.etag_before,
-                           "etagAfter": e.etag_after} for e in entries], indent=2))
+                           "etagAfter": e.etag_after, "detail": e.detail} for e in entries], indent=2))
         return 0
     if not entries:
         print("No audit entries.")
         return 0
     rows = [[str(e.revision), e.time.ToDatetime(tzinfo=dt.UTC).isoformat(timespec="seconds"), e.actor,
-             e.role or "-", e.method, e.resource_name, f"{e.etag_before or '-'} -> {e.etag_after or '-'}"]
+             e.role or "-", e.method, e.resource_name, f"{e.etag_before or '-'} -> {e.etag_after or '-'}",
+             e.detail or ""]
             for e in entries]
-    print(_table(["REVISION", "TIME", "ACTOR", "ROLE", "METHOD", "RESOURCE", "ETAG"], rows))
+    print(_table(["REVISION", "TIME", "ACTOR", "ROLE", "METHOD", "RESOURCE", "ETAG", "DETAIL"], rows))
     return 0
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from google.protobuf.message import Message
-from mtlsgate.v1 import resources_pb2
+from mtlsgate.v1 import resources_pb2, rollouts_pb2
 
 
 class StoreError(Exception):
@@ -36,6 +36,10 @@ class StoreUnavailable(StoreError):
     tells which it was."""
 
 
+class HistoryTruncated(StoreError):
+    """A revision older than the bounded history the store keeps (MAX_REVISIONS_PER_RESOURCE)."""
+
+
 class EtagMismatch(StoreError):
     """The caller's etag precondition does not match the stored resource (someone else wrote first)."""
 
@@ -54,16 +58,14 @@ class StoreState:
     listeners: Mapping[str, resources_pb2.Listener]
     nodes: Mapping[str, resources_pb2.Node] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}))  # registered Nodes (SPEC §8)
+    rollout_policies: Mapping[str, rollouts_pb2.RolloutPolicy] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))  # SPEC §12
+    rollouts: Mapping[str, rollouts_pb2.RolloutRun] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))  # roll-out runs, written by the driver
 
     def collection(self, collection: str) -> Mapping[str, Message]:
         """The mapping for a collection name such as `trustConfigs`."""
-        return {  # type: ignore[return-value]
-            "trustConfigs": self.trust_configs,
-            "serverTlsPolicies": self.server_tls_policies,
-            "certificates": self.certificates,
-            "listeners": self.listeners,
-            "nodes": self.nodes,
-        }[collection]
+        return getattr(self, COLLECTION_FIELDS[collection])  # type: ignore[no-any-return]
 
     def get(self, name: str) -> Message | None:
         collection, _, _ = name.partition("/")
@@ -83,6 +85,22 @@ class AuditRecord:
     etag_before: str
     etag_after: str
     role: str = ""  # the actor's role when it wrote (SPEC §8; empty in records from before roles)
+    detail: str = ""  # why, for writes the control plane made itself (a roll-out's halt or undo, …)
+
+
+# Every write keeps the resource's previous revisions, this many per resource (the newest included): the
+# roll-out driver serves nodes it has not reached from an older revision (SPEC §12).
+MAX_REVISIONS_PER_RESOURCE = 32
+
+
+@dataclass(frozen=True)
+class ResourceRevision:
+    """One stored version of a resource: what it was from `revision` on (None: deleted at `revision`)."""
+
+    revision: int
+    name: str
+    etag: str
+    resource: Message | None
 
 
 @dataclass(frozen=True)
@@ -118,18 +136,27 @@ class Store(Protocol):
         ...
 
     def create(self, resource: Message, *, actor: str, role: str = "",
-               check: WriteCheck | None = None) -> WriteResult:
+               check: WriteCheck | None = None, detail: str = "") -> WriteResult:
         """Store a new resource (`resource.name` normalised); AlreadyExists if the name is taken."""
         ...
 
     def update(self, resource: Message, *, actor: str, role: str = "", expected_etag: str = "",
-               allow_missing: bool = False, check: WriteCheck | None = None) -> WriteResult:
+               allow_missing: bool = False, check: WriteCheck | None = None, detail: str = "") -> WriteResult:
         """Replace a resource. NotFound unless it exists or `allow_missing`; EtagMismatch if
-        `expected_etag` is set and differs from the stored etag."""
+        `expected_etag` is set and differs from the stored etag. `detail` goes into the audit record."""
         ...
 
     def delete(self, name: str, *, actor: str, role: str = "", expected_etag: str = "",
-               check: WriteCheck | None = None) -> WriteResult: ...
+               check: WriteCheck | None = None, detail: str = "") -> WriteResult: ...
+
+    def revisions(self, name: str, *, limit: int = MAX_REVISIONS_PER_RESOURCE) -> builtins.list[ResourceRevision]:
+        """The kept revisions of one resource, newest first (a deletion is a revision with no resource)."""
+        ...
+
+    def state_at(self, revision: int) -> StoreState:
+        """The whole state as it was at `revision` (≤ the current one). HistoryTruncated when a resource
+        changed since has no kept revision that old."""
+        ...
 
     def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
         """`callback(revision)` after every committed write, in the thread that wrote (the gRPC API writes
@@ -245,7 +272,8 @@ def is_postgres_url(db: str) -> bool:
 
 
 COLLECTION_FIELDS = {"trustConfigs": "trust_configs", "serverTlsPolicies": "server_tls_policies",
-                     "certificates": "certificates", "listeners": "listeners", "nodes": "nodes"}
+                     "certificates": "certificates", "listeners": "listeners", "nodes": "nodes",
+                     "rolloutPolicies": "rollout_policies", "rollouts": "rollouts"}
 
 
 def copy_message(message: Message) -> Message:
@@ -335,3 +363,45 @@ def plan_delete(state: StoreState, name: str, expected_etag: str) -> WritePlan:
         raise NotFound(f"{name} not found")
     check_etag(name, before, expected_etag)
     return WritePlan("DELETE", name, None, before)
+
+
+@dataclass(frozen=True)
+class PastVersion:
+    """What the history says about one resource at a past revision: `found` False means the history does
+    not reach back that far; otherwise `resource` is its content then (None: it did not exist)."""
+
+    found: bool
+    resource: Message | None = None
+
+
+def state_from_history(current: StoreState, revision: int, written_at: float,
+                       past: Mapping[str, PastVersion]) -> StoreState:
+    """`current` with every resource changed after `revision` put back to its version `past` gives."""
+    missing = sorted(name for name, version in past.items() if not version.found)
+    if missing:
+        raise HistoryTruncated(
+            f"revision {revision} is older than the kept history of {missing[0]} (the store keeps "
+            f"{MAX_REVISIONS_PER_RESOURCE} revisions per resource)")
+    maps = {c: dict(current.collection(c)) for c in COLLECTION_FIELDS}
+    for name, version in past.items():
+        collection = name.partition("/")[0]
+        if collection not in maps:
+            continue
+        if version.resource is None:
+            maps[collection].pop(name, None)
+        else:
+            maps[collection][name] = version.resource
+    return make_state(revision, written_at, maps)
+
+
+def past_version(row: tuple[bytes | None, str] | None, oldest_etag_before: str | None,
+                 parse: Callable[[bytes], Message]) -> PastVersion:
+    """From the newest history row at or before the revision (`(data, etag_before)`, data None for a
+    deletion), or — without one — the `etag_before` of the oldest kept row: "" means the resource was
+    created after the revision (so it did not exist then); anything else means older rows were pruned."""
+    if row is not None:
+        data = row[0]
+        return PastVersion(True, parse(bytes(data)) if data is not None else None)
+    if oldest_etag_before == "":
+        return PastVersion(True, None)
+    return PastVersion(False)

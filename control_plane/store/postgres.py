@@ -26,7 +26,10 @@ from psycopg_pool import ConnectionPool
 from control_plane.resource_names import kind_for_collection
 from control_plane.store.base import (
     COLLECTION_FIELDS,
+    MAX_REVISIONS_PER_RESOURCE,
     AuditRecord,
+    PastVersion,
+    ResourceRevision,
     StoreError,
     StoreState,
     StoreUnavailable,
@@ -36,10 +39,12 @@ from control_plane.store.base import (
     copy_message,
     is_postgres_url,
     make_state,
+    past_version,
     plan_create,
     plan_delete,
     plan_update,
     stamp,
+    state_from_history,
     with_change,
 )
 from control_plane.store.postgres_fleet import PostgresFleetTable
@@ -91,6 +96,12 @@ SELECT a.revision, a.time, a.resource_name, r.collection, r.data
 FROM mtlsgate_audit a LEFT JOIN mtlsgate_resources r ON r.name = a.resource_name
 WHERE a.revision > %s ORDER BY a.revision
 """
+
+
+def _parse(collection: str, data: bytes) -> Message:
+    message = kind_for_collection(collection).message()
+    message.ParseFromString(bytes(data))
+    return message
 
 
 class PostgresStore:
@@ -149,7 +160,7 @@ class PostgresStore:
         return [copy_message(m) for m in self._state.collection(collection).values()]
 
     def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> builtins.list[AuditRecord]:
-        query = ("SELECT revision, time, actor, method, resource_name, etag_before, etag_after, role "
+        query = ("SELECT revision, time, actor, method, resource_name, etag_before, etag_after, role, detail "
                  "FROM mtlsgate_audit WHERE revision > %s")
         params: list[object] = [after_revision]
         if resource_name:
@@ -165,24 +176,69 @@ class PostgresStore:
                                    f"({_one_line(exc)})") from None
         except psycopg.Error as exc:
             raise StoreError(f"reading the audit log failed: {_one_line(exc)}") from None
-        return [AuditRecord(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
+        return [AuditRecord(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows]
+
+    def _read(self, what: str, work: Callable[[psycopg.Connection], object]) -> object:
+        try:
+            with self._pool.connection() as conn:
+                return work(conn)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"store unavailable: PostgreSQL at {redact(self.dsn)} cannot be reached "
+                                   f"({_one_line(exc)})") from None
+        except psycopg.Error as exc:
+            raise StoreError(f"reading {what} failed: {_one_line(exc)}") from None
+
+    def revisions(self, name: str, *, limit: int = MAX_REVISIONS_PER_RESOURCE) -> builtins.list[ResourceRevision]:
+        rows: list[tuple[object, ...]] = self._read("the revision history", lambda conn: conn.execute(  # type: ignore[assignment]
+            "SELECT revision, collection, etag, data FROM mtlsgate_history WHERE name = %s "
+            "ORDER BY revision DESC LIMIT %s", (name, max(1, limit))).fetchall())
+        return [ResourceRevision(int(r[0]), name, str(r[2]), _parse(str(r[1]), r[3]) if r[3] is not None else None)  # type: ignore[call-overload, arg-type]
+                for r in rows]
+
+    def state_at(self, revision: int) -> StoreState:
+        current = self._state
+        if revision == current.revision:
+            return current
+        if not 0 <= revision < current.revision:
+            raise StoreError(f"revision {revision} does not exist (the store is at {current.revision})")
+
+        def work(conn: psycopg.Connection) -> tuple[dict[str, PastVersion], float]:
+            past: dict[str, PastVersion] = {}
+            with conn.transaction():
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                names = [r[0] for r in conn.execute(
+                    "SELECT DISTINCT name FROM mtlsgate_history WHERE revision > %s AND revision <= %s",
+                    (revision, current.revision))]
+                for name in names:
+                    collection = name.partition("/")[0]
+                    row = conn.execute("SELECT data, etag_before FROM mtlsgate_history WHERE name = %s AND "
+                                       "revision <= %s ORDER BY revision DESC LIMIT 1", (name, revision)).fetchone()
+                    oldest = conn.execute("SELECT etag_before FROM mtlsgate_history WHERE name = %s ORDER BY "
+                                          "revision LIMIT 1", (name,)).fetchone()
+                    past[name] = past_version(row, oldest[0] if oldest else None,  # type: ignore[arg-type]
+                                              lambda data, c=collection: _parse(c, data))
+                written = conn.execute("SELECT time FROM mtlsgate_audit WHERE revision = %s", (revision,)).fetchone()
+            return past, float(written[0]) if written else 0.0
+
+        past, written_at = self._read("the revision history", work)  # type: ignore[misc]
+        return state_from_history(current, revision, written_at, past)
 
     # ------------------------------------------------------------------ writes
 
     def create(self, resource: Message, *, actor: str, role: str = "",
-               check: WriteCheck | None = None) -> WriteResult:
-        return self._write(lambda state: plan_create(state, resource), (actor, role), check)
+               check: WriteCheck | None = None, detail: str = "") -> WriteResult:
+        return self._write(lambda state: plan_create(state, resource), (actor, role, detail), check)
 
     def update(self, resource: Message, *, actor: str, role: str = "", expected_etag: str = "",
-               allow_missing: bool = False, check: WriteCheck | None = None) -> WriteResult:
-        return self._write(lambda state: plan_update(state, resource, expected_etag, allow_missing), (actor, role),
-                           check)
+               allow_missing: bool = False, check: WriteCheck | None = None, detail: str = "") -> WriteResult:
+        return self._write(lambda state: plan_update(state, resource, expected_etag, allow_missing),
+                           (actor, role, detail), check)
 
     def delete(self, name: str, *, actor: str, role: str = "", expected_etag: str = "",
-               check: WriteCheck | None = None) -> WriteResult:
-        return self._write(lambda state: plan_delete(state, name, expected_etag), (actor, role), check)
+               check: WriteCheck | None = None, detail: str = "") -> WriteResult:
+        return self._write(lambda state: plan_delete(state, name, expected_etag), (actor, role, detail), check)
 
-    def _write(self, decide: Callable[[StoreState], WritePlan | WriteResult], who: tuple[str, str],
+    def _write(self, decide: Callable[[StoreState], WritePlan | WriteResult], who: tuple[str, str, str],
                check: WriteCheck | None) -> WriteResult:
         """One transaction: lock the revision row, catch up, decide against the database's state, commit."""
         with self._lock:
@@ -232,7 +288,7 @@ class PostgresStore:
                                changed=True)
 
     def _insert(self, conn: psycopg.Connection, plan: WritePlan, stored: Message | None, revision: int,
-                now: float, who: tuple[str, str]) -> None:
+                now: float, who: tuple[str, str, str]) -> None:
         etag_before = plan.before.etag if plan.before is not None else ""  # type: ignore[attr-defined]
         etag_after = stored.etag if stored is not None else ""  # type: ignore[attr-defined]
         if stored is None:
@@ -248,9 +304,18 @@ class PostgresStore:
             )
         conn.execute(
             "INSERT INTO mtlsgate_audit (revision, time, actor, role, method, resource_name, etag_before, "
-            "etag_after) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (revision, now, who[0], who[1], plan.method, plan.name, etag_before, etag_after),
+            "etag_after, detail) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (revision, now, who[0], who[1], plan.method, plan.name, etag_before, etag_after, who[2]),
         )
+        conn.execute(
+            "INSERT INTO mtlsgate_history (name, revision, collection, etag_before, etag, data) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            (plan.name, revision, plan.name.partition("/")[0], etag_before, etag_after,
+             stored.SerializeToString(deterministic=True) if stored is not None else None),
+        )
+        conn.execute("DELETE FROM mtlsgate_history WHERE name = %s AND revision < (SELECT revision FROM "
+                     "mtlsgate_history WHERE name = %s ORDER BY revision DESC LIMIT 1 OFFSET %s)",
+                     (plan.name, plan.name, MAX_REVISIONS_PER_RESOURCE - 1))
         conn.execute("UPDATE mtlsgate_revision SET written_at = %s WHERE id = 1", (now,))
         conn.execute("SELECT pg_notify(%s, %s)", (self._channel, str(revision)))
 

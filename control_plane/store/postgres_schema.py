@@ -66,6 +66,24 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX mtlsgate_fleet_by_seq ON mtlsgate_fleet (replica, seq);
     """,
+    # 4: every write keeps the resource's previous revisions (bounded; SPEC §12 roll-outs serve nodes not
+    # yet reached from them), and the audit log says why for the control plane's own writes. The current
+    # resources start the history ('?': what came before them is unknown).
+    """
+    ALTER TABLE mtlsgate_audit ADD COLUMN detail text NOT NULL DEFAULT '';
+    CREATE TABLE mtlsgate_history (
+        name text NOT NULL,
+        revision bigint NOT NULL,
+        collection text NOT NULL,
+        etag_before text NOT NULL,
+        etag text NOT NULL,
+        data bytea,
+        PRIMARY KEY (name, revision)
+    );
+    CREATE INDEX mtlsgate_history_by_revision ON mtlsgate_history (revision);
+    INSERT INTO mtlsgate_history (name, revision, collection, etag_before, etag, data)
+        SELECT name, revision, collection, '?', etag, data FROM mtlsgate_resources;
+    """,
 )
 
 # Any constant both replicas agree on; only mtlsgate's migrations take this advisory lock.

@@ -19,11 +19,14 @@ from google.protobuf.message import Message
 from control_plane.resource_names import kind_for_collection
 from control_plane.store.base import (
     COLLECTION_FIELDS,
+    MAX_REVISIONS_PER_RESOURCE,
     AlreadyExists,
     AuditRecord,
     EtagMismatch,
     LocalFleetTable,
     NotFound,
+    PastVersion,
+    ResourceRevision,
     StoreError,
     StoreState,
     WriteCheck,
@@ -31,6 +34,8 @@ from control_plane.store.base import (
     content_etag,
     copy_message,
     make_state,
+    past_version,
+    state_from_history,
 )
 
 _SCHEMA = """
@@ -52,9 +57,29 @@ CREATE TABLE IF NOT EXISTS audit (
     role TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS audit_by_resource ON audit (resource_name, revision);
+CREATE TABLE IF NOT EXISTS history (
+    name TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    collection TEXT NOT NULL,
+    etag_before TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    data BLOB,
+    PRIMARY KEY (name, revision)
+);
+CREATE INDEX IF NOT EXISTS history_by_revision ON history (revision);
 """
 
 log = logging.getLogger(__name__)
+
+# Keep the newest MAX_REVISIONS_PER_RESOURCE revisions of one resource.
+_PRUNE = ("DELETE FROM history WHERE name = ? AND revision < (SELECT revision FROM history WHERE name = ? "
+          "ORDER BY revision DESC LIMIT 1 OFFSET ?)")
+
+
+def _parse(collection: str, data: bytes) -> Message:
+    message = kind_for_collection(collection).message()
+    message.ParseFromString(bytes(data))
+    return message
 
 class SqliteStore:
     """`Store` on SQLite. Thread-safe: writes are serialised by a lock, each in one IMMEDIATE transaction;
@@ -78,6 +103,13 @@ class SqliteStore:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit)")}
             if "role" not in columns:  # a store written before roles (SPEC §8) existed
                 self._db.execute("ALTER TABLE audit ADD COLUMN role TEXT NOT NULL DEFAULT ''")
+            if "detail" not in columns:  # … or before roll-outs (SPEC §12)
+                self._db.execute("ALTER TABLE audit ADD COLUMN detail TEXT NOT NULL DEFAULT ''")
+            if self._db.execute("SELECT 1 FROM history LIMIT 1").fetchone() is None:
+                # A store from before revisions were kept: its current resources start the history
+                # ('?': what came before them is unknown).
+                self._db.execute("INSERT INTO history (name, revision, collection, etag_before, etag, data) "
+                                 "SELECT name, revision, collection, '?', etag, data FROM resources")
         except sqlite3.Error as exc:
             self._release_owner_lock()
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
@@ -110,7 +142,7 @@ class SqliteStore:
         return [copy_message(m) for m in self._state.collection(collection).values()]
 
     def audit(self, resource_name: str = "", *, after_revision: int = 0, limit: int = 100) -> builtins.list[AuditRecord]:
-        query = ("SELECT revision, time, actor, method, resource_name, etag_before, etag_after, role "
+        query = ("SELECT revision, time, actor, method, resource_name, etag_before, etag_after, role, detail "
                  "FROM audit WHERE revision > ?")
         params: list[object] = [after_revision]
         if resource_name:
@@ -120,19 +152,48 @@ class SqliteStore:
         params.append(max(1, limit))
         with self._lock:
             rows = self._db.execute(query, params).fetchall()
-        return [AuditRecord(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
+        return [AuditRecord(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows]
+
+    def revisions(self, name: str, *, limit: int = MAX_REVISIONS_PER_RESOURCE) -> builtins.list[ResourceRevision]:
+        with self._lock:
+            rows = self._db.execute("SELECT revision, collection, etag, data FROM history WHERE name = ? "
+                                    "ORDER BY revision DESC LIMIT ?", (name, max(1, limit))).fetchall()
+        return [ResourceRevision(int(r[0]), name, r[2], _parse(r[1], r[3]) if r[3] is not None else None)
+                for r in rows]
+
+    def state_at(self, revision: int) -> StoreState:
+        current = self._state
+        if revision == current.revision:
+            return current
+        if not 0 <= revision < current.revision:
+            raise StoreError(f"revision {revision} does not exist (the store is at {current.revision})")
+        with self._lock:
+            names = [r[0] for r in self._db.execute(
+                "SELECT DISTINCT name FROM history WHERE revision > ? AND revision <= ?",
+                (revision, current.revision))]
+            past: dict[str, PastVersion] = {}
+            for name in names:
+                collection = name.partition("/")[0]
+                row = self._db.execute("SELECT data, etag_before FROM history WHERE name = ? AND revision <= ? "
+                                       "ORDER BY revision DESC LIMIT 1", (name, revision)).fetchone()
+                oldest = self._db.execute("SELECT etag_before FROM history WHERE name = ? ORDER BY revision "
+                                          "LIMIT 1", (name,)).fetchone()
+                past[name] = past_version(row, oldest[0] if oldest else None,
+                                          lambda data, c=collection: _parse(c, data))
+            written = self._db.execute("SELECT time FROM audit WHERE revision = ?", (revision,)).fetchone()
+        return state_from_history(current, revision, float(written[0]) if written else 0.0, past)
 
     # ------------------------------------------------------------------ writes
 
     def create(self, resource: Message, *, actor: str, role: str = "",
-               check: WriteCheck | None = None) -> WriteResult:
+               check: WriteCheck | None = None, detail: str = "") -> WriteResult:
         with self._lock:
             if self._state.get(resource.name) is not None:  # type: ignore[attr-defined]
                 raise AlreadyExists(f"{resource.name} already exists")  # type: ignore[attr-defined]
-            return self._write("CREATE", resource.name, resource, None, (actor, role), check)  # type: ignore[attr-defined]
+            return self._write("CREATE", resource.name, resource, None, (actor, role, detail), check)  # type: ignore[attr-defined]
 
     def update(self, resource: Message, *, actor: str, role: str = "", expected_etag: str = "",
-               allow_missing: bool = False, check: WriteCheck | None = None) -> WriteResult:
+               allow_missing: bool = False, check: WriteCheck | None = None, detail: str = "") -> WriteResult:
         name: str = resource.name  # type: ignore[attr-defined]
         with self._lock:
             before = self._state.get(name)
@@ -141,20 +202,20 @@ class SqliteStore:
                     raise NotFound(f"{name} not found")
                 if expected_etag:
                     raise EtagMismatch(f"{name} does not exist, but an etag precondition was given")
-                return self._write("CREATE", name, resource, None, (actor, role), check)
+                return self._write("CREATE", name, resource, None, (actor, role, detail), check)
             self._check_etag(name, before, expected_etag)
             if content_etag(resource) == before.etag:  # type: ignore[attr-defined]
                 return WriteResult(copy_message(before), copy_message(before), self._state.revision, changed=False)
-            return self._write("UPDATE", name, resource, before, (actor, role), check)
+            return self._write("UPDATE", name, resource, before, (actor, role, detail), check)
 
     def delete(self, name: str, *, actor: str, role: str = "", expected_etag: str = "",
-               check: WriteCheck | None = None) -> WriteResult:
+               check: WriteCheck | None = None, detail: str = "") -> WriteResult:
         with self._lock:
             before = self._state.get(name)
             if before is None:
                 raise NotFound(f"{name} not found")
             self._check_etag(name, before, expected_etag)
-            return self._write("DELETE", name, None, before, (actor, role), check)
+            return self._write("DELETE", name, None, before, (actor, role, detail), check)
 
     @staticmethod
     def _check_etag(name: str, before: Message, expected_etag: str) -> None:
@@ -166,7 +227,7 @@ class SqliteStore:
             )
 
     def _write(self, method: str, name: str, resource: Message | None, before: Message | None,
-               who: tuple[str, str], check: WriteCheck | None) -> WriteResult:
+               who: tuple[str, str, str], check: WriteCheck | None) -> WriteResult:
         """Commit one write; called with the lock held."""
         state = self._state
         now = time.time()
@@ -198,9 +259,16 @@ class SqliteStore:
                     )
                 self._db.execute(
                     "INSERT INTO audit (revision, time, actor, role, method, resource_name, etag_before, "
-                    "etag_after) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (revision, now, who[0], who[1], method, name, etag_before, etag_after),
+                    "etag_after, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (revision, now, who[0], who[1], method, name, etag_before, etag_after, who[2]),
                 )
+                self._db.execute(
+                    "INSERT INTO history (name, revision, collection, etag_before, etag, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, revision, collection, etag_before, etag_after,
+                     stored.SerializeToString(deterministic=True) if stored is not None else None),
+                )
+                self._db.execute(_PRUNE, (name, name, MAX_REVISIONS_PER_RESOURCE - 1))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -29,6 +29,9 @@ from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
 from control_plane.authz.admission import Admission, NodeRefused, admit, registered_node
 from control_plane.store.base import LocalFleetTable, ReplicaRow
+from control_plane.rollouts.policy import revocation_fast_path
+from control_plane.rollouts.serving import active_run, served_base
+from control_plane.store.base import StoreError, StoreState
 from control_plane.xds import metrics
 from control_plane.xds.fleet import Fleet, StreamRecord
 from control_plane.xds.fleet_sync import FleetSync
@@ -143,6 +146,12 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         self.builder = SnapshotBuilder()
         self.fleet = Fleet()
         self.snapshots: StateSnapshots | None = None
+        # A roll-out in progress (SPEC §12): nodes it has not reached get snapshots of its base revision
+        # (built by their own builder, so the two memos do not evict each other).
+        self.base_builder = SnapshotBuilder()
+        self.base_snapshots: StateSnapshots | None = None
+        self.reached: frozenset[str] = frozenset()
+        self._base_state: StoreState | None = None
         self._streams: dict[int, _Stream] = {}
         self._stream_ids = itertools.count(1)
         self._bodies: dict[tuple[str, str, frozenset[str] | None], bytes] = {}
@@ -236,14 +245,46 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         if self.snapshots is not None and state.revision == self.snapshots.revision:
             return
         self.snapshots = self.builder.build(state)
+        self._rebuild_base(state)
         self._bodies.clear()
         metrics.SNAPSHOT_BUILDS.inc()
         metrics.SNAPSHOT_REVISION.set(state.revision)
         for stream in self._streams.values():
             if stream.labels is not None and self._retarget(stream, state):
-                stream.offer(self.snapshots.for_labels(stream.labels))
+                snapshot = self._snapshot_for(stream.node_id, stream.labels)
+                if snapshot is not None:
+                    stream.offer(snapshot)
         self.fleet.touch_all()  # every node's desired versions may have changed
         self._notify_fleet()
+
+    def _rebuild_base(self, state: StoreState) -> None:
+        run = active_run(state)
+        if run is None:
+            self.base_snapshots, self.reached, self._base_state = None, frozenset(), None
+            return
+        try:
+            if self._base_state is None or self._base_state.revision != run.base_revision:
+                self._base_state = self.store.state_at(run.base_revision)
+            served = served_base(self._base_state, state, revocation_fast_path(run.policy))
+        except StoreError as exc:
+            # Nothing older to serve: every node gets the current state (the driver halts the run on it).
+            log.error("%s: cannot serve its base revision %d: %s", run.name, run.base_revision, exc)
+            self.base_snapshots, self.reached = None, frozenset()
+            return
+        self.base_snapshots = self.base_builder.build(served)
+        self.reached = frozenset(run.reached)
+
+    def refresh(self) -> None:
+        """Build the snapshots of the store's current state now (the roll-out driver reads them)."""
+        self._rebuild()
+
+    def serves_base(self, node_id: str) -> bool:
+        return self.base_snapshots is not None and node_id not in self.reached
+
+    def versions(self, labels: Mapping[str, str], *, base: bool) -> dict[str, str]:
+        """The versions a node with these labels gets from the current state, or from a run's base."""
+        snapshots = self.base_snapshots if base and self.base_snapshots is not None else self.snapshots
+        return snapshots.for_labels(labels).versions() if snapshots is not None else {}
 
     def _retarget(self, stream: _Stream, state: Any) -> bool:
         """Re-read the stream's Node registration (a relabel moves a running node at once). False when the
@@ -268,8 +309,9 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                 record.labels, record.cluster, record.registered = labels, cluster, node is not None
         return True
 
-    def _snapshot_for(self, labels: Mapping[str, str]) -> GroupSnapshot | None:
-        return self.snapshots.for_labels(labels) if self.snapshots is not None else None
+    def _snapshot_for(self, node_id: str, labels: Mapping[str, str]) -> GroupSnapshot | None:
+        snapshots = self.base_snapshots if self.serves_base(node_id) else self.snapshots
+        return snapshots.for_labels(labels) if snapshots is not None else None
 
     def _encode(self, push: Push, names: frozenset[str] | None) -> bytes:
         key = (push.type_url, push.version, names)
@@ -362,7 +404,7 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         stream.admission = admission
         stream.labels = dict(admission.labels)
         stream.node_id = node.id
-        stream.protocol.snapshot = self._snapshot_for(stream.labels)
+        stream.protocol.snapshot = self._snapshot_for(node.id, stream.labels)
         self.fleet.connect(node.id, StreamRecord(
             stream.id, admission.cluster, stream.labels, context.peer() or "", time.time(), stream.protocol,
             identity=admission.identity, registered=admission.registered, mismatch=admission.mismatch))
@@ -398,8 +440,10 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
             self._fleet_changed.set()
             self._fleet_changed = asyncio.Event()
 
-    def _desired(self, labels: Mapping[str, str]) -> Mapping[str, str]:
-        return self.snapshots.for_labels(labels).versions() if self.snapshots is not None else {}
+    def _desired(self, node_id: str, labels: Mapping[str, str]) -> Mapping[str, str]:
+        # A roll-out may hold a node at an older revision than its labels' group (SPEC §12).
+        snapshot = self._snapshot_for(node_id, labels)
+        return snapshot.versions() if snapshot is not None else {}
 
     def _status_of(self, node_id: str) -> api_pb2.NodeStatus | None:
         """One node's status as this replica sees it (what it publishes to the fleet table)."""
@@ -483,4 +527,5 @@ def add_xds_services(server: grpc.aio.Server, ctx: Any) -> None:
     xds = XdsServer(ctx.store, dataclasses.replace(options, insecure=ctx.options.insecure,
                                                    replica_name=replica_name(ctx.options)))
     xds.register(server)
+    ctx.xds = xds
     ctx.on_shutdown.append(xds.close)

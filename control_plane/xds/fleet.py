@@ -225,23 +225,24 @@ class Fleet:
         return sum(1 for r in self.nodes.values() if r.connected)
 
     def status(self, node_id: str,
-               desired: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None) -> api_pb2.NodeStatus | None:
+               desired: Callable[[str, Mapping[str, str]], Mapping[str, str]] | None = None) -> api_pb2.NodeStatus | None:
         """One node's status (None: not known, or forgotten)."""
         record = self.nodes.get(node_id)
         stream = record.primary() if record is not None else None
         if record is None or stream is None:
             return None
-        return record.to_proto(desired(stream.labels) if desired and record.connected else None)
+        return record.to_proto(desired(record.id, stream.labels) if desired and record.connected else None)
 
     def list(self, cluster: str = "",
-             desired: Callable[[Mapping[str, str]], Mapping[str, str]] | None = None) -> list[api_pb2.NodeStatus]:
-        """`desired(labels)`: the versions of the current snapshot for a node with these labels."""
+             desired: Callable[[str, Mapping[str, str]], Mapping[str, str]] | None = None) -> list[api_pb2.NodeStatus]:
+        """`desired(node_id, labels)`: the versions of the node's current snapshot (a roll-out may hold a
+        node at an older revision than its labels' group)."""
         out = []
         for _, record in sorted(self.nodes.items()):
             stream = record.primary()
             if stream is None:
                 continue
-            status = record.to_proto(desired(stream.labels) if desired and record.connected else None)
+            status = record.to_proto(desired(record.id, stream.labels) if desired and record.connected else None)
             if not cluster or status.cluster == cluster:
                 out.append(status)
         return out
