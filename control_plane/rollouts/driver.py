@@ -107,7 +107,7 @@ class RolloutDriver:
         wave = run.waves[run.current_wave]
         started = runs.seconds(wave.started)
         bake = wave.bake.seconds + wave.bake.nanos / 1e9
-        statuses = {s.id: s for s in self.xds.fleet.list()}
+        statuses = {s.id: s for s in self.xds.node_statuses()}
         progress = []
         for node_id in wave.node_ids:
             status = statuses.get(node_id)

@@ -278,6 +278,10 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         """Build the snapshots of the store's current state now (the roll-out driver reads them)."""
         self._rebuild()
 
+    def node_statuses(self) -> list[api_pb2.NodeStatus]:
+        """Every node's status as `mtlsgate status` shows it (desired versions included)."""
+        return list(self._list("").nodes)
+
     def serves_base(self, node_id: str) -> bool:
         return self.base_snapshots is not None and node_id not in self.reached
 

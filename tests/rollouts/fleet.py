@@ -23,7 +23,7 @@ ADDRESSES = {"edge-1": "127.0.0.11", "edge-2": "127.0.0.12", "edge-3": "127.0.0.
 LISTENER = "type.googleapis.com/mtlsgate.v1.Listener"
 
 
-def cli(server: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def cli(server: str, *args: str, timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*MTLSGATE, *args, "--server", server], capture_output=True, text=True, timeout=timeout)
 
 

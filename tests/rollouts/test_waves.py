@@ -120,3 +120,116 @@ def test_one_node_first_then_the_rest_after_the_bake_and_undo_restores_every_ver
         _stop(clients)
     for loop in clients.values():
         assert loop.ok_count > 20 and not loop.failures, (loop.node_id, loop.failures[:3])
+
+
+def test_a_nack_on_wave_one_halts_and_no_later_wave_gets_the_change(
+        tmp_path: Path, control_plane: ControlPlane, fleet: dict[str, Node], demo_pki: DemoPki,
+        echo_backend: str) -> None:
+    import socket
+
+    server = control_plane.address
+    port, before = _setup(tmp_path, control_plane, fleet, demo_pki, echo_backend)
+    (tmp_path / "policy.yaml").write_text(policy_manifest("canary", "[{nodes: 1}, {percent: 100}]", "3s"))
+    ok(cli(server, "apply", "-f", str(tmp_path / "policy.yaml")))
+    # edge-1 (wave 1) cannot take the new port: something else already listens there on its address.
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    new_port = free_port()
+    blocker.bind((ADDRESSES["edge-1"], new_port))
+    blocker.listen()
+    clients = _clients(fleet, port, demo_pki)
+    try:
+        (tmp_path / "move.yaml").write_text(base_manifest(demo_pki, new_port, echo_backend))
+        ok(cli(server, "apply", "-f", str(tmp_path / "move.yaml"), "--rollout", "canary"))
+        halted = wait_state(server, "HALTED", timeout=20)
+        assert "gate noNack: node edge-1 rejected Listener version" in halted["reason"], halted["reason"]
+        assert "already in use" in halted["reason"] and halted.get("reached", []) == [], halted
+        # Well past wave 1's bake: no later wave ever got the new port; edge-1 keeps its last good config.
+        time.sleep(4)
+        assert {n: node_listener_version(node) for n, node in fleet.items()} == before
+        assert all(lst["port"] == port for node in fleet.values() for lst in node.dump()["listeners"])
+        text = ok(cli(server, "rollout", "status"))
+        assert "HALTED" in text and "noNack" in text, text
+        audit = ok(cli(server, "audit"))
+        assert "halted in wave 1: gate noNack: node edge-1 rejected" in audit, audit
+        # A second roll-out waits for this one to be dealt with; undo puts the store back.
+        refused = cli(server, "apply", "-f", str(tmp_path / "move.yaml"), "--rollout", "canary")
+        assert refused.returncode != 0 and "one roll-out at a time" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        ok(cli(server, "rollout", "undo"))
+        listed = ok(cli(server, "get", "listeners", "zone-a", "-o", "json"))
+        assert f'"port": {port}' in listed, listed
+    finally:
+        _stop(clients)
+        blocker.close()
+    for loop in clients.values():
+        assert loop.ok_count > 20 and not loop.failures, (loop.node_id, loop.failures[:3])
+
+
+def test_a_revocation_during_a_paused_rollout_reaches_every_node_at_once(
+        tmp_path: Path, control_plane: ControlPlane, fleet: dict[str, Node], demo_pki: DemoPki,
+        echo_backend: str) -> None:
+    from tests.rollouts.fleet import request_ok
+    from tests.xds.fleet_config import rotated_crl_pem
+
+    server = control_plane.address
+    port, before = _setup(tmp_path, control_plane, fleet, demo_pki, echo_backend)
+    second = _second_client(tmp_path, demo_pki)
+    for n in fleet:
+        assert request_ok(ADDRESSES[n], port, demo_pki, *second)[0], f"{n} refuses the second client at first"
+    (tmp_path / "policy.yaml").write_text(policy_manifest("slow", "[{nodes: 1}, {percent: 100}]", "600s"))
+    ok(cli(server, "apply", "-f", str(tmp_path / "policy.yaml")))
+    (tmp_path / "change.yaml").write_text(base_manifest(demo_pki, port, echo_backend,
+                                                        san="spiffe://demo\\.mtlsgate/client/.*"))
+    ok(cli(server, "apply", "-f", str(tmp_path / "change.yaml"), "--rollout", "slow"))
+    wait_until(lambda: node_listener_version(fleet["edge-1"]) != before["edge-1"], timeout=10,
+               message="edge-1 gets wave 1")
+    ok(cli(server, "rollout", "pause", "--reason", "investigating"))
+    wait_state(server, "PAUSED", timeout=5)
+    # Revoke the second client (the CRL keeps revoking what it did): a revocation-only change.
+    import cryptography.x509 as x509
+
+    serial = x509.load_pem_x509_certificate(Path(second[0]).read_bytes()).serial_number
+    revoked_before = x509.load_pem_x509_crl(demo_pki.path("crl").read_bytes())
+    crl = rotated_crl_pem(demo_pki, [*(e.serial_number for e in revoked_before), serial])
+    (tmp_path / "revoke.yaml").write_text(base_manifest(demo_pki, port, echo_backend, crl=crl,
+                                                        san="spiffe://demo\\.mtlsgate/client/.*"))
+    started = time.monotonic()
+    ok(cli(server, "apply", "-f", str(tmp_path / "revoke.yaml")))
+    refused_at: dict[str, float] = {}
+
+    def all_refuse() -> bool:
+        for n in fleet:
+            if n not in refused_at and not request_ok(ADDRESSES[n], port, demo_pki, *second, timeout=1)[0]:
+                refused_at[n] = time.monotonic() - started
+        return len(refused_at) == len(fleet)
+
+    wait_until(all_refuse, timeout=10, interval=0.02, message="every node refuses the revoked client")
+    print("revocation during a paused roll-out, apply → refused per node (s):",
+          {n: round(t, 2) for n, t in sorted(refused_at.items())})
+    # At once: the same few seconds on every node (CLI start-up included), against a 600 s wave bake.
+    assert max(refused_at.values()) < 15.0, refused_at
+    assert max(refused_at.values()) - min(refused_at.values()) < 3.0, refused_at
+    # The held-back nodes still serve the base revision's policy (with the revocation merged in); the
+    # run is still paused and the valid client still passes everywhere.
+    run = rollout_status(server)
+    assert run["state"] == "PAUSED" and run["reached"] == ["edge-1"], run
+    for n in fleet:
+        assert request_ok(ADDRESSES[n], port, demo_pki)[0], f"{n} refuses the valid client"
+    ok(cli(server, "rollout", "abort"))
+    wait_state(server, "ABORTED", timeout=10)
+
+
+def _second_client(tmp_path: Path, pki: DemoPki) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from control_plane.pki import Issued, issue
+
+    inter = Issued(x509.load_pem_x509_certificate(pki.path("intermediate_cert").read_bytes()),
+                   serialization.load_pem_private_key(pki.path("intermediate_key").read_bytes(), None))  # type: ignore[arg-type]
+    leaf = issue("client-second", issuer=inter, uris=("spiffe://demo.mtlsgate/client/second",))
+    cert, key = tmp_path / "second.pem", tmp_path / "second-key.pem"
+    cert.write_text(leaf.cert_pem + inter.cert_pem)
+    key.write_text(leaf.key_pem)
+    return str(cert), str(key)
