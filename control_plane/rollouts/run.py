@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 from google.protobuf import timestamp_pb2
 from mtlsgate.v1 import rollouts_pb2
+from mtlsgate.v1.rollouts_pb2 import RolloutRun as Run
 
 from control_plane.rollouts.plan import PlannedWave
 from control_plane.rollouts.serving import copy_run
 
-Run = rollouts_pb2.RolloutRun
 MAX_EVENTS = 50
 PREPARE_SECONDS = 120.0  # `apply --rollout` must commit within this; an abandoned run is aborted
 
