@@ -28,10 +28,9 @@ from mtlsgate import resource_types as rt
 from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
 from control_plane.authz.admission import Admission, NodeRefused, admit, registered_node
-from control_plane.store.base import LocalFleetTable, ReplicaRow
 from control_plane.rollouts.policy import revocation_fast_path
 from control_plane.rollouts.serving import active_run, served_base
-from control_plane.store.base import StoreError, StoreState
+from control_plane.store.base import LocalFleetTable, ReplicaRow, StoreError, StoreState
 from control_plane.xds import metrics
 from control_plane.xds.fleet import Fleet, StreamRecord
 from control_plane.xds.fleet_sync import FleetSync
