@@ -39,6 +39,9 @@ from data_plane.validation.resources import MAX_GRPC_MESSAGE_BYTES
 log = logging.getLogger("mtlsgate.control_plane")
 
 DEFAULT_LISTEN = "127.0.0.1:18000"
+# Calls gRPC core may hold before our handlers take them (see build_server): a whole fleet reconnecting.
+MAX_PENDING_CALLS = 50_000
+MAX_PENDING_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,16 @@ def build_server(store: Store, options: ServerOptions) -> BuiltServer:
             # gRPC sets SO_REUSEPORT by default: a second control plane on the same port would silently
             # share it (and split the clients) instead of failing.
             ("grpc.so_reuseport", 0),
+            # gRPC core queues calls that arrive before the server has asked for the next one, and
+            # refuses them at random above 1,000 queued and always above 3,000 (the client sees
+            # INTERNAL "Internal error from Core"). A fleet reconnecting at once — 10,000 nodes after a
+            # restart or a failover — arrives faster than one event loop accepts; those nodes would be
+            # left without configuration until their backoff. Queue them instead: each costs a few KB.
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            # … and cancels a queued call after 30 s by default; a storm of 10,000 takes longer than that
+            # on a small machine. A cancelled node retries with backoff, which only adds to the storm.
+            ("grpc.server_max_unrequested_time_in_server", MAX_PENDING_SECONDS),
         ],
     )
     ctx = ServerContext(store=store, options=options, tokens=tokens, authorizer=authorizer)

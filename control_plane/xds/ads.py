@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -219,25 +220,34 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
     # ------------------------------------------------------------ snapshots
 
     async def _debounce_loop(self) -> None:
+        """Leading edge, then debounce: the first change after a quiet period is built and pushed at once
+        (a lone CRL rotation reaches the fleet without waiting); changes that follow within `quiet` of a
+        build wait until `quiet` passes without another, at most `most` after the first of them, so a
+        burst of writes becomes a few pushes."""
         assert self._changed is not None
         quiet, most = self.options.debounce_quiet, self.options.debounce_max
+        last_build = -math.inf
         while True:
             await self._changed.wait()
             self._changed.clear()
             first = time.monotonic()
-            while True:
-                remaining = first + most - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._changed.wait(), timeout=min(quiet, remaining))
-                except TimeoutError:
-                    break
-                self._changed.clear()
+            if first - last_build < quiet:  # inside a burst: wait for it to settle
+                await self._settle(first + most, quiet)
             try:
                 self._rebuild()
             except Exception:
                 log.exception("snapshot build failed; nodes keep the previous snapshot")
+            last_build = time.monotonic()
+
+    async def _settle(self, deadline: float, quiet: float) -> None:
+        """Return once `quiet` seconds pass without a change, or at `deadline` (monotonic)."""
+        assert self._changed is not None
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=min(quiet, remaining))
+            except TimeoutError:
+                return
+            self._changed.clear()
 
     def _rebuild(self) -> None:
         state = self.store.state()

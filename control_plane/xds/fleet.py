@@ -160,6 +160,11 @@ class Fleet:
 
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)
+    # Nodes with no open stream, oldest disconnection first, and how many have one: kept as streams come
+    # and go, so a connection costs O(1) however large the fleet (a 10,000-node reconnect storm spent a
+    # third of the control plane's CPU counting and trimming the whole table on every connect).
+    _gone: dict[str, None] = field(default_factory=dict)
+    _connected: int = 0
 
     def touch(self, node_id: str) -> None:
         if node_id:
@@ -174,9 +179,11 @@ class Fleet:
 
     def connect(self, node_id: str, stream: StreamRecord) -> None:
         record = self.nodes.setdefault(node_id, NodeRecord(node_id))
+        if not record.streams:
+            self._connected += 1
+            self._gone.pop(node_id, None)
         record.streams[stream.stream_id] = stream
         self.changed.add(node_id)
-        self._trim()
 
     def disconnect(self, node_id: str, stream_id: int, now: float | None = None) -> bool:
         """Forget one stream; True when that left the node without any open stream."""
@@ -192,6 +199,9 @@ class Fleet:
         if record.streams:
             return False
         record.disconnected_at = now if now is not None else time.time()
+        self._connected -= 1
+        self._gone[node_id] = None
+        self._trim()
         return True
 
     def stream(self, node_id: str, stream_id: int) -> StreamRecord | None:
@@ -222,7 +232,7 @@ class Fleet:
         self.changed.add(node_id)
 
     def connected_count(self) -> int:
-        return sum(1 for r in self.nodes.values() if r.connected)
+        return self._connected
 
     def status(self, node_id: str,
                desired: Callable[[str, Mapping[str, str]], Mapping[str, str]] | None = None) -> api_pb2.NodeStatus | None:
@@ -248,9 +258,8 @@ class Fleet:
         return out
 
     def _trim(self) -> None:
-        gone = [r for r in self.nodes.values() if not r.connected]
-        if len(gone) > MAX_DISCONNECTED:
-            gone.sort(key=lambda r: r.disconnected_at)
-            for r in gone[: len(gone) - MAX_DISCONNECTED]:
-                del self.nodes[r.id]
-                self.changed.add(r.id)  # published as forgotten
+        while len(self._gone) > MAX_DISCONNECTED:
+            oldest = next(iter(self._gone))
+            del self._gone[oldest]
+            del self.nodes[oldest]
+            self.changed.add(oldest)  # published as forgotten

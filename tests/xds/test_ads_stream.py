@@ -174,11 +174,60 @@ def test_a_burst_of_writes_is_debounced_into_few_pushes(tmp_path, logs_dir, demo
                 received.append(node.recv(timeout=2 * quiet + 0.5))
             except queue.Empty:
                 break
-        # One push per quiet period that actually separated two writes (normally none), plus the first.
+        # The burst's first write may go out at once (leading edge, when it came a quiet period after the
+        # last build); the rest wait for the burst to settle: one more push, plus one per quiet period that
+        # actually separated two writes (normally none).
         gaps = sum(1 for a, b in itertools.pairwise(written) if b - a >= quiet)
-        assert len(received) <= 1 + gaps, [r.version_info for r in received]
+        assert len(received) <= 2 + gaps, [r.version_info for r in received]
         last = resources_pb2.Listener.FromString(received[-1].resources[0].value)
         assert last.port == ports[-1]
+    finally:
+        node.close()
+        channel.close()
+        api.close()
+        proc.stop()
+
+
+def test_the_first_write_after_a_quiet_period_is_pushed_at_once(tmp_path, logs_dir, demo_pki, monkeypatch):
+    """Leading edge (issue 17): a lone change does not wait for the quiet period; a change right after it
+    does (the burst rule), so both arrive, the second after the first settled."""
+    import time
+
+    from mtlsgate.v1 import resources_pb2
+
+    from tests.control_plane.harness import start_control_plane
+    from tests.xds.conftest import Api
+
+    quiet = 6.0  # far longer than a push takes even on a loaded machine
+    monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_QUIET", str(quiet))
+    monkeypatch.setenv("MTLSGATE_XDS_DEBOUNCE_MAX", "20")
+    proc, address = start_control_plane(tmp_path, logs_dir)
+    api = Api(address)
+    channel = grpc.insecure_channel(address)
+    node = RawAds(channel, "raw-leading", {"zone": "a"})
+    try:
+        api.put(certificate(demo_pki))
+        node.send(LISTENER)
+        first = node.recv(timeout=30)
+        node.send(LISTENER, version=first.version_info, nonce=first.nonce)
+        wait_until(lambda: "raw-leading" in api.nodes(), timeout=10, message="the node to be known")
+        # Wait out the quiet period after the start-up build and the certificate write, on the clock.
+        settled = time.monotonic() + quiet
+        wait_until(lambda: time.monotonic() > settled, timeout=quiet + 5, interval=0.1, message="quiet period")
+        port, again = free_port(), free_port()
+        api.put(listener("listeners/a", port, selector={"zone": "a"}, policy=""))
+        written = time.monotonic()
+        pushed = node.recv(timeout=quiet - 1)  # before the quiet period could have ended
+        assert time.monotonic() - written < quiet - 1
+        assert resources_pb2.Listener.FromString(pushed.resources[0].value).port == port
+        node.send(LISTENER, version=pushed.version_info, nonce=pushed.nonce)
+        api.put(listener("listeners/a", again, selector={"zone": "a"}, policy=""))
+        written = time.monotonic()
+        with pytest.raises(queue.Empty):  # inside the window of the last build: debounced
+            node.recv(timeout=quiet / 2)
+        later = node.recv(timeout=30)
+        assert time.monotonic() - written >= quiet * 0.9
+        assert resources_pb2.Listener.FromString(later.resources[0].value).port == again
     finally:
         node.close()
         channel.close()

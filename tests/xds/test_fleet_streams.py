@@ -32,6 +32,30 @@ def test_one_stream_closing_never_disconnects_another() -> None:
     assert fleet.disconnect("n", 1) is False  # twice is harmless
 
 
+def test_connected_count_and_forgetting_follow_streams_as_they_come_and_go(monkeypatch) -> None:
+    """Kept incrementally (a connect is O(1) at 10,000 nodes): the count of nodes with a stream, and the
+    oldest disconnected nodes forgotten beyond the cap — never a connected one."""
+    monkeypatch.setattr("control_plane.xds.fleet.MAX_DISCONNECTED", 2)
+    fleet = Fleet()
+    for i, node in enumerate("abcd"):
+        fleet.connect(node, _stream(i))
+    fleet.connect("a", _stream(9))  # a second stream of the same node is not a second node
+    assert fleet.connected_count() == 4
+    fleet.disconnect("b", 1, now=10.0)
+    fleet.disconnect("a", 0, now=11.0)
+    assert fleet.connected_count() == 4 - 1  # a still has stream 9
+    fleet.disconnect("a", 9, now=12.0)
+    fleet.disconnect("c", 2, now=13.0)  # three gone, cap 2: the oldest (b) is forgotten
+    assert sorted(fleet.nodes) == ["a", "c", "d"] and fleet.connected_count() == 1
+    fleet.connect("a", _stream(20))  # back: no longer a candidate for forgetting
+    fleet.disconnect("d", 3, now=14.0)
+    fleet.disconnect("d", 3, now=15.0)  # twice is harmless
+    assert sorted(fleet.nodes) == ["a", "c", "d"] and fleet.connected_count() == 1
+    assert [s.id for s in fleet.list() if s.connected] == ["a"]
+    assert {s.id: s.connected for s in fleet.list()} == {"a": True, "c": False, "d": False}
+    assert [fleet.connected_count()] == [sum(s.connected for s in fleet.list())]
+
+
 def test_the_primary_stream_is_authenticated_then_most_recently_acked() -> None:
     fleet = Fleet()
     fleet.connect("n", _stream(1, identity="spiffe://x/node/n", since=5.0, cluster="authenticated"))
