@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mtlsgate.v1 import api_pb2_grpc
 
-from control_plane.api import check_service, rollout_service
+from control_plane.api import check_service, report_service, rollout_service
 from control_plane.api.audit_service import AuditService
 from control_plane.api.auth import Tokens
 from control_plane.api.authorization import AuthorizationInterceptor, Authorizer
@@ -71,6 +71,7 @@ class ServerContext:
     on_start: list[Callable[[], None]] = field(default_factory=list)  # called once the server has started
     xds: Any = None  # the XdsServer (set by its registration; the roll-out driver steers it)
     rollouts: Any = None  # the RolloutDriver
+    reports: Any = None  # the ReportService (node reports, client inventory)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ SERVICES: list[ServiceRegistration] = [
     ServiceRegistration(xds_ads.SERVICE_NAMES, xds_ads.add_xds_services),
     ServiceRegistration((check_service.SERVICE_NAME,), check_service.add_check_service),
     ServiceRegistration((rollout_service.SERVICE_NAME,), rollout_service.add_rollout_service),
+    ServiceRegistration(report_service.SERVICE_NAMES, report_service.add_report_services),
 ]
 
 

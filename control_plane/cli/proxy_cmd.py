@@ -55,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="concurrent client connections per client IP per worker (SPEC §11; default 256)")
     p.add_argument("--backoff-max", type=float, default=5.0,
                    help="reconnect backoff cap in seconds (full jitter; default %(default)s)")
+    p.add_argument("--report-interval", type=float, default=5.0,
+                   help="seconds between node reports to the control plane (SPEC §12; default %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         server=args.server, node_id=args.node_id, cluster=args.cluster, labels=dict(args.label),
         workers=args.workers, admin=args.admin, cache_dir=args.cache_dir, listen_address=args.listen_address,
         xds_ca=args.xds_ca, xds_cert=args.xds_cert, xds_key=args.xds_key,
-        backoff=Backoff(cap=max(0.1, args.backoff_max)),
+        backoff=Backoff(cap=max(0.1, args.backoff_max)), report_interval=max(0.2, args.report_interval),
     )
     configure_logging()
     try:

@@ -17,7 +17,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import psycopg
 from google.protobuf.message import Message
@@ -187,6 +187,31 @@ class PostgresStore:
                                    f"({_one_line(exc)})") from None
         except psycopg.Error as exc:
             raise StoreError(f"reading {what} failed: {_one_line(exc)}") from None
+
+    def record_reports(self, rows: Iterable[tuple[str, float, bytes]], *, keep_seconds: float) -> None:
+        """Keep node reports in one transaction and forget those older than `keep_seconds` (SPEC §12)."""
+        rows = builtins.list(rows)
+        newest = max((r[1] for r in rows), default=time.time())
+
+        def work(conn: psycopg.Connection) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany("INSERT INTO mtlsgate_reports (node_id, received_at, data) VALUES (%s, %s, %s)",
+                                rows)
+                cur.execute("DELETE FROM mtlsgate_reports WHERE received_at < %s", (newest - keep_seconds,))
+
+        self._read("node reports (write)", work)
+
+    def reports(self, *, since: float = 0.0, node_ids: Iterable[str] | None = None) -> builtins.list[tuple[str, float, bytes]]:
+        """Kept node reports received at or after `since`, oldest first, optionally for some nodes."""
+        if node_ids is None:
+            query, params = ("SELECT node_id, received_at, data FROM mtlsgate_reports WHERE received_at >= %s "
+                             "ORDER BY received_at, id", (since,))
+        else:
+            query, params = ("SELECT node_id, received_at, data FROM mtlsgate_reports WHERE received_at >= %s "
+                             "AND node_id = ANY(%s) ORDER BY received_at, id", (since, builtins.list(node_ids)))
+        rows: list[tuple[object, ...]] = self._read("node reports", lambda conn: conn.execute(  # type: ignore[assignment]
+            query, params).fetchall())
+        return [(str(r[0]), float(r[1]), bytes(r[2])) for r in rows]  # type: ignore[arg-type]
 
     def revisions(self, name: str, *, limit: int = MAX_REVISIONS_PER_RESOURCE) -> builtins.list[ResourceRevision]:
         rows: list[tuple[object, ...]] = self._read("the revision history", lambda conn: conn.execute(  # type: ignore[assignment]

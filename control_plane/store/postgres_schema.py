@@ -84,6 +84,16 @@ MIGRATIONS: tuple[str, ...] = (
     INSERT INTO mtlsgate_history (name, revision, collection, etag_before, etag, data)
         SELECT name, revision, collection, '?', etag, data FROM mtlsgate_resources;
     """,
+    # 5: node reports (SPEC §12), shared by the replicas and aged out by whoever writes.
+    """
+    CREATE TABLE mtlsgate_reports (
+        id bigserial PRIMARY KEY,
+        node_id text NOT NULL,
+        received_at double precision NOT NULL,
+        data bytea NOT NULL
+    );
+    CREATE INDEX mtlsgate_reports_by_time ON mtlsgate_reports (received_at);
+    """,
 )
 
 # Any constant both replicas agree on; only mtlsgate's migrations take this advisory lock.

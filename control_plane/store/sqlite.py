@@ -11,7 +11,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -67,6 +67,12 @@ CREATE TABLE IF NOT EXISTS history (
     PRIMARY KEY (name, revision)
 );
 CREATE INDEX IF NOT EXISTS history_by_revision ON history (revision);
+CREATE TABLE IF NOT EXISTS reports (
+    node_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_by_time ON reports (received_at);
 """
 
 log = logging.getLogger(__name__)
@@ -291,6 +297,29 @@ class SqliteStore:
             except Exception:  # a subscriber's bug must not turn a committed write into an error
                 log.exception("store subscriber %r failed for revision %d", callback, revision)
         return result
+
+    def record_reports(self, rows: Iterable[tuple[str, float, bytes]], *, keep_seconds: float) -> None:
+        """Keep node reports `(node_id, received_at, serialized NodeReport)` in one transaction, and
+        forget those older than `keep_seconds` (SPEC §12)."""
+        rows = builtins.list(rows)
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT INTO reports (node_id, received_at, data) VALUES (?, ?, ?)", rows)
+                newest = max((r[1] for r in rows), default=time.time())
+                self._db.execute("DELETE FROM reports WHERE received_at < ?", (newest - keep_seconds,))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise StoreError(f"keeping node reports failed: {exc}") from exc
+
+    def reports(self, *, since: float = 0.0, node_ids: Iterable[str] | None = None) -> builtins.list[tuple[str, float, bytes]]:
+        """Kept node reports received at or after `since`, oldest first, optionally for some nodes."""
+        wanted = None if node_ids is None else set(node_ids)
+        with self._lock:
+            rows = self._db.execute("SELECT node_id, received_at, data FROM reports WHERE received_at >= ? "
+                                    "ORDER BY received_at, rowid", (since,)).fetchall()
+        return [(r[0], float(r[1]), bytes(r[2])) for r in rows if wanted is None or r[0] in wanted]
 
     def subscribe(self, callback: Callable[[int], None]) -> Callable[[], None]:
         with self._lock:

@@ -269,6 +269,7 @@ class XdsAgent:
         self.credentials = credentials
         self.active: NodeConfig | None = None
         self.connected = False
+        self.endpoint: Endpoint | None = None  # the control plane of the current (or last) stream
         self.last_error = ""
         self.last_error_time = 0.0
         self.applied_count = 0
@@ -306,6 +307,7 @@ class XdsAgent:
             admitted = False
             if endpoint is not None:
                 self.server = endpoint.label
+                self.endpoint = endpoint
                 try:
                     admitted = await self._one_stream(endpoint)
                 except grpc.aio.AioRpcError as exc:
@@ -338,6 +340,10 @@ class XdsAgent:
                 addresses = [str(info[4][0]) for info in infos]
             endpoints += endpoints_for(server, addresses)
         return endpoints
+
+    def channel_for(self, endpoint: Endpoint) -> grpc.aio.Channel:
+        """A channel to `endpoint` with this node's credentials (the report stream uses it too)."""
+        return self._channel(endpoint)
 
     def _channel(self, endpoint: Endpoint) -> grpc.aio.Channel:
         options: list[tuple[str, object]] = [

@@ -18,6 +18,7 @@ import grpc
 from data_plane.node.admin import AdminServer
 from data_plane.node.agent import Backoff, NodeIdentity, XdsAgent
 from data_plane.node.apply import ConfigApplier, PortReservations
+from data_plane.node.reporter import NodeReporter
 
 log = logging.getLogger("mtlsgate.node")
 
@@ -36,6 +37,7 @@ class ProxyOptions:
     xds_cert: Path | None = None
     xds_key: Path | None = None
     backoff: Backoff = field(default_factory=Backoff)
+    report_interval: float = 5.0  # seconds between node reports (SPEC §12)
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -91,13 +93,17 @@ async def run_proxy(options: ProxyOptions) -> None:
         loop.add_signal_handler(sig, stop.set)
     task = asyncio.create_task(agent.run(), name="xds-agent")
     stopper = asyncio.create_task(stop.wait())
+    reporter = None
+    if hasattr(applier, "clients"):  # the worker pool: what its workers count goes to the control plane
+        reporter = asyncio.create_task(
+            NodeReporter(agent, applier, options.node_id, interval=options.report_interval).run(), name="reports")
     try:
         done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             task.result()  # an unexpected agent crash: surface it
     finally:
         started = time.monotonic()
-        for t in (task, stopper):
+        for t in (task, stopper, *([reporter] if reporter else [])):
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t

@@ -33,7 +33,7 @@ from data_plane.workers.backend import (
     settle,
 )
 from data_plane.workers.listeners import XFCC, ListenerRuntime, Upstream
-from data_plane.workers.observability import WorkerCounters, log_event
+from data_plane.workers.observability import REPORT_HANDSHAKES, WorkerCounters, log_event
 from data_plane.workers.tls import TlsConnection, TlsFailed
 
 _XFCC_SANITIZE = int(XFCC.SANITIZE)
@@ -200,6 +200,7 @@ class ClientConnection(asyncio.Protocol):
         self.verdict = self.tls.verdict
         listener = self.listener
         verdict = self.verdict
+        self._judged(listener.name, verdict)
         if verdict is None:
             self.worker.counters.inc("mtlsgate_handshakes_total", listener.name, "ok", "")
         elif verdict.accepted:
@@ -220,6 +221,7 @@ class ClientConnection(asyncio.Protocol):
                 and self.listener.tls.client_auth.reject_at_tls and "peer did not return a certificate" in message:
             verdict = self.listener.validate(())
         if verdict is not None and not verdict.accepted:
+            self._judged(self.listener.name, verdict)
             self.worker.counters.inc("mtlsgate_handshakes_total", self.listener.name, "rejected", verdict.error or "")
             self._log_rejection(verdict, "tls")
         else:
@@ -227,6 +229,16 @@ class ClientConnection(asyncio.Protocol):
             log_event("tls_handshake_failed", listener=self.listener.name, peer=self.peer[0],
                       worker=self.worker.worker_id, message=message)
         self.close()
+
+    def _judged(self, listener: str, verdict: Any) -> None:
+        """Node-report counting for one judged handshake (SPEC §12): two dict updates, nothing parsed."""
+        if verdict is None:
+            self.worker.counters.inc(REPORT_HANDSHAKES, listener, "", "", "1", "")
+        else:
+            self.worker.counters.inc(REPORT_HANDSHAKES, listener, "1" if verdict.present else "",
+                                     "1" if verdict.chain_verified else "", "1" if verdict.accepted else "",
+                                     verdict.error or "")
+        self.worker.clients.saw(listener, verdict, time.time())
 
     def _log_rejection(self, verdict: Any, at: str) -> None:
         assert self.listener is not None

@@ -16,6 +16,9 @@ from typing import Any, TextIO
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+# Counted for node reports only (not exported): listener, present, verified, accepted ("1" or ""), error.
+REPORT_HANDSHAKES = "report_handshakes"
+
 # metric name -> label names, in order
 COUNTERS: dict[str, tuple[str, ...]] = {
     "mtlsgate_handshakes_total": ("listener", "result", "error"),

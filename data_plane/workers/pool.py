@@ -18,6 +18,7 @@ from typing import Any
 
 from data_plane.node.apply import PortReservations
 from data_plane.node.config import ConfigRejected
+from data_plane.workers.client_tally import ClientTally
 from data_plane.workers.listeners import ListenerConfigError, WireConfig, compile_listeners
 from data_plane.workers.observability import PoolMetrics, log_event
 from data_plane.workers.worker import worker_main
@@ -50,6 +51,7 @@ class WorkerPool:
         self.listen_address = listen_address
         self.reservations = reservations or PortReservations(listen_address)
         self.metrics = PoolMetrics()
+        self.clients = ClientTally()  # every worker's client rows, merged until the node reporter takes them
         self.current: WireConfig | None = None
         self.current_config: Any = None
         self._slots = [_Slot(i) for i in range(self.size)]
@@ -114,6 +116,7 @@ class WorkerPool:
         kind = message[0]
         if kind == "stats":
             self.metrics.update(slot.index, message[1], message[2])
+            self.clients.merge(message[3] if len(message) > 3 else ())
             slot.status["connections"] = message[2].get("connections", 0)
         elif kind in ("applied", "rejected"):
             version = message[1]

@@ -4,7 +4,7 @@ connections when a policy asks for it, reports counters, and drains on request.
 
 Messages from the pool (over a multiprocessing pipe): ("config", WireConfig), ("drain", seconds).
 Messages to the pool: ("applied", version, status), ("rejected", version, message), ("stats", snapshot,
-gauges).
+gauges, client rows) — see client_tally.py for the rows.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 from data_plane.http.admission import Admission
 from data_plane.http.bounds import Bounds, from_environment
 from data_plane.workers.backend import BackendPool
+from data_plane.workers.client_tally import ClientTally
 from data_plane.workers.http_proxy import ClientConnection
 from data_plane.workers.listeners import ListenerConfigError, ListenerRuntime, WireConfig, compile_listeners
 from data_plane.workers.observability import WorkerCounters, log_event
@@ -39,6 +40,7 @@ class Worker:
         self.listen_address = listen_address
         self.bounds = bounds or from_environment(os.environ)
         self.counters = WorkerCounters()
+        self.clients = ClientTally()  # client certificates seen since the last stats message (node reports)
         self.backends = BackendPool(self.bounds)
         self.admission: Admission[ClientConnection] = Admission(self.bounds.max_connections,
                                                                 self.bounds.max_connections_per_ip)
@@ -84,7 +86,7 @@ class Worker:
             self.pipe.send(message)
 
     def _send_stats(self) -> None:
-        self._send(("stats", self.counters.snapshot(), {"connections": len(self.connections)}))
+        self._send(("stats", self.counters.snapshot(), {"connections": len(self.connections)}, self.clients.take()))
 
     async def _sweep(self) -> None:
         while True:

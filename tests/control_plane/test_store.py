@@ -209,3 +209,15 @@ def test_every_write_keeps_a_bounded_history_and_past_states_rebuild(open_store:
     assert reopened.state_at(reopened.revision() - 2).trust_configs["trustConfigs/t"].description == \
         f"w{MAX_REVISIONS_PER_RESOURCE + 2}"
     assert reopened.audit()[3].detail == "roll-out r-1 halted: wave 1 NACKed"
+
+
+def test_node_reports_are_kept_in_order_filtered_by_node_and_aged_out(open_store) -> None:
+    store = open_store()
+    store.record_reports([("a", 100.0, b"r1"), ("b", 101.0, b"r2")], keep_seconds=3600)
+    store.record_reports([("a", 102.0, b"r3")], keep_seconds=3600)
+    assert store.reports(since=0) == [("a", 100.0, b"r1"), ("b", 101.0, b"r2"), ("a", 102.0, b"r3")]
+    assert store.reports(since=0, node_ids=["a"]) == [("a", 100.0, b"r1"), ("a", 102.0, b"r3")]
+    assert store.reports(since=101.0, node_ids=["a", "c"]) == [("a", 102.0, b"r3")]
+    store.record_reports([("c", 200.0, b"r4")], keep_seconds=99.5)  # everything before 100.5 ages out
+    assert store.reports(since=0) == [("b", 101.0, b"r2"), ("a", 102.0, b"r3"), ("c", 200.0, b"r4")]
+    assert store.reports(since=0, node_ids=[]) == []

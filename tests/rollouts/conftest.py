@@ -13,5 +13,7 @@ from tests.xds.conftest import Node, api, control_plane, echo_backend, start_nod
 
 @pytest.fixture
 def fleet(start_node: Callable[..., Node]) -> Iterator[dict[str, Node]]:  # noqa: F811
-    yield {node_id: start_node(node_id, f"zone-{zone}", {"zone": zone}, ADDRESSES[node_id])
+    # Reports every second: the maxRejectIncrease gate reads them during a bake of a few seconds.
+    yield {node_id: start_node(node_id, f"zone-{zone}", {"zone": zone}, ADDRESSES[node_id],
+                               extra=["--report-interval", "1"])
            for node_id, zone in ZONES.items()}

@@ -173,6 +173,44 @@ def test_a_nack_on_wave_one_halts_and_no_later_wave_gets_the_change(
         assert loop.ok_count > 20 and not loop.failures, (loop.node_id, loop.failures[:3])
 
 
+def test_a_reject_rate_rise_on_wave_one_halts_and_wave_one_goes_back_by_itself(
+        tmp_path: Path, control_plane: ControlPlane, fleet: dict[str, Node], demo_pki: DemoPki,
+        echo_backend: str) -> None:
+    """maxRejectIncrease on node reports (SPEC §12): a SAN rule that matches nobody makes edge-1's valid
+    clients fail; the gate sees the reported reject rate rise, halts, and edge-1 is back on the previous
+    revision by itself; the valid clients of the other nodes never saw a failure."""
+    from tests.rollouts.fleet import request_ok
+
+    server = control_plane.address
+    port, before = _setup(tmp_path, control_plane, fleet, demo_pki, echo_backend)
+    (tmp_path / "policy.yaml").write_text(policy_manifest(
+        "canary", "[{nodes: 1}, {percent: 100}]", "30s", "gates: {maxRejectIncrease: 0.05}\n"))
+    ok(cli(server, "apply", "-f", str(tmp_path / "policy.yaml")))
+    clients = _clients(fleet, port, demo_pki)
+    try:
+        wait_until(lambda: all(loop.ok_count >= 10 for loop in clients.values()), timeout=30,
+                   message="valid clients passing on every node before the change")
+        (tmp_path / "typo.yaml").write_text(base_manifest(demo_pki, port, echo_backend,
+                                                          san="spiffe://demo\\.mtlsgate/clinet/.*"))
+        ok(cli(server, "apply", "-f", str(tmp_path / "typo.yaml"), "--rollout", "canary"))
+        # Halted on the reported rate during the 30 s bake, not for want of reports at its end.
+        halted = wait_state(server, "HALTED", timeout=25)
+        assert "gate maxRejectIncrease: reject rate" in halted["reason"], halted["reason"]
+        assert halted.get("reached", []) == ["edge-1"], halted  # no later wave
+        wait_until(lambda: node_listener_version(fleet["edge-1"]) == before["edge-1"], timeout=15,
+                   message="edge-1 back on the previous revision")
+        wait_until(lambda: request_ok(ADDRESSES["edge-1"], port, demo_pki)[0], timeout=15,
+                   message="edge-1 serves valid clients again")
+        assert {n: node_listener_version(node) for n, node in fleet.items()} == before
+        audit = ok(cli(server, "audit"))
+        assert "halted in wave 1: gate maxRejectIncrease" in audit, audit
+    finally:
+        _stop(clients)
+    assert clients["edge-1"].failures, "the bad change never reached edge-1's clients"
+    for node_id in ("edge-2", "edge-3", "edge-4"):
+        assert clients[node_id].ok_count > 20 and not clients[node_id].failures, (node_id, clients[node_id].failures[:3])
+
+
 def test_a_revocation_during_a_paused_rollout_reaches_every_node_at_once(
         tmp_path: Path, control_plane: ControlPlane, fleet: dict[str, Node], demo_pki: DemoPki,
         echo_backend: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,13 +132,14 @@ class Node:
 def start_node(control_plane: ControlPlane, tmp_path: Path, logs_dir: Path) -> Iterator[Callable[..., Node]]:
     nodes: list[Node] = []
 
-    def start(node_id: str, cluster: str, labels: dict[str, str], listen_address: str = "127.0.0.1") -> Node:
+    def start(node_id: str, cluster: str, labels: dict[str, str], listen_address: str = "127.0.0.1",
+              extra: Sequence[str] = ()) -> Node:
         admin = f"127.0.0.1:{free_port()}"
         cache = tmp_path / f"cache-{node_id}"
         args = ["proxy", "--server", control_plane.address, "--node-id", node_id, "--cluster", cluster,
                 "--admin", admin, "--cache-dir", str(cache), "--listen-address", listen_address,
                 "--workers", "1", "--backoff-max", "1.0",
-                *[a for k, v in labels.items() for a in ("--label", f"{k}={v}")]]
+                *[a for k, v in labels.items() for a in ("--label", f"{k}={v}")], *extra]
         node = Node(node_id, admin, cache, args, logs_dir / f"proxy-{node_id}.log")
         node.start()
         nodes.append(node)

@@ -246,3 +246,90 @@ def test_nodes_through_the_cli(fleet: Fleet, tmp_path: Path) -> None:
     assert "c" in fleet.status() and fleet.status()["c"].registered and not fleet.status()["c"].connected
     assert fleet.cp.cli("delete", "nodes", "c").returncode == 0
     assert "c" not in fleet.status()
+
+
+# ---------------------------------------------------------------- node reports (SPEC §12)
+
+
+class _ReportStream:
+    """A raw NodeReportService/Report stream: send reports one by one, read each ack."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        import queue
+
+        from mtlsgate.v1 import reports_pb2_grpc
+
+        self._out: queue.Queue = queue.Queue()
+        self._acks = reports_pb2_grpc.NodeReportServiceStub(channel).Report(iter(self._out.get, None), timeout=60)
+
+    def send(self, report: object) -> object:
+        self._out.put(report)
+        return next(self._acks)
+
+    def close(self) -> None:
+        self._out.put(None)
+
+
+def _report(node_id: str, sequence: int, fingerprint: str = "", subject_size: int = 10) -> object:
+    from mtlsgate.v1 import reports_pb2
+
+    report = reports_pb2.NodeReport(node_id=node_id, sequence=sequence, interval_seconds=5)
+    entry = report.listeners.add(listener="listeners/a", config_version="v")
+    entry.handshakes.add(present=True, verified=True, accepted=True, count=3)
+    if fingerprint:
+        entry.clients.add(fingerprint_sha256=fingerprint, subject="CN=" + "x" * subject_size, verified=True,
+                          accepted=True, count=3)
+    return report
+
+
+def _inventory(fleet: Fleet) -> dict[str, object]:
+    from mtlsgate.v1 import reports_pb2, reports_pb2_grpc
+
+    reply = reports_pb2_grpc.ClientServiceStub(fleet.admin).ListClients(reports_pb2.ListClientsRequest(), timeout=10)
+    return {c.fingerprint_sha256: c for c in reply.clients}
+
+
+def test_a_node_can_only_report_about_itself(fleet: Fleet) -> None:
+    # Node a's certificate opening a report stream as node b: refused outright, nothing kept.
+    spoof = _ReportStream(fleet.cp.channel(NODE_A))
+    with pytest.raises(grpc.RpcError) as err:
+        spoof.send(_report("b", 1, fingerprint="f00d" * 16))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "registered to" in err.value.details()
+    # Admitted as a, then a report about b on the same stream: that report refused, the stream goes on.
+    honest = _ReportStream(fleet.cp.channel(NODE_A))
+    try:
+        assert honest.send(_report("a", 1, fingerprint="a" * 64)).error == ""
+        refused = honest.send(_report("b", 2, fingerprint="b" * 64))
+        assert "this stream reports for node 'a' only" in refused.error
+        assert honest.send(_report("a", 3, fingerprint="c" * 64)).error == ""
+    finally:
+        honest.close()
+    seen = wait_until(lambda: (inv := _inventory(fleet)) and "c" * 64 in inv and inv, timeout=10,
+                      message="node a's reports in the inventory")
+    assert "a" * 64 in seen and "b" * 64 not in seen and "f00d" * 16 not in seen
+    assert list(seen["a" * 64].nodes) == ["a"]  # type: ignore[attr-defined]
+    # Neither an operator's certificate nor an unregistered one may report at all.
+    for identity in (OPERATOR, "spiffe://test.mtlsgate/node/stranger"):
+        stranger = _ReportStream(fleet.cp.channel(identity))
+        with pytest.raises(grpc.RpcError) as err:
+            stranger.send(_report("a", 1))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_an_oversized_report_or_a_flood_is_refused_without_hurting_another_nodes_stream(fleet: Fleet) -> None:
+    a, b = _ReportStream(fleet.cp.channel(NODE_A)), _ReportStream(fleet.cp.channel(NODE_B))
+    try:
+        assert a.send(_report("a", 1)).error == ""
+        assert b.send(_report("b", 1)).error == ""
+        big = a.send(_report("a", 2, fingerprint="d" * 64, subject_size=600_000))  # one string of 600 kB
+        assert "over the 524288-byte bound" in big.error  # type: ignore[attr-defined]
+        assert b.send(_report("b", 2)).error == ""  # the well-behaved node's stream is untouched
+        errors = [a.send(_report("a", 3 + i)).error for i in range(10)]  # a flood from a
+        assert any("too many reports" in e for e in errors)
+        assert b.send(_report("b", 3, fingerprint="e" * 64)).error == ""
+    finally:
+        a.close()
+        b.close()
+    seen = wait_until(lambda: (inv := _inventory(fleet)) and "e" * 64 in inv and inv, timeout=10,
+                      message="node b's report in the inventory")
+    assert "d" * 64 not in seen

@@ -1,0 +1,104 @@
+"""The node's report stream (SPEC §12): every `interval` seconds, one NodeReport of what the workers
+counted since the last one (report.py builds it), on `mtlsgate.v1.NodeReportService/Report` to the control
+plane the xDS agent is streaming from, with the agent's credentials. Nothing here runs per request: the
+workers count, the pool sums once a second, this takes deltas once per interval. A failed stream is
+retried with jittered backoff; the proxy never waits on it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from typing import Any
+
+import grpc
+from mtlsgate.v1 import reports_pb2_grpc
+
+from data_plane.node.report import CounterKey, LeafDetails, build_report, delta, leaf_details
+
+log = logging.getLogger("mtlsgate.node.reports")
+
+INTERVAL = 5.0
+MAX_DETAILS = 4_096  # parsed client certificates remembered (parsing happens once per distinct leaf)
+
+
+class NodeReporter:
+    def __init__(self, agent: Any, pool: Any, node_id: str, *, interval: float = INTERVAL) -> None:
+        self.agent = agent
+        self.pool = pool
+        self.node_id = node_id
+        self.interval = interval
+        self.sequence = 0
+        self.sent = 0  # reports the control plane stored (acknowledged without error)
+        self.last_error = ""
+        self._before: Counter[CounterKey] = Counter()
+        self._taken_at = time.time()
+        self._details: dict[bytes, LeafDetails] = {}
+
+    def _detail(self, der: bytes) -> LeafDetails:
+        found = self._details.get(der)
+        if found is None:
+            if len(self._details) >= MAX_DETAILS:
+                self._details.clear()
+            found = self._details[der] = leaf_details(der)
+        return found
+
+    def next_report(self) -> Any:
+        now = time.time()
+        totals = self.pool.metrics.totals()
+        counts = delta(totals, self._before)
+        self._before = totals
+        self.sequence += 1
+        active = self.agent.active
+        report = build_report(self.node_id, self.sequence, now, now - self._taken_at, counts, self.pool.clients.take(),
+                              dict(active.versions) if active is not None else {}, self._detail)
+        self._taken_at = now
+        return report
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            endpoint = getattr(self.agent, "endpoint", None) if self.agent.connected else None
+            if endpoint is None:
+                await asyncio.sleep(min(1.0, self.interval))
+                continue
+            try:
+                await self._stream(endpoint)
+                failures = 0
+            except grpc.aio.AioRpcError as exc:
+                failures += 1
+                self.last_error = f"{exc.code().name}: {exc.details()}"
+                log.warning("report stream to %s ended: %s", endpoint.label, self.last_error)
+            except (OSError, ConnectionError) as exc:
+                failures += 1
+                self.last_error = repr(exc)
+            await asyncio.sleep(min(30.0, 0.5 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0))
+
+    async def _stream(self, endpoint: Any) -> None:
+        async with self.agent.channel_for(endpoint) as channel:
+            call = reports_pb2_grpc.NodeReportServiceStub(channel).Report()
+
+            async def acks() -> None:
+                async for ack in call:
+                    if ack.error:
+                        self.last_error = ack.error
+                        log.warning("report %d refused by the control plane: %s", ack.sequence, ack.error)
+                    else:
+                        self.sent += 1
+
+            reader = asyncio.create_task(acks())
+            try:
+                while getattr(self.agent, "endpoint", None) == endpoint and not reader.done():
+                    await call.write(self.next_report())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(reader), timeout=self.interval)
+                if reader.done():
+                    reader.result()  # the stream's error, if any
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await reader
+                call.cancel()
