@@ -122,7 +122,9 @@ def test_a_node_fails_over_from_a_killed_replica_and_is_sent_nothing_again(
 
         proc_a.kill9()
         killed = time.monotonic()
-        moved = wait_until(lambda: all_synced(b, ["node-1"]), timeout=5, message="node-1 SYNCED on replica B")
+        # SYNCED as B shows it, held by B: until A's heartbeat goes stale B also shows A's row for the node.
+        moved = wait_until(lambda: node.dump()["controlPlane"] == b and status(b)["node-1"]["replica"] == b
+                           and all_synced(b, ["node-1"]), timeout=5, message="node-1 SYNCED on replica B")
         took = time.monotonic() - killed
         assert {t: s["version"] for t, s in moved["node-1"]["types"].items()} == versions
         assert node.dump()["controlPlane"] == b and node.ready()
