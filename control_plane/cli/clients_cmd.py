@@ -13,8 +13,8 @@ from control_plane.cli.client import add_client_arguments, open_channel, rpc_err
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "clients", help="list the client certificates seen across the fleet",
-        description="One row per client certificate (and one for handshakes without a certificate) seen by any "
-        "node in the kept reports (the last hour): where (nodes, listeners), first/last seen, handshake count, "
+        description="One row per client certificate and listener (and one for handshakes without a certificate) "
+        "seen by any node in the kept reports (the last hour): nodes, first/last seen, handshake count, "
         "the latest verdict and error, days to expiry. EXPIRED-ALLOWLISTED flags a certificate that is "
         "accepted only because it is allowlisted although it has expired.",
     )
@@ -56,7 +56,8 @@ def _verdict(c: Any) -> str:
         return "NO-CERTIFICATE" + ("" if c.accepted else " (rejected)")
     if c.expired_allowlisted:
         return "EXPIRED-ALLOWLISTED"
-    return ("VERIFIED" if c.verified else "ACCEPTED" if c.accepted else "REJECTED") + (
+    # ALLOWED-INVALID: the chain did not verify, the listener's mode (ALLOW_INVALID_OR_MISSING) let it through.
+    return ("VERIFIED" if c.verified else "ALLOWED-INVALID" if c.accepted else "REJECTED") + (
         " (allowlisted)" if c.allowlisted else "")
 
 
@@ -76,12 +77,13 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"clients": [client_to_json(c) for c in response.clients],
                           "since": response.since.ToJsonString()}, indent=2))
         return 0
-    rows = [("FINGERPRINT", "SUBJECT", "VERDICT", "ERROR", "EXPIRES IN", "COUNT", "NODES", "LAST SEEN")]
+    rows = [("FINGERPRINT", "SUBJECT", "LISTENER", "VERDICT", "ERROR", "EXPIRES IN", "COUNT", "NODES", "LAST SEEN")]
     now = time.time()
     for c in response.clients:
         days = f"{c.days_to_expiry:.0f}d" if c.HasField("not_after") else "-"
         ago = f"{max(0.0, now - c.last_seen.ToNanoseconds() / 1e9):.0f}s ago"
-        rows.append((c.fingerprint_sha256[:16] or "-", c.subject[:48] or "-", _verdict(c), c.error or "-", days,
+        rows.append((c.fingerprint_sha256[:16] or "-", c.subject[:48] or "-",
+                     ",".join(name.removeprefix("listeners/") for name in c.listeners), _verdict(c), c.error or "-", days,
                      str(c.count), ",".join(c.nodes), ago))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

@@ -125,15 +125,16 @@ class ClientRow:
 
 def client_inventory(stored: Iterable[StoredReport], *, now: float, listener: str = "",
                      rejected_only: bool = False, expiring_within: float | None = None) -> list[ClientRow]:
-    """Every client certificate the reports saw, merged by fingerprint (the latest verdict wins), newest
-    last-seen first. `expiring_within`: seconds; keeps certificates whose notAfter is before now + that."""
-    rows: dict[str, ClientRow] = {}
+    """Every client certificate the reports saw, one row per certificate and listener (a certificate can be
+    refused on one listener and let through on another), merged over nodes with the latest verdict,
+    newest last-seen first. `expiring_within`: seconds; keeps certificates whose notAfter is before now + that."""
+    rows: dict[tuple[str, str], ClientRow] = {}
     for s in stored:
         for entry in s.report.listeners:
             if listener and entry.listener != listener:
                 continue
             for c in entry.clients:
-                row = rows.setdefault(c.fingerprint_sha256, ClientRow(c.fingerprint_sha256))
+                row = rows.setdefault((c.fingerprint_sha256, entry.listener), ClientRow(c.fingerprint_sha256))
                 last = c.last_seen.ToNanoseconds() / 1e9 if c.HasField("last_seen") else s.received_at
                 first = c.first_seen.ToNanoseconds() / 1e9 if c.HasField("first_seen") else last
                 if last >= row.last_seen:  # the newest sighting's verdict and details
@@ -153,5 +154,5 @@ def client_inventory(stored: Iterable[StoredReport], *, now: float, listener: st
         if expiring_within is not None and not (row.not_after and row.not_after < now + expiring_within):
             continue
         out.append(row)
-    out.sort(key=lambda r: (-r.last_seen, r.fingerprint_sha256))
+    out.sort(key=lambda r: (-r.last_seen, r.fingerprint_sha256, sorted(r.listeners)))
     return out

@@ -102,3 +102,16 @@ def test_the_node_builds_one_report_per_interval_from_counter_deltas() -> None:
                                                                                (True, "", 3)]
     assert {r.status_class: r.count for r in entry.requests} == {"2xx": 5, "4xx": 1}
     assert entry.revalidation_closed == 2
+
+
+def test_a_certificate_refused_on_one_listener_and_let_through_on_another_is_two_rows() -> None:
+    r = reports_pb2.NodeReport(node_id="a")
+    r.listeners.add(listener="listeners/strict").clients.add(fingerprint_sha256="f", accepted=False,
+                                                             error="client_cert_revoked", count=1)
+    r.listeners.add(listener="listeners/permissive").clients.add(fingerprint_sha256="f", accepted=True,
+                                                                 error="client_cert_revoked", count=1)
+    rows = client_inventory([StoredReport("a", 10.0, r)], now=20)
+    assert sorted((sorted(row.listeners)[0], row.accepted) for row in rows) == [
+        ("listeners/permissive", True), ("listeners/strict", False)]
+    [rejected] = client_inventory([StoredReport("a", 10.0, r)], now=20, rejected_only=True)
+    assert rejected.listeners == {"listeners/strict"}
