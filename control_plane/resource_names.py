@@ -56,11 +56,24 @@ ROLLOUT_POLICY = Kind("RolloutPolicy", "rolloutPolicies", rollouts_pb2.RolloutPo
 ROLLOUT = Kind("Rollout", "rollouts", rollouts_pb2.RolloutRun, "rollouts", "rollout", "rollout", "rollouts",
                "Rollout", "Rollouts")
 
+# Shadow candidates (SPEC §12): a candidate TrustConfig or ServerTlsPolicy stored beside the active one of the
+# same ID (`shadowTrustConfigs/ID` beside `trustConfigs/ID`), judged on nodes but never enforced. Written only
+# through ShadowService (`mtlsgate apply --shadow`, `mtlsgate shadow …`): not kinds users apply, get or delete.
+SHADOW_TRUST_CONFIG = Kind("ShadowTrustConfig", "shadowTrustConfigs", resources_pb2.TrustConfig,
+                           "shadow-trust-configs", "shadow-trust-config", "trust_config", "trust_configs",
+                           "ShadowTrustConfig", "ShadowTrustConfigs")
+SHADOW_SERVER_TLS_POLICY = Kind("ShadowServerTlsPolicy", "shadowServerTlsPolicies", resources_pb2.ServerTlsPolicy,
+                                "shadow-server-tls-policies", "shadow-server-tls-policy", "server_tls_policy",
+                                "server_tls_policies", "ShadowServerTlsPolicy", "ShadowServerTlsPolicies")
+# active collection → its candidates' collection, and back
+SHADOW_COLLECTIONS = {"trustConfigs": "shadowTrustConfigs", "serverTlsPolicies": "shadowServerTlsPolicies"}
+ACTIVE_COLLECTIONS = {v: k for k, v in SHADOW_COLLECTIONS.items()}
+
 # Dependency order: a kind only references kinds before it, so `apply` writes in this order (and deletes
 # in the reverse one).
 KINDS: tuple[Kind, ...] = (TRUST_CONFIG, CERTIFICATE, SERVER_TLS_POLICY, ROLLOUT_POLICY, LISTENER, NODE)
 # Every collection the store holds.
-STORED_KINDS: tuple[Kind, ...] = (*KINDS, ROLLOUT)
+STORED_KINDS: tuple[Kind, ...] = (*KINDS, ROLLOUT, SHADOW_TRUST_CONFIG, SHADOW_SERVER_TLS_POLICY)
 
 _BY_COLLECTION = {k.collection: k for k in STORED_KINDS}
 _BY_MESSAGE = {k.message.DESCRIPTOR.full_name: k for k in KINDS}
@@ -185,3 +198,15 @@ def normalise_references(message: Message) -> list[tuple[str, str]]:
         fix(message, "server_tls_policy", "serverTlsPolicy", SERVER_TLS_POLICY)
         fix(message, "rollout_policy", "rolloutPolicy", ROLLOUT_POLICY)
     return problems
+
+
+def shadow_name(active_name: str) -> str:
+    """`trustConfigs/ID` → `shadowTrustConfigs/ID` (the candidate's stored name)."""
+    collection, _, resource_id = active_name.partition("/")
+    return f"{SHADOW_COLLECTIONS[collection]}/{resource_id}"
+
+
+def active_name(candidate_name: str) -> str:
+    """`shadowTrustConfigs/ID` → `trustConfigs/ID`."""
+    collection, _, resource_id = candidate_name.partition("/")
+    return f"{ACTIVE_COLLECTIONS[collection]}/{resource_id}"

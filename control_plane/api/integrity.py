@@ -9,7 +9,7 @@ from google.protobuf.message import Message
 from mtlsgate.v1 import backends_pb2, resources_pb2
 
 from control_plane.api.errors import InvalidResource, ReferenceConflict
-from control_plane.resource_names import KINDS, references
+from control_plane.resource_names import KINDS, SHADOW_COLLECTIONS, references
 from control_plane.store.base import StoreState
 from data_plane.validation.resources import FieldViolation, trust_config_is_empty
 
@@ -27,6 +27,12 @@ def referrers(state: StoreState, name: str) -> list[tuple[str, str]]:
     return found
 
 
+def _shadow_of(name: str) -> str:
+    collection, _, resource_id = name.partition("/")
+    shadow = SHADOW_COLLECTIONS.get(collection)
+    return f"{shadow}/{resource_id}" if shadow else ""
+
+
 def _rejecting_policy_violation(policy: resources_pb2.ServerTlsPolicy, trust_config: Message) -> bool:
     return (policy.HasField("mtls_policy") and policy.mtls_policy.client_validation_mode == _REJECT_INVALID
             and trust_config_is_empty(trust_config))  # type: ignore[arg-type]
@@ -42,6 +48,10 @@ def check_write(state: StoreState, name: str, new: Message | None) -> None:
     """Raise ReferenceConflict / InvalidResource if writing `new` (None = deleting `name`) onto `state`
     would break a cross-resource rule."""
     if new is None:
+        candidate = _shadow_of(name)
+        if candidate and candidate in state.collection(candidate.partition("/")[0]):
+            raise ReferenceConflict([FieldViolation("name", f"{name} has a shadow candidate; promote or discard "
+                                                    f"it first (mtlsgate shadow discard {name})")])
         users = referrers(state, name)
         if users:
             listed = ", ".join(f"{n} ({field})" for n, field in users)

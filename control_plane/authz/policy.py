@@ -59,6 +59,8 @@ def access_for(method: str) -> Access:
         return Access.READ
     if short == "RolloutService":  # starting and steering a roll-out changes what nodes serve
         return Access.READ if name.startswith(("Get", "List")) else Access.WRITE
+    if short == "ShadowService":  # storing, promoting and discarding candidates are writes (SPEC §12)
+        return Access.READ if name.startswith(("Get", "List")) else Access.WRITE
     if short == "CheckService":
         return Access.CHECK
     return Access.ADMIN

@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "control_plane.cli.config_cmd",
     "control_plane.cli.rollout_cmd",
     "control_plane.cli.clients_cmd",
+    "control_plane.cli.shadow_cmd",
 ]
 
 

@@ -71,6 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     apply.add_argument("--rollout", metavar="ROLLOUT_POLICY",
                        help="send the change out wave by wave with this RolloutPolicy (SPEC §12): nodes not yet "
                        "reached keep what they serve; `mtlsgate rollout status` follows it")
+    apply.add_argument("--shadow", action="store_true",
+                       help="store each TrustConfig / ServerTlsPolicy as a shadow candidate beside the active one "
+                       "of the same name: nodes judge every new handshake under both, enforce only the active "
+                       "one and report where they differ (`mtlsgate shadow status|promote|discard NAME`)")
     add_client_arguments(apply)
     apply.set_defaults(func=run_apply)
 
@@ -207,6 +211,10 @@ def run_apply(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if not items:
         raise UsageError("no resources in the given files")
+    if args.shadow:
+        from control_plane.cli.shadow_cmd import check_shadow_kinds
+
+        check_shadow_kinds(args, items)
     seen: dict[str, str] = {}
     for item in items:
         name = item.resource.name  # type: ignore[attr-defined]
@@ -216,6 +224,10 @@ def run_apply(args: argparse.Namespace) -> int:
         problems = _local_problems(item)
         if problems:
             raise UsageError(f"{item.source}: {'; '.join(problems)}")
+    if args.shadow:
+        from control_plane.cli.shadow_cmd import apply_shadow
+
+        return apply_shadow(args, items)
     begun: list[Any] = []  # the roll-out this apply opened, aborted if a write fails
     try:
         with open_channel(args) as channel:

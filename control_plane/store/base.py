@@ -62,6 +62,11 @@ class StoreState:
         default_factory=lambda: types.MappingProxyType({}))  # SPEC §12
     rollouts: Mapping[str, rollouts_pb2.RolloutRun] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}))  # roll-out runs, written by the driver
+    # shadow candidates (SPEC §12), named shadowTrustConfigs/ID and shadowServerTlsPolicies/ID
+    shadow_trust_configs: Mapping[str, resources_pb2.TrustConfig] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
+    shadow_server_tls_policies: Mapping[str, resources_pb2.ServerTlsPolicy] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
 
     def collection(self, collection: str) -> Mapping[str, Message]:
         """The mapping for a collection name such as `trustConfigs`."""
@@ -273,7 +278,9 @@ def is_postgres_url(db: str) -> bool:
 
 COLLECTION_FIELDS = {"trustConfigs": "trust_configs", "serverTlsPolicies": "server_tls_policies",
                      "certificates": "certificates", "listeners": "listeners", "nodes": "nodes",
-                     "rolloutPolicies": "rollout_policies", "rollouts": "rollouts"}
+                     "rolloutPolicies": "rollout_policies", "rollouts": "rollouts",
+                     "shadowTrustConfigs": "shadow_trust_configs",
+                     "shadowServerTlsPolicies": "shadow_server_tls_policies"}
 
 
 def copy_message(message: Message) -> Message:
