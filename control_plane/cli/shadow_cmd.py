@@ -133,6 +133,9 @@ def render(status: shadow_pb2.ShadowStatus) -> str:
     if not status.reports_available:
         lines.append("  this control plane keeps no node reports: nothing judged yet")
         return "\n".join(lines)
+    if not status.judged:
+        lines.append("  no node has judged a handshake under this candidate yet: no evidence either way (0 "
+                     "disagreements here does not mean the candidate is safe)")
     lines.append(f"  judged {status.judged} handshake(s) on {len(status.nodes)} node(s)"
                  f"{': ' + ', '.join(status.nodes) if status.nodes else ''}; "
                  f"would newly reject {status.would_newly_reject}, would newly accept {status.would_newly_accept}")

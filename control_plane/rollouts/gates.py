@@ -8,7 +8,9 @@ Inputs, all about the wave's nodes:
   bake exceeds the rate before by more than `maxRejectIncrease` (a fraction: 0.02 = 2 points). `None`
   means no reports were available: a configured gate then halts at the end of the bake rather than pass
   blind; zero handshakes (no client came) passes;
-- `shadow_new_rejects`: handshakes shadow evaluation says the new configuration would newly reject.
+- `shadow_new_rejects`: handshakes shadow evaluation says the new configuration would newly reject;
+  `None` (no evaluation available) makes a configured `shadowNoNewRejects` halt at the end of the bake,
+  like a missing report for `maxRejectIncrease`: a gate never passes blind.
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ def gate(given: GateInput) -> GateDecision:
         return GateDecision(Verdict.WAIT, f"waiting for {len(waiting)} node(s) to ACK ({waiting[0]} first)")
     if elapsed < given.bake_seconds:
         return GateDecision(Verdict.WAIT, f"baking: {given.bake_seconds - elapsed:.0f}s left")
+    if given.shadow_no_new_rejects and given.shadow_new_rejects is None:
+        return GateDecision(Verdict.HALT, "gate shadowNoNewRejects: no shadow evaluation for the wave's nodes "
+                                          "during the bake (the gate needs it to judge)")
     if given.max_reject_increase is not None:
         during = given.rejects_during
         if during is None:

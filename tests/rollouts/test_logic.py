@@ -69,6 +69,9 @@ def test_gates() -> None:
     assert gate(_input(max_reject_increase=0.02, rejects_during=RejectWindow(0, 0))).verdict is Verdict.GO
     shadow = gate(_input(shadow_no_new_rejects=True, shadow_new_rejects=3))
     assert shadow.verdict is Verdict.HALT and "shadow" in shadow.reason
+    blind = gate(_input(shadow_no_new_rejects=True, shadow_new_rejects=None))  # no evaluation: never pass blind
+    assert blind.verdict is Verdict.HALT and "no shadow evaluation" in blind.reason
+    assert gate(_input(shadow_no_new_rejects=True, shadow_new_rejects=0)).verdict is Verdict.GO
 
 
 @pytest.mark.parametrize(("fields", "problem"), [
