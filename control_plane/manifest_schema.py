@@ -14,7 +14,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 # Fields of the stored resources a manifest cannot set: the server fills them in (`name:` is handled by
 # the manifest reader itself; the output-only ones an export carries are dropped before this check).
 NOT_WRITABLE = frozenset({"name", "etag", "createTime", "updateTime", "privateKeySha256",
-                          "resolvedServerTlsPolicy"})
+                          "resolvedServerTlsPolicy", "resolvedBackendAuthentication"})
 _TIMESTAMP = "google.protobuf.Timestamp"
 _DURATION = "google.protobuf.Duration"
 _DURATION_TEXT = re.compile(r"-?\d+(\.\d{1,9})?s")  # protobuf's JSON form: `300s`, `1.5s`

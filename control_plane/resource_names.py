@@ -1,4 +1,4 @@
-"""Resource kinds and names: the table of the four kinds and the normalisation of names such as
+"""Resource kinds and names: the table of the kinds and the normalisation of names such as
 `projects/P/locations/global/trustConfigs/ID` to the canonical `trustConfigs/ID` (SPEC §2)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
-from mtlsgate.v1 import resources_pb2, rollouts_pb2
+from mtlsgate.v1 import backends_pb2, resources_pb2, rollouts_pb2
 
 ID_PATTERN = re.compile(r"[a-z][a-z0-9-]{0,62}")
 # Full GCP names: projects/P/locations/L/<collection>/ID (L is `global` for everything we model).
@@ -48,6 +48,13 @@ SERVER_TLS_POLICY = Kind("ServerTlsPolicy", "serverTlsPolicies", resources_pb2.S
                          "ServerTlsPolicy", "ServerTlsPolicies")
 LISTENER = Kind("Listener", "listeners", resources_pb2.Listener, "listeners", "listener",
                 "listener", "listeners", "Listener", "Listeners")
+BACKEND_AUTHENTICATION_CONFIG = Kind(
+    "BackendAuthenticationConfig", "backendAuthenticationConfigs", backends_pb2.BackendAuthenticationConfig,
+    "backend-authentication-configs", "backend-authentication-config", "backend_authentication_config",
+    "backend_authentication_configs", "BackendAuthenticationConfig", "BackendAuthenticationConfigs")
+BACKEND_SERVICE = Kind("BackendService", "backendServices", backends_pb2.BackendService, "backend-services",
+                       "backend-service", "backend_service", "backend_services", "BackendService",
+                       "BackendServices")
 NODE = Kind("Node", "nodes", resources_pb2.Node, "nodes", "node", "node", "nodes", "Node", "Nodes")
 ROLLOUT_POLICY = Kind("RolloutPolicy", "rolloutPolicies", rollouts_pb2.RolloutPolicy, "rollout-policies",
                       "rollout-policy", "rollout_policy", "rollout_policies", "RolloutPolicy", "RolloutPolicies")
@@ -71,7 +78,8 @@ ACTIVE_COLLECTIONS = {v: k for k, v in SHADOW_COLLECTIONS.items()}
 
 # Dependency order: a kind only references kinds before it, so `apply` writes in this order (and deletes
 # in the reverse one).
-KINDS: tuple[Kind, ...] = (TRUST_CONFIG, CERTIFICATE, SERVER_TLS_POLICY, ROLLOUT_POLICY, LISTENER, NODE)
+KINDS: tuple[Kind, ...] = (TRUST_CONFIG, CERTIFICATE, SERVER_TLS_POLICY, ROLLOUT_POLICY,
+                           BACKEND_AUTHENTICATION_CONFIG, BACKEND_SERVICE, LISTENER, NODE)
 # Every collection the store holds.
 STORED_KINDS: tuple[Kind, ...] = (*KINDS, ROLLOUT, SHADOW_TRUST_CONFIG, SHADOW_SERVER_TLS_POLICY)
 
@@ -169,6 +177,19 @@ def references(message: Message) -> Iterator[Reference]:
             yield Reference("serverTlsPolicy", message.server_tls_policy, SERVER_TLS_POLICY)
         if message.rollout_policy:
             yield Reference("rolloutPolicy", message.rollout_policy, ROLLOUT_POLICY)
+        for i, route in enumerate(message.routes):
+            if route.backend_service:
+                yield Reference(f"routes[{i}].backendService", route.backend_service, BACKEND_SERVICE)
+        if message.default_backend_service:
+            yield Reference("defaultBackendService", message.default_backend_service, BACKEND_SERVICE)
+    elif isinstance(message, backends_pb2.BackendService):
+        if message.backend_authentication:
+            yield Reference("backendAuthentication", message.backend_authentication, BACKEND_AUTHENTICATION_CONFIG)
+    elif isinstance(message, backends_pb2.BackendAuthenticationConfig):
+        if message.client_certificate:
+            yield Reference("clientCertificate", message.client_certificate, CERTIFICATE)
+        if message.trust_config:
+            yield Reference("trustConfig", message.trust_config, TRUST_CONFIG)
 
 
 def normalise_references(message: Message) -> list[tuple[str, str]]:
@@ -197,6 +218,14 @@ def normalise_references(message: Message) -> list[tuple[str, str]]:
                 problems.append((f"certificates[{i}]", str(exc)))
         fix(message, "server_tls_policy", "serverTlsPolicy", SERVER_TLS_POLICY)
         fix(message, "rollout_policy", "rolloutPolicy", ROLLOUT_POLICY)
+        for i, route in enumerate(message.routes):
+            fix(route, "backend_service", f"routes[{i}].backendService", BACKEND_SERVICE)
+        fix(message, "default_backend_service", "defaultBackendService", BACKEND_SERVICE)
+    elif isinstance(message, backends_pb2.BackendService):
+        fix(message, "backend_authentication", "backendAuthentication", BACKEND_AUTHENTICATION_CONFIG)
+    elif isinstance(message, backends_pb2.BackendAuthenticationConfig):
+        fix(message, "client_certificate", "clientCertificate", CERTIFICATE)
+        fix(message, "trust_config", "trustConfig", TRUST_CONFIG)
     return problems
 
 

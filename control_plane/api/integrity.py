@@ -1,6 +1,7 @@
 """Cross-resource rules, checked atomically inside each store write: references must resolve, a
-REJECT_INVALID policy needs a non-empty TrustConfig, a referenced resource cannot be deleted, and no
-node may be given two listeners on one port.
+REJECT_INVALID policy needs a non-empty TrustConfig, a referenced resource cannot be deleted, no node may be
+given two listeners on one port, and no listener may forward (directly or through a BackendService's
+endpoints on loopback) into a cycle of listeners on the same node.
 Pure functions of (store state, the write)."""
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def check_write(state: StoreState, name: str, new: Message | None) -> None:
             raise ReferenceConflict([FieldViolation(
                 "identity", f"{new.identity} is already the identity of {owners[0]}: one certificate identity "
                 "is one node")])
+    if isinstance(new, backends_pb2.BackendService):
+        _check_not_yet_served(new)
+    if isinstance(new, resources_pb2.Listener | backends_pb2.BackendService):
+        cycle = forwarding_cycle(state, name, new)
+        if cycle:
+            raise ReferenceConflict([FieldViolation(cycle[0], cycle[1])])
     if isinstance(new, resources_pb2.Listener):
         _check_routes(state, new)
         clashes = [other_name for other_name, other in state.listeners.items()
@@ -94,13 +101,19 @@ def check_write(state: StoreState, name: str, new: Message | None) -> None:
                 "listener's nodeSelector also selects; use another port or disjoint nodeSelectors")])
 
 
+def _check_not_yet_served(service: backends_pb2.BackendService) -> None:
+    """Parts of SPEC §15 the nodes do not carry out yet: refused rather than silently ignored."""
+    pending = []
+    if service.HasField("tls_settings") or service.backend_authentication:
+        field = "backendAuthentication" if service.backend_authentication else "tlsSettings"
+        pending.append(FieldViolation(field, "TLS to backends is not spoken by the nodes yet; use plain HTTP "
+                                      "endpoints"))
+    if pending:
+        raise InvalidResource(pending)
+
+
 def _check_routes(state: StoreState, listener: resources_pb2.Listener) -> None:
     """A route that requires a verified client certificate needs a listener that asks for one."""
-    pending = [f"routes[{i}].backendService" for i, route in enumerate(listener.routes) if route.backend_service]
-    pending += ["defaultBackendService"] if listener.default_backend_service else []
-    if pending:
-        raise InvalidResource([FieldViolation(field, "BackendService resources are not served by this control "
-                                              "plane yet; use backend (HOST:PORT)") for field in pending])
     required = [i for i, route in enumerate(listener.routes) if route.client_certificate == backends_pb2.Route.REQUIRED]
     if not required:
         return
@@ -110,3 +123,81 @@ def _check_routes(state: StoreState, listener: resources_pb2.Listener) -> None:
             f"routes[{required[0]}].clientCertificate",
             "REQUIRED needs a serverTlsPolicy with an mtlsPolicy on this listener (without one no client "
             "certificate is asked for, so every request would be refused)")])
+
+
+_LOOPBACK_HOSTS = frozenset({"localhost", "0.0.0.0", "::1", "::", "[::1]", "[::]"})
+
+
+def _loopback_port(address: str) -> int | None:
+    """The port of a HOST:PORT that names this very machine (loopback or any-address), else None."""
+    host, _, port = address.rpartition(":")
+    host = host.lower()
+    if not port.isdigit() or not (host in _LOOPBACK_HOSTS or host.startswith("127.")):
+        return None
+    return int(port)
+
+
+def forwarding_cycle(state: StoreState, name: str, new: Message) -> tuple[str, str] | None:
+    """(field, problem) when, with `new` written, some listeners would forward requests round in a circle
+    on one node: a backend or BackendService endpoint on loopback at the port of a listener that the same
+    node may run, and so on back to the first. Such a request would loop until every connection is used."""
+    listeners = {n: lst for n, lst in state.listeners.items() if n != name}
+    services = {n: bs for n, bs in state.backend_services.items() if n != name}
+    if isinstance(new, resources_pb2.Listener):
+        listeners[name] = new  # type: ignore[assignment]
+    elif isinstance(new, backends_pb2.BackendService):
+        services[name] = new  # type: ignore[assignment]
+
+    def targets(lst: resources_pb2.Listener) -> list[tuple[str, str]]:
+        """(what forwards there, loopback address) of every place `lst` sends requests."""
+        out = [("backend", lst.backend)] if lst.backend else []
+        refs = [(f"routes[{i}]", r.backend, r.backend_service) for i, r in enumerate(lst.routes)]
+        refs.append(("defaultBackendService", "", lst.default_backend_service))
+        for where, backend, service_name in refs:
+            if backend:
+                out.append((f"{where}.backend", backend))
+            service = services.get(service_name) if service_name else None
+            if service is not None:
+                out += [(f"{service_name} endpoint", e.address) for e in service.endpoints]
+        return out
+
+    edges: dict[str, list[tuple[str, str, str]]] = {}
+    for a_name, a in listeners.items():
+        for why, address in targets(a):
+            port = _loopback_port(address)
+            if port is None:
+                continue
+            for b_name, b in listeners.items():
+                if b.port == port and selectors_overlap(a.node_selector, b.node_selector):
+                    edges.setdefault(a_name, []).append((b_name, why, address))
+    # Depth-first search for a cycle through the written resource's listeners (any cycle a write creates
+    # passes through a listener it changed or one that uses the service it changed).
+    involved = [n for n, lst in listeners.items() if n == name or name in (
+        lst.default_backend_service, *(r.backend_service for r in lst.routes))]
+    for start in sorted(involved):
+        path = _cycle_from(start, edges)
+        if path:
+            hops = " -> ".join([start, *(f"{n} (via {why} {address})" for n, why, address in path)])
+            field = "endpoints" if isinstance(new, backends_pb2.BackendService) else "backend"
+            return field, (f"would make a forwarding loop on one node: {hops}; a request would go round until "
+                           "every connection is used")
+    return None
+
+
+def _cycle_from(start: str, edges: dict[str, list[tuple[str, str, str]]]) -> list[tuple[str, str, str]]:
+    """The hops (listener, via what, address) of a path from `start` back to itself, or []."""
+    path: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+
+    def visit(node: str) -> bool:
+        if node in seen:
+            return False
+        seen.add(node)
+        for nxt, why, address in edges.get(node, ()):
+            path.append((nxt, why, address))
+            if nxt == start or visit(nxt):
+                return True
+            path.pop()
+        return False
+
+    return path if visit(start) else []

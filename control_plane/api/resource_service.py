@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2, message_factory
 from google.protobuf.message import Message
-from mtlsgate.v1 import api_pb2, resources_pb2, rollouts_pb2
+from mtlsgate.v1 import api_pb2, backends_pb2, resources_pb2, rollouts_pb2
 
 from control_plane.api.authorization import Caller, current_caller
 from control_plane.api.errors import InvalidResource, status_for
@@ -47,6 +47,8 @@ _VALIDATORS: dict[str, Callable[[Any], list[FieldViolation]]] = {
     "listeners": validation.validate_listener,
     "nodes": validate_node,
     "rolloutPolicies": validate_rollout_policy,
+    "backendServices": validation.validate_backend_service,
+    "backendAuthenticationConfigs": validation.validate_backend_authentication_config,
 }
 _OUTPUT_ONLY = ("etag", "create_time", "update_time")
 CRL_FETCHER_ACTOR = "system:crl-fetcher"
@@ -97,6 +99,8 @@ class ResourceApi:
             out.ClearField(field)
         if isinstance(out, resources_pb2.Listener):
             out.ClearField("resolved_server_tls_policy")  # xDS-only, never stored
+        if isinstance(out, backends_pb2.BackendService):
+            out.ClearField("resolved_backend_authentication")  # xDS-only, never stored
         if isinstance(out, resources_pb2.Certificate):
             out.ClearField("private_key_sha256")
             if not out.pem_private_key and existing is not None:

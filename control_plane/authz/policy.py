@@ -36,7 +36,8 @@ _OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerRef
                   "/grpc.reflection.v1.ServerReflection/")
 _XDS_SERVICES = ("/envoy.service.discovery.v3.", "/mtlsgate.v1.NodeReportService/")
 _RESOURCE_SERVICES = ("TrustConfigService", "ServerTlsPolicyService", "CertificateService",
-                      "ListenerService", "NodeService", "RolloutPolicyService")
+                      "ListenerService", "NodeService", "RolloutPolicyService", "BackendServiceService",
+                      "BackendAuthenticationConfigService")
 
 
 def access_for(method: str) -> Access:

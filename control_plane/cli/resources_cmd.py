@@ -28,6 +28,8 @@ from control_plane.manifests import (
     to_document,
 )
 from control_plane.resource_names import (
+    BACKEND_AUTHENTICATION_CONFIG,
+    BACKEND_SERVICE,
     CERTIFICATE,
     NODE,
     ROLLOUT_POLICY,
@@ -58,7 +60,8 @@ MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 def register(subparsers: argparse._SubParsersAction) -> None:
     apply = subparsers.add_parser(
         "apply", help="create or update resources from YAML manifests",
-        description="Each document has kind: (TrustConfig, Certificate, ServerTlsPolicy, Listener) and name:, "
+        description="Each document has kind: (TrustConfig, Certificate, ServerTlsPolicy, BackendService, "
+        "BackendAuthenticationConfig, Listener, Node, RolloutPolicy) and name:, "
         "plus the resource's fields. Everything is validated before the first write; writes go in reference "
         "order. Prints KIND/NAME created|configured|unchanged per resource.")
     apply.add_argument("-f", "--filename", action="append", required=True, metavar="FILE|DIR",
@@ -81,9 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp = subparsers.add_parser(
         "import", help="create or replace a resource from a gcloud import file",
         description="Takes the YAML that `gcloud certificate-manager trust-configs import` / `gcloud "
-        "network-security server-tls-policies import` take, unchanged (output fields such as createTime, "
+        "network-security server-tls-policies import` / `gcloud network-security backend-authentication-configs "
+        "import` take, unchanged (output fields such as createTime, "
         "etag, name are ignored; full GCP names in references are accepted).")
-    imp.add_argument("kind", choices=["trust-config", "server-tls-policy"])
+    imp.add_argument("kind", choices=["trust-config", "server-tls-policy", "backend-authentication-config"])
     imp.add_argument("name", help="resource ID (or full name)")
     imp.add_argument("--source", required=True, metavar="FILE", help="YAML file (- for stdin)")
     add_client_arguments(imp)
@@ -91,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     get = subparsers.add_parser("get", help="show resources",
                                 description="KIND: trust-configs, server-tls-policies, certificates, listeners, "
-                                "nodes (singular forms accepted; `get nodes` adds each node's connection state). Private keys are never shown: privateKeySha256 is.")
+                                "backend-services, backend-authentication-configs, nodes (singular forms accepted; `get nodes` adds each node's connection state). Private keys are never shown: privateKeySha256 is.")
     get.add_argument("kind")
     get.add_argument("name", nargs="?")
     get.add_argument("-o", "--output", choices=["table", "yaml", "json"], default="table")
@@ -192,7 +196,9 @@ def _local_problems(item: ManifestResource) -> list[str]:
 
     validators = {"TrustConfig": validation.validate_trust_config, "Certificate": validation.validate_certificate,
                   "ServerTlsPolicy": validation.validate_server_tls_policy, "Listener": validation.validate_listener,
-                  "Node": validate_node, "RolloutPolicy": validate_rollout_policy}
+                  "Node": validate_node, "RolloutPolicy": validate_rollout_policy,
+                  "BackendService": validation.validate_backend_service,
+                  "BackendAuthenticationConfig": validation.validate_backend_authentication_config}
     problems = [f"{field}: {text}" for field, text in normalise_references(item.resource)]
     violations = validators[item.kind.kind](item.resource)  # type: ignore[arg-type]
     if item.kind is CERTIFICATE:
@@ -341,7 +347,8 @@ def _check_references(items: list[ManifestResource], channel: grpc.Channel) -> N
 
 
 def run_import(args: argparse.Namespace) -> int:
-    kind = TRUST_CONFIG if args.kind == "trust-config" else SERVER_TLS_POLICY
+    kind = {"trust-config": TRUST_CONFIG, "server-tls-policy": SERVER_TLS_POLICY,
+            "backend-authentication-config": BACKEND_AUTHENTICATION_CONFIG}[args.kind]
     try:
         resource = parse_gcp_import(_read_source(args.source), kind, args.name,
                                     "<stdin>" if args.source == "-" else args.source)
@@ -479,8 +486,16 @@ def _row(kind: Kind, m: Any) -> list[str]:
         from control_plane.cli.rollout_cmd import describe_gates, describe_waves
 
         return [_short(m.name), describe_waves(m), describe_gates(m), _age(m)]
+    if kind is BACKEND_SERVICE:
+        endpoints = ",".join(f"{e.address}*{e.weight or 1}" for e in m.endpoints)
+        policy = m.LoadBalancing.Name(m.load_balancing).replace("LOAD_BALANCING_UNSPECIFIED", "ROUND_ROBIN")
+        return [_short(m.name), endpoints, policy, _short(m.backend_authentication) or "-", _age(m)]
+    if kind is BACKEND_AUTHENTICATION_CONFIG:
+        roots = m.WellKnownRoots.Name(m.well_known_roots).replace("WELL_KNOWN_ROOTS_UNSPECIFIED", "-")
+        return [_short(m.name), _short(m.client_certificate) or "-", _short(m.trust_config) or "-", roots, _age(m)]
     selector = ",".join(f"{k}={v}" for k, v in sorted(m.node_selector.items())) or "*"
-    return [_short(m.name), str(m.port), _short(m.certificate), _short(m.server_tls_policy), m.backend, selector,
+    return [_short(m.name), str(m.port), _short(m.certificate), _short(m.server_tls_policy),
+            m.backend or _short(m.default_backend_service) or ("routes" if m.routes else "-"), selector,
             _age(m)]
 
 
@@ -491,6 +506,8 @@ _HEADERS = {
     "Listener": ["NAME", "PORT", "CERTIFICATE", "POLICY", "BACKEND", "NODES", "AGE"],
     "Node": ["NAME", "IDENTITY", "CLUSTER", "LABELS", "CONNECTED", "STATE", "METADATA", "AGE"],
     "RolloutPolicy": ["NAME", "WAVES", "GATES", "AGE"],
+    "BackendService": ["NAME", "ENDPOINTS", "LOAD BALANCING", "AUTHENTICATION", "AGE"],
+    "BackendAuthenticationConfig": ["NAME", "CLIENT CERTIFICATE", "TRUST CONFIG", "WELL-KNOWN ROOTS", "AGE"],
 }
 
 

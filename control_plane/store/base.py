@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from google.protobuf.message import Message
-from mtlsgate.v1 import resources_pb2, rollouts_pb2
+from mtlsgate.v1 import backends_pb2, resources_pb2, rollouts_pb2
 
 
 class StoreError(Exception):
@@ -67,6 +67,10 @@ class StoreState:
         default_factory=lambda: types.MappingProxyType({}))
     shadow_server_tls_policies: Mapping[str, resources_pb2.ServerTlsPolicy] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}))
+    backend_services: Mapping[str, backends_pb2.BackendService] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))  # SPEC §15
+    backend_authentication_configs: Mapping[str, backends_pb2.BackendAuthenticationConfig] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))  # SPEC §15
 
     def collection(self, collection: str) -> Mapping[str, Message]:
         """The mapping for a collection name such as `trustConfigs`."""
@@ -280,7 +284,9 @@ COLLECTION_FIELDS = {"trustConfigs": "trust_configs", "serverTlsPolicies": "serv
                      "certificates": "certificates", "listeners": "listeners", "nodes": "nodes",
                      "rolloutPolicies": "rollout_policies", "rollouts": "rollouts",
                      "shadowTrustConfigs": "shadow_trust_configs",
-                     "shadowServerTlsPolicies": "shadow_server_tls_policies"}
+                     "shadowServerTlsPolicies": "shadow_server_tls_policies",
+                     "backendServices": "backend_services",
+                     "backendAuthenticationConfigs": "backend_authentication_configs"}
 
 
 def copy_message(message: Message) -> Message:

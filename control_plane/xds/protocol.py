@@ -139,10 +139,10 @@ class StreamProtocol:
 
     def on_snapshot(self, snapshot: GroupSnapshot) -> list[Push]:
         """A new snapshot for this stream's group: push every subscribed type whose version changed
-        (by-name types before Listener, so a node sees certificates/bundles before listeners using them)."""
+        (by-name types before Listener, so a node sees certificates/bundles/services before listeners using them)."""
         self.snapshot = snapshot
         pushes = []
-        for type_url in (rt.SERVER_CERTIFICATE, rt.TRUST_BUNDLE, rt.LISTENER):
+        for type_url in (rt.SERVER_CERTIFICATE, rt.TRUST_BUNDLE, rt.BACKEND_SERVICE, rt.LISTENER):
             ts = self.types.get(type_url)
             if ts is None or not ts.subscribed:
                 continue

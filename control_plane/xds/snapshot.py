@@ -2,7 +2,8 @@
 
 A node's group is decided by which listeners its labels select (`nodeSelector`), because that set alone
 determines every resource the node gets (the listeners, the certificates they name, the trust bundles their
-policies name). Nodes of the same `node.cluster` normally share labels and therefore one snapshot; nodes
+policies name, the backend services their routes name and the certificates and trust bundles of those
+services' BackendAuthenticationConfigs). Nodes of the same `node.cluster` normally share labels and therefore one snapshot; nodes
 whose labels select the same listeners share a snapshot even across clusters, which is harmless since the
 resources are identical. Versions are content hashes, so the same state gives the same version across
 restarts and replicas. Every resource is encoded (packed into an `Any`) once per build and shared.
@@ -19,7 +20,7 @@ from typing import Any as TypingAny
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from mtlsgate import resource_types as rt
-from mtlsgate.v1 import resources_pb2, xds_pb2
+from mtlsgate.v1 import backends_pb2, resources_pb2, xds_pb2
 
 from data_plane.validation.resources import listener_certificates
 
@@ -125,7 +126,8 @@ class SnapshotBuilder:
         trust_configs = {short_name(n): t for n, t in state.trust_configs.items()}
         certificates = {short_name(n): c for n, c in state.certificates.items()}
 
-        listeners: dict[str, tuple[resources_pb2.Listener, any_pb2.Any, tuple[str, ...], str | None]] = {}
+        listeners: dict[str, tuple[resources_pb2.Listener, any_pb2.Any, tuple[str, ...], str | None,
+                                   tuple[str, ...]]] = {}
         for raw_name, listener in state.listeners.items():
             name = short_name(raw_name)
             policy_name = short_name(listener.server_tls_policy) if listener.server_tls_policy else ""
@@ -144,6 +146,11 @@ class SnapshotBuilder:
                 if listener.certificate:
                     out.certificate = short_name(listener.certificate)
                 out.certificates[:] = [short_name(c) for c in listener.certificates]
+                for route in out.routes:
+                    if route.backend_service:
+                        route.backend_service = short_name(route.backend_service)
+                if listener.default_backend_service:
+                    out.default_backend_service = short_name(listener.default_backend_service)
                 if policy is not None:
                     out.server_tls_policy = policy_name
                     out.resolved_server_tls_policy.CopyFrom(policy)
@@ -158,7 +165,43 @@ class SnapshotBuilder:
             sources: list[Message] = [listener] + ([policy] if policy is not None else [])
             packed = encode(rt.LISTENER, name, sources, make_listener)
             cert_names = tuple(short_name(c) for c in listener_certificates(listener))
-            listeners[name] = (listener, packed, cert_names, trust_name)
+            service_names = tuple(sorted({short_name(r.backend_service) for r in listener.routes if r.backend_service}
+                                         | ({short_name(listener.default_backend_service)}
+                                            if listener.default_backend_service else set())))
+            listeners[name] = (listener, packed, cert_names, trust_name, service_names)
+
+        authentications = {short_name(n): a for n, a in state.backend_authentication_configs.items()}
+        services: dict[str, tuple[any_pb2.Any, tuple[str, ...], str | None]] = {}
+        for raw_name, service in state.backend_services.items():
+            name = short_name(raw_name)
+            auth_name = short_name(service.backend_authentication) if service.backend_authentication else ""
+            auth = authentications.get(auth_name)
+
+            def make_service(service: backends_pb2.BackendService = service, name: str = name,
+                             auth_name: str = auth_name,
+                             auth: backends_pb2.BackendAuthenticationConfig | None = auth) -> Message:
+                out = backends_pb2.BackendService()
+                out.CopyFrom(service)
+                out.name = name
+                if auth is not None:
+                    out.backend_authentication = auth_name
+                    resolved = out.resolved_backend_authentication
+                    resolved.CopyFrom(auth)
+                    resolved.name = auth_name
+                    if auth.client_certificate:
+                        resolved.client_certificate = short_name(auth.client_certificate)
+                    if auth.trust_config:
+                        resolved.trust_config = short_name(auth.trust_config)
+                for message in (out, out.resolved_backend_authentication) if auth is not None else (out,):
+                    for meta in ("create_time", "update_time", "etag"):
+                        message.ClearField(meta)
+                return out
+
+            service_sources: list[Message] = [service] + ([auth] if auth is not None else [])
+            packed = encode(rt.BACKEND_SERVICE, name, service_sources, make_service)
+            client_cert = short_name(auth.client_certificate) if auth is not None and auth.client_certificate else ""
+            trust = short_name(auth.trust_config) if auth is not None and auth.trust_config else None
+            services[name] = (packed, (client_cert,) if client_cert else (), trust)
 
         bundles: dict[str, any_pb2.Any] = {}
         for name, tc in trust_configs.items():
@@ -181,7 +224,7 @@ class SnapshotBuilder:
             certs[name] = encode(rt.SERVER_CERTIFICATE, name, [cert], make_cert)
 
         self._encoded = encoded_now
-        return StateSnapshots(state.revision, state.written_at, listeners, bundles, certs)
+        return StateSnapshots(state.revision, state.written_at, listeners, bundles, certs, services)
 
 
 @dataclass
@@ -191,9 +234,12 @@ class StateSnapshots:
 
     revision: int
     written_at: float
-    listeners: Mapping[str, tuple[resources_pb2.Listener, any_pb2.Any, tuple[str, ...], str | None]]
+    # name → (listener, encoded, certificate names, trust bundle name, backend service names)
+    listeners: Mapping[str, tuple[resources_pb2.Listener, any_pb2.Any, tuple[str, ...], str | None, tuple[str, ...]]]
     bundles: Mapping[str, any_pb2.Any]
     certificates: Mapping[str, any_pb2.Any]
+    # name → (encoded, client certificate names, trust bundle name) of every BackendService
+    backend_services: Mapping[str, tuple[any_pb2.Any, tuple[str, ...], str | None]] = field(default_factory=dict)
     _groups: dict[GroupKey, GroupSnapshot] = field(default_factory=dict)
 
     def group_key(self, labels: Mapping[str, str]) -> GroupKey:
@@ -209,12 +255,17 @@ class StateSnapshots:
         listeners = {n: self.listeners[n][1] for n in key}
         cert_names = {c for n in key for c in self.listeners[n][2]}
         trust_names = {t for n in key if (t := self.listeners[n][3])}
+        service_names = {s for n in key for s in self.listeners[n][4] if s in self.backend_services}
+        services = {s: self.backend_services[s][0] for s in service_names}
+        cert_names |= {c for s in service_names for c in self.backend_services[s][1]}
+        trust_names |= {t for s in service_names if (t := self.backend_services[s][2])}
         # A reference to a missing resource cannot happen through the API (references are checked on
         # write); skipping it keeps a broken store from producing a half-encoded resource.
         bundles = {n: self.bundles[n] for n in trust_names if n in self.bundles}
         certs = {n: self.certificates[n] for n in cert_names if n in self.certificates}
         by_type: tuple[tuple[str, dict[str, any_pb2.Any]], ...] = (
-            (rt.LISTENER, listeners), (rt.TRUST_BUNDLE, bundles), (rt.SERVER_CERTIFICATE, certs))
+            (rt.LISTENER, listeners), (rt.TRUST_BUNDLE, bundles), (rt.SERVER_CERTIFICATE, certs),
+            (rt.BACKEND_SERVICE, services))
         types = {t: TypeSnapshot(t, content_version(res), res) for t, res in by_type}
         snap = GroupSnapshot(key, self.revision, self.written_at, types)
         self._groups[key] = snap

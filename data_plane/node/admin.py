@@ -68,6 +68,10 @@ def config_dump(agent: XdsAgent) -> dict[str, Any]:
         dump["listeners"] = [json_format.MessageToDict(lst) for _, lst in sorted(config.listeners.items())]
         dump["bundles"] = [_bundle_summary(b) for _, b in sorted(config.bundles.items())]
         dump["certificates"] = [_certificate_summary(c) for _, c in sorted(config.certificates.items())]
+        dump["backendServices"] = [json_format.MessageToDict(s) for _, s in sorted(config.backend_services.items())]
+    health = getattr(agent.applier, "health", None)  # the WorkerPool's active health checks
+    if health is not None:
+        dump["backendHealth"] = health.status()
     worker_status = getattr(agent.applier, "worker_status", None)  # the WorkerPool: what each worker runs
     if worker_status is not None:
         dump["workers"] = worker_status()

@@ -152,7 +152,7 @@ class AgentSession:
             return self.candidates[type_url]
         held: Mapping[str, Message] = {
             rt.LISTENER: self.active.listeners, rt.TRUST_BUNDLE: self.active.bundles,
-            rt.SERVER_CERTIFICATE: self.active.certificates,
+            rt.SERVER_CERTIFICATE: self.active.certificates, rt.BACKEND_SERVICE: self.active.backend_services,
         }[type_url]
         return self.active.versions.get(type_url, ""), held
 
@@ -180,14 +180,16 @@ class AgentSession:
     def _missing(self) -> list[str]:
         _, listeners = self._current(rt.LISTENER)
         out = []
-        for type_url, names in _required(listeners).items():
+        for type_url, names in _required(listeners, self._current(rt.BACKEND_SERVICE)[1]).items():
             _, have = self._current(type_url)
             out += [f"{rt.short_type(type_url)} {n} was not delivered" for n in sorted(names - set(have))]
         return out
 
     def _progress(self, step: Step, now: float) -> Step:
         _, listeners = self._current(rt.LISTENER)
-        required = _required(listeners)
+        # Backend services name certificates and bundles of their own: the second level is known (and
+        # asked for) once the services themselves have arrived.
+        required = _required(listeners, self._current(rt.BACKEND_SERVICE)[1])
         waiting = False
         for type_url, names in required.items():
             _, have = self._current(type_url)
@@ -211,6 +213,8 @@ class AgentSession:
                      if n in required[rt.TRUST_BUNDLE]},
             certificates={n: m for n, m in self._current(rt.SERVER_CERTIFICATE)[1].items()  # type: ignore[misc]
                           if n in required[rt.SERVER_CERTIFICATE]},
+            backend_services={n: m for n, m in self._current(rt.BACKEND_SERVICE)[1].items()  # type: ignore[misc]
+                              if n in required[rt.BACKEND_SERVICE]},
         )
         acks = [_request(t, version=self.candidates[t][0], nonce=self.nonces[t], names=self.subscribed.get(t))
                 for t in sorted(self.pending)]
@@ -241,15 +245,15 @@ class AgentSession:
                         nonce=self.nonces.get(type_url, ""), names=self.subscribed.get(type_url), error=message)
 
 
-def _required(listeners: Mapping[str, Message]) -> dict[str, frozenset[str]]:
+def _required(listeners: Mapping[str, Message], services: Mapping[str, Message]) -> dict[str, frozenset[str]]:
     from data_plane.node.config import required_names
 
-    return required_names(listeners)  # type: ignore[arg-type]
+    return required_names(listeners, services)  # type: ignore[arg-type]
 
 
 def _same(a: NodeConfig, b: NodeConfig) -> bool:
     return (dict(a.versions) == dict(b.versions) and a.listeners == b.listeners and a.bundles == b.bundles
-            and a.certificates == b.certificates)
+            and a.certificates == b.certificates and a.backend_services == b.backend_services)
 
 
 # ---------------------------------------------------------------- the I/O loop

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 from mtlsgate import resource_types as rt
-from mtlsgate.v1 import resources_pb2, xds_pb2
+from mtlsgate.v1 import backends_pb2, resources_pb2, xds_pb2
 
 
 class ConfigRejected(Exception):
@@ -29,6 +29,7 @@ _MESSAGES: dict[str, type[Message]] = {
     rt.LISTENER: resources_pb2.Listener,
     rt.TRUST_BUNDLE: xds_pb2.TrustBundle,
     rt.SERVER_CERTIFICATE: xds_pb2.ServerCertificate,
+    rt.BACKEND_SERVICE: backends_pb2.BackendService,
 }
 
 
@@ -38,10 +39,12 @@ class NodeConfig:
     listeners: Mapping[str, resources_pb2.Listener] = field(default_factory=dict)
     bundles: Mapping[str, xds_pb2.TrustBundle] = field(default_factory=dict)
     certificates: Mapping[str, xds_pb2.ServerCertificate] = field(default_factory=dict)
+    backend_services: Mapping[str, backends_pb2.BackendService] = field(default_factory=dict)
 
     def required_names(self) -> dict[str, frozenset[str]]:
-        """The by-name resources its listeners need: certificates and policies' trust bundles."""
-        return required_names(self.listeners)
+        """The by-name resources its listeners need: certificates, policies' trust bundles, backend services
+        and what those services' BackendAuthenticationConfigs name."""
+        return required_names(self.listeners, self.backend_services)
 
     # ---- the cache file format (JSON with base64 protobufs; it holds private keys: written 0600)
 
@@ -50,7 +53,8 @@ class NodeConfig:
             return {n: base64.b64encode(v.SerializeToString(deterministic=True)).decode() for n, v in m.items()}
 
         return json.dumps({"versions": dict(self.versions), "listeners": enc(self.listeners),
-                           "bundles": enc(self.bundles), "certificates": enc(self.certificates)}, sort_keys=True)
+                           "bundles": enc(self.bundles), "certificates": enc(self.certificates),
+                           "backendServices": enc(self.backend_services)}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> NodeConfig:
@@ -60,22 +64,46 @@ class NodeConfig:
             def dec(key: str, message: type[Message]) -> dict[str, Message]:
                 return {n: message.FromString(base64.b64decode(v)) for n, v in data[key].items()}
 
+            services = dec("backendServices", backends_pb2.BackendService) if "backendServices" in data else {}
+
             return cls(versions={str(k): str(v) for k, v in data["versions"].items()},
                        listeners=dec("listeners", resources_pb2.Listener),  # type: ignore[arg-type]
                        bundles=dec("bundles", xds_pb2.TrustBundle),  # type: ignore[arg-type]
-                       certificates=dec("certificates", xds_pb2.ServerCertificate))  # type: ignore[arg-type]
+                       certificates=dec("certificates", xds_pb2.ServerCertificate),  # type: ignore[arg-type]
+                       backend_services=services)  # type: ignore[arg-type]
         except (ValueError, KeyError, TypeError, AttributeError, DecodeError) as exc:
             raise ConfigRejected(f"cached configuration is unreadable: {exc}") from exc
 
 
-def required_names(listeners: Mapping[str, resources_pb2.Listener]) -> dict[str, frozenset[str]]:
+def listener_backend_services(listener: resources_pb2.Listener) -> set[str]:
+    names = {route.backend_service for route in listener.routes if route.backend_service}
+    return names | ({listener.default_backend_service} if listener.default_backend_service else set())
+
+
+def required_names(listeners: Mapping[str, resources_pb2.Listener],
+                   backend_services: Mapping[str, backends_pb2.BackendService] | None = None
+                   ) -> dict[str, frozenset[str]]:
+    """By type: the names `listeners` need, including, for the services among `backend_services` that they
+    name, the client certificates and trust bundles of their BackendAuthenticationConfigs (a second level:
+    known once those services have arrived)."""
     from data_plane.validation.resources import listener_certificates
 
     certs = {name for lst in listeners.values() for name in listener_certificates(lst)}
     bundles = {lst.resolved_server_tls_policy.mtls_policy.client_validation_trust_config
                for lst in listeners.values()
                if lst.resolved_server_tls_policy.mtls_policy.client_validation_trust_config}
-    return {rt.SERVER_CERTIFICATE: frozenset(certs), rt.TRUST_BUNDLE: frozenset(bundles)}
+    services = {name for lst in listeners.values() for name in listener_backend_services(lst)}
+    for name in services:
+        service = (backend_services or {}).get(name)
+        if service is None:
+            continue
+        auth = service.resolved_backend_authentication
+        if auth.client_certificate:
+            certs.add(auth.client_certificate)
+        if auth.trust_config:
+            bundles.add(auth.trust_config)
+    return {rt.SERVER_CERTIFICATE: frozenset(certs), rt.TRUST_BUNDLE: frozenset(bundles),
+            rt.BACKEND_SERVICE: frozenset(services)}
 
 
 def decode_resources(type_url: str, resources: list[any_pb2.Any]) -> dict[str, Message]:
@@ -133,8 +161,26 @@ def validate_node_config(config: NodeConfig) -> None:
     from data_plane.validation.bundle import InvalidBundle, compile_bundle
     from data_plane.validation.headers import compile_headers
     from data_plane.validation.policy import compile_policy
-    from data_plane.validation.resources import listener_certificates, route_problems
+    from data_plane.validation.resources import (
+        listener_certificates,
+        route_problems,
+        validate_backend_authentication_config,
+        validate_backend_service,
+    )
 
+    for name, service in sorted(config.backend_services.items()):
+        problems = validate_backend_service(service)
+        if service.HasField("resolved_backend_authentication"):
+            problems += validate_backend_authentication_config(service.resolved_backend_authentication)
+            auth = service.resolved_backend_authentication
+            for kind, wanted, held in (("certificate", auth.client_certificate, config.certificates),
+                                       ("trust bundle", auth.trust_config, config.bundles)):
+                if wanted and wanted not in held:
+                    raise ConfigRejected(f"{name}: {kind} {wanted} was not received")
+        elif service.backend_authentication:
+            raise ConfigRejected(f"{name}: backendAuthentication {service.backend_authentication} was not resolved")
+        if problems:
+            raise ConfigRejected(f"{name}: {problems[0]}")
     for name, bundle in sorted(config.bundles.items()):
         try:
             compile_bundle(bundle)
@@ -155,8 +201,11 @@ def validate_node_config(config: NodeConfig) -> None:
         for cert_name in certificates:
             if cert_name not in config.certificates:
                 raise ConfigRejected(f"{name}: certificate {cert_name} was not received")
-        if lst.backend or not lst.routes:
+        if lst.backend or not (lst.routes or lst.default_backend_service):
             _check_backend(name, lst.backend)
+        for service_name in sorted(listener_backend_services(lst)):
+            if service_name not in config.backend_services:
+                raise ConfigRejected(f"{name}: backend service {service_name} was not received")
         problems = route_problems(lst)
         if problems:
             raise ConfigRejected(f"{name}: {problems[0]}")

@@ -513,3 +513,121 @@ def _header_problems(entries: Sequence[str]) -> list[FieldViolation]:
     except ValueError as exc:
         return [_violation_from(exc, "customRequestHeaders")]
     return []
+
+
+# ---------------------------------------------------------------- BackendService, BackendAuthenticationConfig (SPEC §15)
+
+MAX_BACKEND_ENDPOINTS = 100  # per BackendService
+MAX_ENDPOINT_WEIGHT = 1000
+MAX_HEALTH_CHECK_PATH_CHARS = 1024
+MAX_TLS_SUBJECT_ALT_NAMES = 20
+MAX_THRESHOLD = 100
+MAX_CONSECUTIVE_ERRORS = 1000
+# Duration bounds (seconds): (field path, min, max). Health checks may run as often as every 100 ms (tests,
+# demos) and as rarely as every 5 minutes.
+_DURATION_BOUNDS = {
+    "healthCheck.interval": (0.1, 300.0),
+    "healthCheck.timeout": (0.01, 60.0),
+    "outlierDetection.baseEjectionTime": (0.01, 3600.0),
+    "timeouts.connect": (0.001, 60.0),
+    "timeouts.response": (0.001, 3600.0),
+}
+_BS = backends_pb2.BackendService
+_HC_PATH = re.compile(r"/[!-~]*")
+
+
+def seconds(duration: object) -> float:
+    """A google.protobuf.Duration as float seconds."""
+    return duration.seconds + duration.nanos / 1e9  # type: ignore[attr-defined,no-any-return]
+
+
+def backend_service_tls(service: backends_pb2.BackendService) -> bool:
+    """Does this service's every endpoint speak TLS? (tlsSettings or backendAuthentication set.)"""
+    return service.HasField("tls_settings") or bool(service.backend_authentication)
+
+
+def validate_backend_service(service: backends_pb2.BackendService) -> list[FieldViolation]:
+    out = list(_metadata(service.description, service.labels))
+    if not service.endpoints:
+        out.append(FieldViolation("endpoints", "required: at least one {address: HOST:PORT}"))
+    elif len(service.endpoints) > MAX_BACKEND_ENDPOINTS:
+        out.append(FieldViolation("endpoints", f"too many entries ({len(service.endpoints)}, "
+                                  f"limit {MAX_BACKEND_ENDPOINTS})"))
+    else:
+        seen: dict[str, int] = {}
+        for i, endpoint in enumerate(service.endpoints):
+            problem = _backend_problem(endpoint.address)
+            if problem:
+                out.append(FieldViolation(f"endpoints[{i}].address", problem))
+            elif endpoint.address.lower() in seen:
+                out.append(FieldViolation(f"endpoints[{i}].address", f"{endpoint.address} is already "
+                                          f"endpoints[{seen[endpoint.address.lower()]}]"))
+            else:
+                seen[endpoint.address.lower()] = i
+            if not 0 <= endpoint.weight <= MAX_ENDPOINT_WEIGHT:
+                out.append(FieldViolation(f"endpoints[{i}].weight", f"must be between 0 (= 1) and "
+                                          f"{MAX_ENDPOINT_WEIGHT}"))
+    if service.load_balancing not in _BS.LoadBalancing.values():
+        out.append(FieldViolation("loadBalancing", f"unknown value {service.load_balancing}; one of ROUND_ROBIN, "
+                                  "LEAST_REQUEST"))
+    hc = service.health_check
+    if hc.path and (len(hc.path) > MAX_HEALTH_CHECK_PATH_CHARS or not _HC_PATH.fullmatch(hc.path)):
+        out.append(FieldViolation("healthCheck.path", "must start with / and hold only visible ASCII "
+                                  f"(at most {MAX_HEALTH_CHECK_PATH_CHARS} characters)"))
+    for field, value in (("healthCheck.healthyThreshold", hc.healthy_threshold),
+                         ("healthCheck.unhealthyThreshold", hc.unhealthy_threshold)):
+        if not 0 <= value <= MAX_THRESHOLD:
+            out.append(FieldViolation(field, f"must be between 0 (= default) and {MAX_THRESHOLD}"))
+    if not 0 <= service.outlier_detection.consecutive_errors <= MAX_CONSECUTIVE_ERRORS:
+        out.append(FieldViolation("outlierDetection.consecutiveErrors",
+                                  f"must be between 0 (= 5) and {MAX_CONSECUTIVE_ERRORS}"))
+    durations = {
+        "healthCheck.interval": (hc, "interval"), "healthCheck.timeout": (hc, "timeout"),
+        "outlierDetection.baseEjectionTime": (service.outlier_detection, "base_ejection_time"),
+        "timeouts.connect": (service.timeouts, "connect"), "timeouts.response": (service.timeouts, "response"),
+    }
+    for field, (holder, attr) in durations.items():
+        if holder.HasField(attr):  # type: ignore[attr-defined]
+            low, high = _DURATION_BOUNDS[field]
+            value = seconds(getattr(holder, attr))
+            if not low <= value <= high:
+                out.append(FieldViolation(field, f"must be between {low:g}s and {high:g}s (got {value:g}s)"))
+    if hc.path and hc.HasField("timeout") and hc.HasField("interval") and seconds(hc.timeout) > seconds(hc.interval):
+        out.append(FieldViolation("healthCheck.timeout", "must not be longer than healthCheck.interval"))
+    tls = service.tls_settings
+    if tls.sni:
+        problem = _dns_name_problem(tls.sni, wildcard=False)
+        if problem:
+            out.append(FieldViolation("tlsSettings.sni", problem))
+    if len(tls.subject_alt_names) > MAX_TLS_SUBJECT_ALT_NAMES:
+        out.append(FieldViolation("tlsSettings.subjectAltNames", f"too many entries "
+                                  f"({len(tls.subject_alt_names)}, limit {MAX_TLS_SUBJECT_ALT_NAMES})"))
+    else:
+        for i, name in enumerate(tls.subject_alt_names):
+            problem = _dns_name_problem(name, wildcard=True)
+            if problem:
+                out.append(FieldViolation(f"tlsSettings.subjectAltNames[{i}]", problem))
+    if service.HasField("resolved_backend_authentication") and not service.backend_authentication:
+        out.append(FieldViolation("resolvedBackendAuthentication", "output only: set by the control plane for xDS"))
+    return out
+
+
+def _dns_name_problem(name: str, *, wildcard: bool) -> str | None:
+    text = name[2:] if wildcard and name.startswith("*.") else name
+    if len(name) > 253 or not _HOSTNAME.fullmatch(text):
+        return f"{name[:100]!r} is not a DNS name" + (" (a leading *. is allowed)" if wildcard else "")
+    return None
+
+
+_ROOTS = backends_pb2.BackendAuthenticationConfig.WellKnownRoots
+
+
+def validate_backend_authentication_config(config: backends_pb2.BackendAuthenticationConfig) -> list[FieldViolation]:
+    out = list(_metadata(config.description, config.labels))
+    if config.well_known_roots not in _ROOTS.values():
+        out.append(FieldViolation("wellKnownRoots", f"unknown value {config.well_known_roots}; one of NONE, "
+                                  "PUBLIC_ROOTS"))
+    elif config.well_known_roots == _ROOTS.NONE and not config.trust_config:
+        out.append(FieldViolation("wellKnownRoots", "NONE without a trustConfig would refuse every backend "
+                                  "certificate; name a trustConfig or use PUBLIC_ROOTS"))
+    return out

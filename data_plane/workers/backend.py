@@ -8,7 +8,7 @@ import asyncio
 import collections
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -85,10 +85,11 @@ class BackendPool:
 
     def __init__(self, bounds: Bounds) -> None:
         self.bounds = bounds
-        self._idle: dict[tuple[str, int], collections.deque[BackendConnection]] = collections.defaultdict(
+        # Keyed per endpoint: (host, port) — a BackendService's endpoints each get their own idle connections.
+        self._idle: dict[tuple[Any, ...], collections.deque[BackendConnection]] = collections.defaultdict(
             collections.deque)
 
-    def take_idle(self, address: tuple[str, int]) -> BackendConnection | None:
+    def take_idle(self, address: tuple[Any, ...]) -> BackendConnection | None:
         """A kept-alive connection to `address` if one is idle (the backend may still have closed it)."""
         idle = self._idle.get(address)
         while idle:
@@ -97,18 +98,19 @@ class BackendPool:
                 return conn
         return None
 
-    async def acquire(self, address: tuple[str, int], *, fresh: bool = False) -> tuple[BackendConnection, bool]:
+    async def acquire(self, address: tuple[Any, ...], *, fresh: bool = False,
+                      connect_timeout: float | None = None) -> tuple[BackendConnection, bool]:
         """A connection and whether it was reused (a reused one may have been closed by the backend)."""
         conn = None if fresh else self.take_idle(address)
         if conn is not None:
             return conn, True
         loop = asyncio.get_running_loop()
         high_water = self.bounds.high_water
-        async with asyncio.timeout(self.bounds.backend_connect_timeout):
+        async with asyncio.timeout(connect_timeout or self.bounds.backend_connect_timeout):
             _, conn = await loop.create_connection(lambda: BackendConnection(high_water), address[0], address[1])
         return conn, False
 
-    def release(self, address: tuple[str, int], conn: BackendConnection) -> None:
+    def release(self, address: tuple[Any, ...], conn: BackendConnection) -> None:
         idle = self._idle[address]
         conn.exchange = None
         if conn.closed or len(idle) >= self.bounds.max_idle_backend_connections:
@@ -149,17 +151,20 @@ class Exchange:
         self.chunked_out = False
         self.client_keep_alive = request.head.keep_alive and not client.worker.draining
         self.out: list[bytes] = []
+        service = request.upstream.service if request.upstream is not None else None
+        self.idle_timeout = (service.response_timeout if service is not None else None) \
+            or client.bounds.response_idle_timeout
         backend.exchange = self
 
     def request_sent(self) -> None:
-        self.deadline = time.monotonic() + self.client.bounds.response_idle_timeout
+        self.deadline = time.monotonic() + self.idle_timeout
 
     # ---- bytes from the backend
 
     def received(self, data: bytes) -> None:
         self.got_bytes = True
         if self.deadline:
-            self.deadline = time.monotonic() + self.client.bounds.response_idle_timeout
+            self.deadline = time.monotonic() + self.idle_timeout
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:

@@ -38,6 +38,17 @@ from data_plane.workers.tls import TlsConnection, TlsFailed
 
 _XFCC_SANITIZE = int(XFCC.SANITIZE)
 
+def _label(request: _Request) -> str:
+    """The backend as messages name it: HOST:PORT, or `backendServices/ID endpoint HOST:PORT`."""
+    upstream = request.upstream
+    if upstream is None:
+        return "-"
+    if upstream.service is None:
+        return upstream.label
+    address = request.address
+    return f"{upstream.service.name} endpoint {address[0]}:{address[1]}"
+
+
 class ProtocolViolation(Exception):
     """A client broke one of our bounds or rules; answered with `status` and the connection closed."""
 
@@ -58,6 +69,8 @@ class _Request:
     buffered: int = 0
     refusal: request_rules.Refusal | None = None  # answered by us, never forwarded; then the connection closes
     upstream: Upstream | None = None  # where it goes: the listener's default or its route's (set on dispatch)
+    address: tuple[Any, ...] = ()  # the backend (pool key) it goes to: the upstream's, or its service's pick
+    endpoint: Any = None  # the BackendService endpoint chosen, until its outcome is recorded
 
 
 _REFUSED_HEAD = request_rules.RequestHead(method=b"", target=b"", http_version="1.1", host=b"", headers=[],
@@ -395,8 +408,14 @@ class ClientConnection(asyncio.Protocol):
             if upstream is None:
                 return  # answered by the route table (400/403/404)
             request.upstream = upstream
+            if upstream.service is None:
+                request.address = upstream.address
+            else:
+                endpoint = upstream.service.pick(time.monotonic())
+                request.endpoint = endpoint
+                request.address = endpoint.key
             if request.body is None:
-                conn = self.worker.backends.take_idle(upstream.address)
+                conn = self.worker.backends.take_idle(request.address)
                 if conn is not None:
                     self._start_exchange(request, listener, conn)
                     return
@@ -447,7 +466,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _start_exchange(self, request: _Request, listener: ListenerRuntime, conn: BackendConnection) -> None:
         assert conn.transport is not None and request.upstream is not None
-        upstream = request.upstream
         head = self._upstream_head(request, listener, self.verdict)
 
         def done(result: ExchangeResult) -> None:
@@ -457,17 +475,21 @@ class ClientConnection(asyncio.Protocol):
                 if self._may_resend(request, exchange, 0, True):
                     # the idle keep-alive connection had been closed by the backend: once more, freshly
                     self._handler = asyncio.get_running_loop().create_task(self._serve_one(request, fresh=True))
-                elif not self._closing:
-                    self._finish_request(self._backend_failed(request, 502, f"backend {upstream.label}: {result}"))
+                    return
+                self._settle_endpoint(request, None if self._closing else False)
+                if not self._closing:
+                    self._finish_request(self._backend_failed(request, 502, f"backend {_label(request)}: {result}"))
                 return
             if isinstance(result, BaseException):  # timed out
                 conn.close()
+                self._settle_endpoint(request, False)
                 keep_alive = False if exchange.started else self._backend_failed(
-                    request, 504, f"backend {upstream.label} did not answer in time")
+                    request, 504, f"backend {_label(request)} did not answer in time")
                 self._finish_request(keep_alive)
                 return
             status, backend_reusable, client_keep_alive = result
-            self._backend_done(listener, upstream, conn, backend_reusable, status)
+            self._settle_endpoint(request, status < 500)
+            self._backend_done(listener, request, conn, backend_reusable, status)
             self._finish_request(client_keep_alive)
 
         exchange = Exchange(self, request, conn, done)
@@ -475,19 +497,45 @@ class ClientConnection(asyncio.Protocol):
         conn.transport.write(head)
         exchange.request_sent()
 
-    def _backend_done(self, listener: ListenerRuntime, upstream: Upstream, conn: BackendConnection, reusable: bool,
+    def _backend_done(self, listener: ListenerRuntime, request: _Request, conn: BackendConnection, reusable: bool,
                       status: int) -> None:
         if reusable:
-            self.worker.backends.release(upstream.address, conn)
+            self.worker.backends.release(request.address, conn)
         else:
             conn.exchange = None
             conn.close()
         self.worker.counters.inc("mtlsgate_requests_total", listener.name, str(status))
 
+    def _settle_endpoint(self, request: _Request, ok: bool | None) -> None:
+        """The request's outcome at its BackendService endpoint (None: the client went away first): frees
+        its in-flight slot, and feeds outlier detection (connect failures, timeouts and 5xx count)."""
+        endpoint = request.endpoint
+        if endpoint is None:
+            return
+        request.endpoint = None
+        state = endpoint.state
+        state.in_flight -= 1
+        if ok is None:
+            return
+        service = request.upstream.service if request.upstream is not None else None
+        now = time.monotonic()
+        if ok:
+            state.outlier.success(now)
+            return
+        state.failures += 1
+        if service is not None:
+            self.worker.counters.inc("mtlsgate_backend_endpoint_failures_total", service.name, endpoint.address)
+        if service is not None and state.outlier.failure(now, service.outlier):
+            self.worker.counters.inc("mtlsgate_backend_ejections_total", service.name, endpoint.address)
+            log_event("backend_endpoint_ejected", backend_service=service.name, endpoint=endpoint.address,
+                      worker=self.worker.worker_id, seconds=round(state.outlier.ejected_until - now, 3),
+                      reason=f"{service.outlier.consecutive_errors} consecutive failures")
+
     async def _serve_one(self, request: _Request, fresh: bool = False) -> None:
         try:
             keep_alive = await self._handle(request, fresh)
         except asyncio.CancelledError:
+            self._settle_endpoint(request, None)
             return
         except TlsFailed:
             self.close()
@@ -559,20 +607,42 @@ class ClientConnection(asyncio.Protocol):
         value = headers_mod.render_xfcc(verdict, listener.xfcc_mode, joined)
         return value.encode("latin-1") if value else b""
 
+    async def _connect(self, request: _Request, fresh: bool) -> tuple[BackendConnection, bool]:
+        """A connection to the request's backend. For a BackendService, an endpoint that cannot be
+        connected to counts against it and one other endpoint is tried: nothing was sent yet, so this is
+        no re-send (SPEC §11)."""
+        service = request.upstream.service if request.upstream is not None else None
+        timeout = service.connect_timeout if service is not None else None
+        try:
+            return await self.worker.backends.acquire(request.address, fresh=fresh, connect_timeout=timeout)
+        except (TimeoutError, OSError):
+            failed = request.endpoint
+            if service is None or failed is None:
+                raise
+            self._settle_endpoint(request, False)
+            other = service.pick(time.monotonic(), exclude=failed)
+            if other is None:
+                raise
+            request.endpoint, request.address = other, other.key
+            return await self.worker.backends.acquire(request.address, fresh=fresh, connect_timeout=timeout)
+
     async def _forward(self, request: _Request, listener: ListenerRuntime, verdict: Any, fresh: bool) -> bool:
         head = self._upstream_head(request, listener, verdict)
         upstream = request.upstream
         assert upstream is not None
-        backend = upstream.label
         for attempt in (0, 1):
             if fresh:
                 attempt = 1  # this is already the one re-send
             try:
-                conn, reused = await self.worker.backends.acquire(upstream.address, fresh=attempt > 0)
+                conn, reused = await self._connect(request, attempt > 0)
             except TimeoutError:
-                return self._backend_failed(request, 504, f"connecting to backend {backend} timed out")
+                self._settle_endpoint(request, False)
+                return self._backend_failed(request, 504, f"connecting to backend {_label(request)} timed out")
             except OSError as exc:
-                return self._backend_failed(request, 502, f"cannot connect to backend {backend}: {exc.strerror or exc}")
+                self._settle_endpoint(request, False)
+                return self._backend_failed(request, 502, f"cannot connect to backend {_label(request)}: "
+                                            f"{exc.strerror or exc}")
+            backend = _label(request)
             assert conn.transport is not None
             result: asyncio.Future[tuple[int, bool, bool]] = asyncio.get_running_loop().create_future()
             exchange = Exchange(self, request, conn, functools.partial(settle, result))
@@ -588,6 +658,7 @@ class ClientConnection(asyncio.Protocol):
                 raise
             except TimeoutError:
                 conn.close()
+                self._settle_endpoint(request, False)
                 if exchange.started:
                     return False  # the head already went out; all we can do is close
                 return self._backend_failed(request, 504, f"backend {backend} did not answer in time")
@@ -595,10 +666,12 @@ class ClientConnection(asyncio.Protocol):
                 conn.close()
                 if self._may_resend(request, exchange, attempt, reused):
                     continue
+                self._settle_endpoint(request, False)
                 return self._backend_failed(request, 502, f"backend {backend}: {exc}")
             finally:
                 self._exchange = None
-            self._backend_done(listener, upstream, conn, backend_reusable, status)
+            self._settle_endpoint(request, status < 500)
+            self._backend_done(listener, request, conn, backend_reusable, status)
             return client_keep_alive
         return False
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +17,13 @@ from mtlsgate.v1 import backends_pb2, resources_pb2, xds_pb2
 
 from data_plane.http import routes as routes_mod
 from data_plane.http.routes import RouteTable
+from data_plane.upstream import balancer as balancer_mod
+from data_plane.upstream import outlier as outlier_mod
+from data_plane.upstream.balancer import EndpointState
+from data_plane.upstream.outlier import OutlierPolicy
 from data_plane.validation import bundle as bundle_mod
 from data_plane.validation import engine, headers, policy
-from data_plane.validation.resources import listener_certificates
+from data_plane.validation.resources import listener_certificates, seconds
 from data_plane.workers.tls import ClientAuth, ServerTls, TlsProfile
 
 MTLS = resources_pb2.MTLSPolicy
@@ -38,19 +42,22 @@ class WireConfig:
     listeners: Mapping[str, bytes]
     bundles: Mapping[str, bytes]
     certificates: Mapping[str, bytes]
+    backend_services: Mapping[str, bytes] = field(default_factory=dict)
 
     @classmethod
     def from_node_config(cls, config: Any) -> WireConfig:
         listeners = {k: v.SerializeToString(deterministic=True) for k, v in config.listeners.items()}
         bundles = {k: v.SerializeToString(deterministic=True) for k, v in config.bundles.items()}
         certificates = {k: v.SerializeToString(deterministic=True) for k, v in config.certificates.items()}
+        services = {k: v.SerializeToString(deterministic=True)
+                    for k, v in getattr(config, "backend_services", {}).items()}
         # The version names the content, so a re-sent identical configuration is recognisably the same.
         digest = hashlib.sha256()
-        for part in (listeners, bundles, certificates):
+        for part in (listeners, bundles, certificates, services):
             for name, raw in sorted(part.items()):
                 digest.update(name.encode() + b"\0" + len(raw).to_bytes(8, "big") + raw)
         return cls(version=digest.hexdigest()[:16], versions=dict(config.versions), listeners=listeners,
-                   bundles=bundles, certificates=certificates)
+                   bundles=bundles, certificates=certificates, backend_services=services)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +68,46 @@ class Upstream:
     address: tuple[str, int]
     header_set: Any
     require_client_certificate: bool = False
+    service: ServiceRuntime | None = None  # a BackendService: the endpoint is chosen per request
 
     @property
     def label(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
+
+
+class ServiceRuntime:
+    """One BackendService as a worker runs it for one configuration version: its balancer over endpoints
+    whose state (health, ejection, requests in flight) outlives the version."""
+
+    def __init__(self, name: str, service: backends_pb2.BackendService,
+                 states: Callable[[str, str], EndpointState]) -> None:
+        self.name = name
+        self.policy = backends_pb2.BackendService.LoadBalancing.Name(service.load_balancing)
+        if self.policy == "LOAD_BALANCING_UNSPECIFIED":
+            self.policy = balancer_mod.ROUND_ROBIN
+        self.outlier = OutlierPolicy(
+            service.outlier_detection.consecutive_errors or outlier_mod.DEFAULT_CONSECUTIVE_ERRORS,
+            seconds(service.outlier_detection.base_ejection_time)
+            if service.outlier_detection.HasField("base_ejection_time") else outlier_mod.DEFAULT_BASE_EJECTION_SECONDS)
+        self.connect_timeout = seconds(service.timeouts.connect) if service.timeouts.HasField("connect") else None
+        self.response_timeout = seconds(service.timeouts.response) if service.timeouts.HasField("response") else None
+        self.endpoints = [balancer_mod.Endpoint(e.address, parse_backend(e.address), e.weight or 1,
+                                                states(name, e.address)) for e in service.endpoints]
+        self.balancer = balancer_mod.Balancer(self.policy, self.endpoints)
+
+    def pick(self, now: float, exclude: balancer_mod.Endpoint | None = None) -> balancer_mod.Endpoint | None:
+        endpoint = self.balancer.pick(now, exclude)
+        if endpoint is not None:
+            endpoint.state.in_flight += 1
+            endpoint.state.requests += 1
+        return endpoint
+
+    def summary(self, now: float) -> dict[str, Any]:
+        return {"load_balancing": self.policy, "endpoints": [{
+            "address": e.address, "weight": e.weight, "healthy": e.state.healthy,
+            "ejected": e.state.outlier.ejected(now), "ejections": e.state.outlier.ejections_total,
+            "in_flight": e.state.in_flight, "requests": e.state.requests, "failures": e.state.failures,
+        } for e in self.endpoints]}
 
 
 @dataclass
@@ -113,13 +156,31 @@ def parse_backend(backend: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def compile_listeners(wire: WireConfig) -> dict[str, ListenerRuntime]:
+def _fresh_state(service: str, address: str) -> EndpointState:
+    return EndpointState()
+
+
+def compile_services(wire: WireConfig, states: Callable[[str, str], EndpointState] = _fresh_state
+                     ) -> dict[str, ServiceRuntime]:
+    """Every BackendService of `wire`; `states(service, address)` gives each endpoint's lasting state."""
+    out = {}
+    for name, raw in sorted(wire.backend_services.items()):
+        try:
+            out[name] = ServiceRuntime(name, backends_pb2.BackendService.FromString(raw), states)
+        except Exception as exc:
+            raise ListenerConfigError(f"{name}: {exc}") from exc
+    return out
+
+
+def compile_listeners(wire: WireConfig, services: Mapping[str, ServiceRuntime] | None = None
+                      ) -> dict[str, ListenerRuntime]:
     """Compile every listener of `wire`; raises ListenerConfigError naming the first bad one."""
     out: dict[str, ListenerRuntime] = {}
+    services = compile_services(wire) if services is None else services
     for name, raw in sorted(wire.listeners.items()):
         listener = resources_pb2.Listener.FromString(raw)
         try:
-            out[name] = _compile_listener(listener, wire)
+            out[name] = _compile_listener(listener, wire, services)
         except ListenerConfigError:
             raise
         except Exception as exc:
@@ -127,7 +188,16 @@ def compile_listeners(wire: WireConfig) -> dict[str, ListenerRuntime]:
     return out
 
 
-def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> ListenerRuntime:
+def _service_upstream(listener: resources_pb2.Listener, service_name: str, header_set: Any, required: bool,
+                      services: Mapping[str, ServiceRuntime]) -> Upstream:
+    service = services.get(_short_name(service_name))
+    if service is None:
+        raise ListenerConfigError(f"{listener.name}: backend service {service_name!r} was not received")
+    return Upstream(service.endpoints[0].key, header_set, required, service)  # type: ignore[arg-type]
+
+
+def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig,
+                      services: Mapping[str, ServiceRuntime]) -> ListenerRuntime:
     name = listener.name
     identities = []
     for cert_name in listener_certificates(listener):
@@ -163,7 +233,9 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> Lis
     profile = _tls_profile(listener)
     tls = ServerTls(identities, client_auth, profile)
     default = Upstream(parse_backend(listener.backend), header_set) if listener.backend else None
-    table, upstreams = _compile_routes(listener, header_set, default)
+    if listener.default_backend_service:
+        default = _service_upstream(listener, listener.default_backend_service, header_set, False, services)
+    table, upstreams = _compile_routes(listener, header_set, default, services)
     runtime = ListenerRuntime(
         name=name,
         port=int(listener.port),
@@ -181,7 +253,7 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> Lis
         allow_underscores=listener.allow_underscores_in_headers,
         summary={
             "port": int(listener.port),
-            "backend": listener.backend,
+            "backend": listener.backend or listener.default_backend_service,
             "certificate": listener.certificate,
             "certificates": listener_certificates(listener),
             "sni_names": tls.sni_names(),
@@ -201,8 +273,8 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig) -> Lis
     return runtime
 
 
-def _compile_routes(listener: resources_pb2.Listener, header_set: Any, default: Upstream | None
-                    ) -> tuple[RouteTable | None, tuple[Upstream, ...]]:
+def _compile_routes(listener: resources_pb2.Listener, header_set: Any, default: Upstream | None,
+                    services: Mapping[str, ServiceRuntime]) -> tuple[RouteTable | None, tuple[Upstream, ...]]:
     if not listener.routes:
         return None, ()
     specs, upstreams = [], []
@@ -210,15 +282,20 @@ def _compile_routes(listener: resources_pb2.Listener, header_set: Any, default: 
         required = route.client_certificate == backends_pb2.Route.REQUIRED
         route_headers = (headers.compile_headers(list(route.custom_request_headers))
                          if route.custom_request_headers else header_set)
-        if not route.backend:
+        if route.backend_service:
+            upstreams.append(_service_upstream(listener, route.backend_service, route_headers, required, services))
+        elif route.backend:
+            upstreams.append(Upstream(parse_backend(route.backend), route_headers, required))
+        else:
             raise ListenerConfigError(f"{listener.name}: routes[{i}] has no backend")
-        upstreams.append(Upstream(parse_backend(route.backend), route_headers, required))
         match = route.WhichOneof("path_match")
         specs.append(routes_mod.RouteSpec(
             tuple(route.hosts), route.path_prefix if match == "path_prefix" else None,
-            route.path if match == "path" else None, routes_mod.Route(i, route.backend, required)))
+            route.path if match == "path" else None,
+            routes_mod.Route(i, route.backend or route.backend_service, required)))
     try:
-        table = RouteTable(specs, routes_mod.Route(-1, listener.backend) if default is not None else None)
+        table = RouteTable(specs, routes_mod.Route(-1, listener.backend or listener.default_backend_service)
+                           if default is not None else None)
     except routes_mod.InvalidRoute as exc:
         raise ListenerConfigError(f"{listener.name}: {exc}") from None
     return table, tuple(upstreams)

@@ -27,8 +27,14 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     "mtlsgate_connections_evicted_total": ("reason",),
     "mtlsgate_connections_refused_total": ("reason",),
     "mtlsgate_connections_timed_out_total": ("phase",),
+    "mtlsgate_backend_ejections_total": ("backend_service", "endpoint"),
+    "mtlsgate_backend_endpoint_failures_total": ("backend_service", "endpoint"),
 }
 COUNTER_HELP = {
+    "mtlsgate_backend_ejections_total": "BackendService endpoints ejected by outlier detection (consecutive "
+                                        "connect failures, timeouts or 5xx), per worker summed",
+    "mtlsgate_backend_endpoint_failures_total": "Requests to a BackendService endpoint that failed (connect "
+                                                "failure, timeout or 5xx)",
     "mtlsgate_handshakes_total": "TLS handshakes by listener, result (ok/rejected/failed) and client-certificate error",
     "mtlsgate_requests_total": "HTTP requests answered, by listener and status code",
     "mtlsgate_connections_closed_by_revalidation_total": "Connections closed because revalidateOnUpdate found their certificate invalid",

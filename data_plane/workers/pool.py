@@ -19,6 +19,7 @@ from typing import Any
 from data_plane.node.apply import PortReservations
 from data_plane.node.config import ConfigRejected
 from data_plane.workers.client_tally import ClientTally
+from data_plane.workers.health_checks import HealthChecker
 from data_plane.workers.listeners import ListenerConfigError, WireConfig, compile_listeners
 from data_plane.workers.observability import PoolMetrics, log_event
 from data_plane.workers.worker import worker_main
@@ -59,6 +60,8 @@ class WorkerPool:
         self._closing = False
         self._lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Active health checks of backend service endpoints: once per node, results sent to every worker.
+        self.health = HealthChecker(self._broadcast_health)
 
     # ---- lifecycle
 
@@ -79,6 +82,7 @@ class WorkerPool:
         self._loop.add_reader(process.sentinel, self._on_exit, slot)
         if self.current is not None:
             self._send_config(slot, self.current)
+            self._send(slot, ("health", self.health.health()))
 
     def _on_exit(self, slot: _Slot) -> None:
         assert self._loop is not None
@@ -166,6 +170,8 @@ class WorkerPool:
                     await self._distribute(self.current)
                 raise ConfigRejected(failures[0])
             self.current, self.current_config = wire, config
+            self.health.update(getattr(config, "backend_services", {}))
+            self._broadcast_health(self.health.health())
             for slot in self._slots:
                 # a worker restarted while this version was being distributed got the previous one
                 if slot.process is not None and slot.sent_version != wire.version:
@@ -190,9 +196,14 @@ class WorkerPool:
             for slot in self._slots:
                 slot.waiters.pop(wire.version, None)
 
+    def _broadcast_health(self, health: dict[tuple[str, str], bool]) -> None:
+        for slot in self._slots:
+            self._send(slot, ("health", health))
+
     async def close(self) -> None:
         """Drain every worker (stop accepting, finish in-flight requests up to DRAIN_TIMEOUT), then stop."""
         self._closing = True
+        self.health.close()
         for slot in self._slots:
             self._send(slot, ("drain", DRAIN_TIMEOUT))
         deadline = time.monotonic() + DRAIN_TIMEOUT + 2

@@ -21,10 +21,18 @@ from typing import Any
 
 from data_plane.http.admission import Admission
 from data_plane.http.bounds import Bounds, from_environment
+from data_plane.upstream.balancer import EndpointState
 from data_plane.workers.backend import BackendPool
 from data_plane.workers.client_tally import ClientTally
 from data_plane.workers.http_proxy import ClientConnection
-from data_plane.workers.listeners import ListenerConfigError, ListenerRuntime, WireConfig, compile_listeners
+from data_plane.workers.listeners import (
+    ListenerConfigError,
+    ListenerRuntime,
+    ServiceRuntime,
+    WireConfig,
+    compile_listeners,
+    compile_services,
+)
 from data_plane.workers.observability import WorkerCounters, log_event
 
 STATS_INTERVAL = 1.0
@@ -48,6 +56,10 @@ class Worker:
         self.draining = False
         self.version = ""
         self.by_port: dict[int, ListenerRuntime] = {}
+        self.services: dict[str, ServiceRuntime] = {}
+        # (service, address) → what this worker knows of the endpoint; kept while it stays configured
+        self.endpoint_states: dict[tuple[str, str], EndpointState] = {}
+        self.health: dict[tuple[str, str], bool] = {}  # the node's active health checks, from the supervisor
         self.servers: dict[int, asyncio.Server] = {}
         self._done = asyncio.Event()
         self._apply_lock = asyncio.Lock()
@@ -78,6 +90,8 @@ class Worker:
         kind = message[0]
         if kind == "config":
             asyncio.get_running_loop().create_task(self._apply(message[1]))
+        elif kind == "health":
+            self._apply_health(message[1])
         elif kind == "drain":
             asyncio.get_running_loop().create_task(self.drain(float(message[1])))
 
@@ -116,7 +130,17 @@ class Worker:
     async def apply(self, wire: WireConfig) -> None:
         """Compile, open new ports, swap, close unused ports, revalidate. Raises ListenerConfigError with
         nothing changed when the configuration cannot be served."""
-        runtimes = compile_listeners(wire)
+        fresh: dict[tuple[str, str], EndpointState] = {}
+
+        def state(service: str, address: str) -> EndpointState:
+            key = (service, address)
+            found = self.endpoint_states.get(key) or fresh.get(key)
+            if found is None:
+                found = fresh[key] = EndpointState(healthy=self.health.get(key, True))
+            return found
+
+        services = compile_services(wire, state)
+        runtimes = compile_listeners(wire, services)
         by_port: dict[int, ListenerRuntime] = {}
         for runtime in runtimes.values():
             other = by_port.get(runtime.port)
@@ -136,11 +160,18 @@ class Worker:
                         f"{exc.strerror or exc}") from None
         previous = self.by_port
         self.by_port = by_port
+        self.services = services
+        self.endpoint_states = {(s.name, e.address): e.state for s in services.values() for e in s.endpoints}
         self.servers.update(opened)
         self.version = wire.version
         for port in sorted(set(self.servers) - set(by_port)):
             self.servers.pop(port).close()
         self._revalidate(previous, runtimes)
+
+    def _apply_health(self, health: dict[tuple[str, str], bool]) -> None:
+        self.health = dict(health)
+        for key, state in self.endpoint_states.items():
+            state.healthy = health.get(key, True)
 
     async def _listen(self, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -181,6 +212,7 @@ class Worker:
             "connections": len(self.connections),
             "bounds": self.bounds.as_dict(),
             "listeners": {r.name: r.summary for r in sorted(self.by_port.values(), key=lambda r: r.name)},
+            "backend_services": {name: s.summary(time.monotonic()) for name, s in sorted(self.services.items())},
         }
 
     # ---- shutdown

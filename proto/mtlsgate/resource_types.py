@@ -8,8 +8,11 @@ _PREFIX = "type.googleapis.com/"
 LISTENER = _PREFIX + "mtlsgate.v1.Listener"
 TRUST_BUNDLE = _PREFIX + "mtlsgate.v1.TrustBundle"
 SERVER_CERTIFICATE = _PREFIX + "mtlsgate.v1.ServerCertificate"
+# SPEC §15: a BackendService with its BackendAuthenticationConfig resolved into it, by name (backendServices/ID),
+# so an endpoint change pushes only that resource.
+BACKEND_SERVICE = _PREFIX + "mtlsgate.v1.BackendService"
 
-ALL_TYPES = (LISTENER, TRUST_BUNDLE, SERVER_CERTIFICATE)
+ALL_TYPES = (LISTENER, TRUST_BUNDLE, SERVER_CERTIFICATE, BACKEND_SERVICE)
 # Listener is a wildcard subscription (full state every time); the others are requested by name, like SDS.
 WILDCARD_TYPES = frozenset({LISTENER})
 

@@ -59,9 +59,9 @@ def test_manifest_order_and_errors() -> None:
     for bad, problem in [
         ("- a\n- b\n", "m.yaml (document 1): expected a mapping with kind: and name:"),
         ("name: x\n", "m.yaml (document 1): kind: required; allowed: TrustConfig, Certificate, ServerTlsPolicy, "
-         "RolloutPolicy, Listener, Node"),
+         "RolloutPolicy, BackendAuthenticationConfig, BackendService, Listener, Node"),
         ("kind: Widget\nname: x\n", "m.yaml (document 1): kind: Widget is not a manifest kind; allowed: "
-         "TrustConfig, Certificate, ServerTlsPolicy, RolloutPolicy, Listener, Node"),
+         "TrustConfig, Certificate, ServerTlsPolicy, RolloutPolicy, BackendAuthenticationConfig, BackendService, Listener, Node"),
         ("kind: Listener\n", "m.yaml (document 1): name: required (the Listener's ID, e.g. name: demo)"),
         ("kind: Listener\nname: x\nport: many\n", "m.yaml (document 1) listener/x: port: expected a whole "
          "number, got a string"),
@@ -105,7 +105,7 @@ def test_manifest_order_and_errors() -> None:
     # before: unknown kind 'Gateway' (expected one of: trust-configs, certificates, …) — the CLI's nouns
     ("kind: Gateway\nname: g\n",
      "f.yaml (document 1): kind: Gateway is not a manifest kind; allowed: TrustConfig, Certificate, "
-     "ServerTlsPolicy, RolloutPolicy, Listener, Node"),
+     "ServerTlsPolicy, RolloutPolicy, BackendAuthenticationConfig, BackendService, Listener, Node"),
     ("kind: Listener\nname: Public\n",
      "f.yaml (document 1): name: invalid resource id 'Public': must match [a-z][a-z0-9-]{0,62} (lowercase "
      "letter first, then lowercase letters, digits or '-', at most 63 characters)"),

@@ -77,7 +77,7 @@ def test_listener_is_held_until_its_names_arrive_then_everything_is_acked(store)
     config = wire.applied[0]
     assert set(config.listeners) == {"listeners/a"}
     assert set(config.certificates) == {"certificates/edge"} and set(config.bundles) == {"trustConfigs/demo"}
-    assert wire.states() == {t: api_pb2.SYNCED for t in rt.ALL_TYPES}
+    assert wire.states() == {t: api_pb2.SYNCED for t in rt.ALL_TYPES if t != rt.BACKEND_SERVICE} | {rt.BACKEND_SERVICE: api_pb2.NOT_SENT}
 
 
 def test_crl_rotation_is_applied_and_only_the_bundle_changes(store, demo_pki):
@@ -137,7 +137,7 @@ def test_reconnect_with_held_versions_gets_nothing_and_applies_nothing(store):
     again = Wire(store, active=first.agent.active)
     again.to_server(again.agent.initial_requests())
     assert again.applied == []
-    assert again.states() == {t: api_pb2.SYNCED for t in rt.ALL_TYPES}
+    assert again.states() == {t: api_pb2.SYNCED for t in rt.ALL_TYPES if t != rt.BACKEND_SERVICE} | {rt.BACKEND_SERVICE: api_pb2.NOT_SENT}
     assert all(ts.last_push is None for ts in again.server.types.values())
 
 

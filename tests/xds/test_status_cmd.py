@@ -24,7 +24,7 @@ def test_table_shows_states_versions_and_one_copy_of_each_error():
     table = render_table(api_pb2.ListNodesResponse(nodes=[node], revision=7))
     header, row, footer = table.splitlines()
     assert header.split() == ["NODE", "CLUSTER", "CONNECTED", "STATE", "LISTENER", "TRUSTBUNDLE",
-                              "SERVERCERTIFICATE", "CONVERGENCE", "ERROR"]
+                              "SERVERCERTIFICATE", "BACKENDSERVICE", "CONVERGENCE", "ERROR"]
     assert row.startswith("edge-1") and "ERROR 01234567" in row and "123ms" in row
     assert row.count("port 8443 is already in use") == 1
     assert footer == "(snapshot revision 7; 1 node(s))"
