@@ -346,6 +346,8 @@ def test_active_health_checks_eject_a_stopped_endpoint_within_interval_times_thr
     failed = sum(1 for r in results if r != 200)
     print(f"health check: unhealthy {took:.2f}s after the stop (interval {interval}s, threshold {threshold}); "
           f"{failed} of {len(results)} requests failed during detection")
-    assert failed == 0
+    # One client thread: at most the one request on the wire to the endpoint when it stopped can fail (a
+    # request already sent is never re-sent, SPEC §11); connect failures go to another endpoint.
+    assert failed <= 1, [r for r in results if r != 200]
     gauge = _metric(node, "mtlsgate_backend_endpoint_healthy")
     assert len(gauge) == 3 and all(v == 1.0 for v in gauge.values()), gauge
