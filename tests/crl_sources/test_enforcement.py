@@ -106,6 +106,11 @@ def test_revocation_at_the_ca_reaches_the_node_and_bad_crls_change_nothing(
         with contextlib.suppress(ssl.SSLError, ConnectionError):
             assert open_conn.recv(1) == b""
         open_conn.close()
+        # The fetch's own status write follows the CRL's; the first is pushed at once (leading edge), so
+        # take the versions once the fetch is recorded and the node has ACKed what the control plane serves.
+        wait_until(lambda: _status(api).crl_number == "2"
+                   and api.nodes()[node.node_id].state == api_pb2.SyncState.SYNCED, timeout=15,
+                   message="the node SYNCED on the fetched CRL")
         bundle_version = node.dump()["versions"]
 
         # A CRL signed by another key, then a replayed older one: refused, the node gets nothing new.
