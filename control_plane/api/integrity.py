@@ -84,8 +84,6 @@ def check_write(state: StoreState, name: str, new: Message | None) -> None:
             raise ReferenceConflict([FieldViolation(
                 "identity", f"{new.identity} is already the identity of {owners[0]}: one certificate identity "
                 "is one node")])
-    if isinstance(new, backends_pb2.BackendService):
-        _check_not_yet_served(new)
     if isinstance(new, resources_pb2.Listener | backends_pb2.BackendService):
         cycle = forwarding_cycle(state, name, new)
         if cycle:
@@ -99,17 +97,6 @@ def check_write(state: StoreState, name: str, new: Message | None) -> None:
             raise ReferenceConflict([FieldViolation(
                 "port", f"port {new.port} is already used by {', '.join(sorted(clashes))} on nodes this "
                 "listener's nodeSelector also selects; use another port or disjoint nodeSelectors")])
-
-
-def _check_not_yet_served(service: backends_pb2.BackendService) -> None:
-    """Parts of SPEC §15 the nodes do not carry out yet: refused rather than silently ignored."""
-    pending = []
-    if service.HasField("tls_settings") or service.backend_authentication:
-        field = "backendAuthentication" if service.backend_authentication else "tlsSettings"
-        pending.append(FieldViolation(field, "TLS to backends is not spoken by the nodes yet; use plain HTTP "
-                                      "endpoints"))
-    if pending:
-        raise InvalidResource(pending)
 
 
 def _check_routes(state: StoreState, listener: resources_pb2.Listener) -> None:

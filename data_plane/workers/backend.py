@@ -15,6 +15,7 @@ import httptools
 from data_plane.http.bounds import Bounds
 from data_plane.http.response import response_head
 from data_plane.workers.tls import TlsFailed
+from data_plane.workers.upstream_tls import UpstreamTls, open_tls
 
 if TYPE_CHECKING:
     from data_plane.workers.http_proxy import ClientConnection, _Request
@@ -29,6 +30,7 @@ class BackendConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.closed = False
+        self.failure = ""  # why the connection broke, when a layer below knows (TLS: the backend's alert)
         self._high_water = high_water
         self._drained: asyncio.Future[None] | None = None
 
@@ -99,15 +101,22 @@ class BackendPool:
         return None
 
     async def acquire(self, address: tuple[Any, ...], *, fresh: bool = False,
-                      connect_timeout: float | None = None) -> tuple[BackendConnection, bool]:
-        """A connection and whether it was reused (a reused one may have been closed by the backend)."""
+                      connect_timeout: float | None = None, tls: UpstreamTls | None = None
+                      ) -> tuple[BackendConnection, bool]:
+        """A connection and whether it was reused (a reused one may have been closed by the backend).
+        With `tls`, the TLS handshake (and the verdict on the backend's certificate) is part of connecting
+        and bounded by the same timeout; a refusal raises BackendTlsRefused (an OSError)."""
         conn = None if fresh else self.take_idle(address)
         if conn is not None:
             return conn, True
         loop = asyncio.get_running_loop()
         high_water = self.bounds.high_water
         async with asyncio.timeout(connect_timeout or self.bounds.backend_connect_timeout):
-            _, conn = await loop.create_connection(lambda: BackendConnection(high_water), address[0], address[1])
+            if tls is not None:
+                conn = BackendConnection(high_water)
+                await open_tls(loop, tls, conn, address[0], address[1])
+            else:
+                _, conn = await loop.create_connection(lambda: BackendConnection(high_water), address[0], address[1])
         return conn, False
 
     def release(self, address: tuple[Any, ...], conn: BackendConnection) -> None:
@@ -181,7 +190,7 @@ class Exchange:
         if self.finished:
             return
         if not self.started:
-            self._fail("backend closed the connection without a response")
+            self._fail(self.backend.failure or "backend closed the connection without a response")
             return
         # a close-delimited body ends here
         if self.chunked_out:

@@ -18,6 +18,7 @@ from prometheus_client import Gauge
 
 from data_plane.upstream.health import MAX_STATUS_LINE_BYTES, HealthPolicy, HealthState, check_verdict
 from data_plane.workers.observability import log_event
+from data_plane.workers.upstream_tls import BackendTlsRefused, UpstreamTls, open_tls
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,23 @@ ENDPOINT_HEALTHY = Gauge("mtlsgate_backend_endpoint_healthy",
 HealthKey = tuple[str, str]  # (backendServices/ID, HOST:PORT)
 
 
-async def probe(address: str, policy: HealthPolicy) -> tuple[bool, str]:
-    """One check: (passed, why not)."""
+async def probe(address: str, policy: HealthPolicy, tls: UpstreamTls | None = None) -> tuple[bool, str]:
+    """One check: (passed, why not). With `tls` the check speaks TLS and judges the endpoint's certificate
+    as requests do: an endpoint whose certificate is refused is unhealthy."""
     host, _, port = address.rpartition(":")
     writer = None
     try:
         async with asyncio.timeout(policy.timeout):
-            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port), limit=MAX_STATUS_LINE_BYTES)
+            if tls is None:
+                reader, writer = await asyncio.open_connection(host.strip("[]"), int(port),
+                                                               limit=MAX_STATUS_LINE_BYTES)
+            else:
+                loop = asyncio.get_running_loop()
+                reader = asyncio.StreamReader(limit=MAX_STATUS_LINE_BYTES, loop=loop)
+                stream = asyncio.StreamReaderProtocol(reader, loop=loop)
+                connected = await open_tls(loop, tls, stream, host.strip("[]"), int(port))
+                assert connected.app_transport is not None
+                writer = asyncio.StreamWriter(connected.app_transport, stream, reader, loop)
             writer.write(f"GET {policy.path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: mtlsgate-health-check\r\n"
                          "Connection: close\r\n\r\n".encode("latin-1"))
             line = await reader.readuntil(b"\n")
@@ -45,6 +56,8 @@ async def probe(address: str, policy: HealthPolicy) -> tuple[bool, str]:
         return False, f"status line longer than {MAX_STATUS_LINE_BYTES} bytes"
     except asyncio.IncompleteReadError:
         return False, "closed before a status line"
+    except BackendTlsRefused as exc:
+        return False, str(exc)
     except OSError as exc:
         return False, f"cannot connect: {exc.strerror or exc}"
     finally:
@@ -57,6 +70,7 @@ async def probe(address: str, policy: HealthPolicy) -> tuple[bool, str]:
 @dataclass
 class _Check:
     policy: HealthPolicy
+    tls: UpstreamTls | None = None
     state: HealthState = field(default_factory=HealthState)
     task: asyncio.Task[None] | None = None
     last_check: float = 0.0
@@ -72,24 +86,27 @@ class HealthChecker:
     def health(self) -> dict[HealthKey, bool]:
         return {key: check.state.healthy for key, check in self._checks.items()}
 
-    def update(self, services: Mapping[str, Any]) -> None:
-        """Check the endpoints of `services` (BackendService messages by name) from now on; an endpoint
-        that stays keeps its state, one that goes is forgotten."""
-        wanted: dict[HealthKey, HealthPolicy] = {}
+    def update(self, services: Mapping[str, Any], tls: Mapping[str, UpstreamTls | None] | None = None) -> None:
+        """Check the endpoints of `services` (BackendService messages by name) from now on, over TLS for
+        the services `tls` names; an endpoint that stays keeps its state, one that goes is forgotten."""
+        wanted: dict[HealthKey, tuple[HealthPolicy, UpstreamTls | None]] = {}
         for name, service in services.items():
             policy = HealthPolicy.from_proto(service.health_check)
             if policy is not None:
+                service_tls = (tls or {}).get(name)
                 for endpoint in service.endpoints:
-                    wanted[(name, endpoint.address)] = policy
+                    wanted[(name, endpoint.address)] = (policy, service_tls)
         for key in [k for k in self._checks if k not in wanted]:
             self._stop(key)
-        for key, policy in wanted.items():
+        for key, (policy, service_tls) in wanted.items():
             check = self._checks.get(key)
-            if check is not None and check.policy == policy:
+            digest = service_tls.digest if service_tls is not None else None
+            if check is not None and check.policy == policy and \
+                    (check.tls.digest if check.tls is not None else None) == digest:
                 continue
             if check is not None:
                 self._stop(key)
-            check = _Check(policy, check.state if check is not None else HealthState())
+            check = _Check(policy, service_tls, check.state if check is not None else HealthState())
             self._checks[key] = check
             ENDPOINT_HEALTHY.labels(*key).set(1 if check.state.healthy else 0)
             check.task = asyncio.get_running_loop().create_task(self._run(key, check))
@@ -105,7 +122,7 @@ class HealthChecker:
         policy = check.policy
         while True:
             started = time.monotonic()
-            ok, why = await probe(key[1], policy)
+            ok, why = await probe(key[1], policy, check.tls)
             check.last_check = time.time()
             if check.state.observe(ok, policy, why):
                 healthy = check.state.healthy

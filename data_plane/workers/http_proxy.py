@@ -613,8 +613,9 @@ class ClientConnection(asyncio.Protocol):
         no re-send (SPEC §11)."""
         service = request.upstream.service if request.upstream is not None else None
         timeout = service.connect_timeout if service is not None else None
+        tls = service.tls if service is not None else None
         try:
-            return await self.worker.backends.acquire(request.address, fresh=fresh, connect_timeout=timeout)
+            return await self.worker.backends.acquire(request.address, fresh=fresh, connect_timeout=timeout, tls=tls)
         except (TimeoutError, OSError):
             failed = request.endpoint
             if service is None or failed is None:
@@ -624,7 +625,7 @@ class ClientConnection(asyncio.Protocol):
             if other is None:
                 raise
             request.endpoint, request.address = other, other.key
-            return await self.worker.backends.acquire(request.address, fresh=fresh, connect_timeout=timeout)
+            return await self.worker.backends.acquire(request.address, fresh=fresh, connect_timeout=timeout, tls=tls)
 
     async def _forward(self, request: _Request, listener: ListenerRuntime, verdict: Any, fresh: bool) -> bool:
         head = self._upstream_head(request, listener, verdict)

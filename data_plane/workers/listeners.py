@@ -25,6 +25,7 @@ from data_plane.validation import bundle as bundle_mod
 from data_plane.validation import engine, headers, policy
 from data_plane.validation.resources import listener_certificates, seconds
 from data_plane.workers.tls import ClientAuth, ServerTls, TlsProfile
+from data_plane.workers.upstream_tls import UpstreamTls, upstream_tls_for
 
 MTLS = resources_pb2.MTLSPolicy
 XFCC = resources_pb2.Listener.ForwardClientCertDetails
@@ -80,8 +81,9 @@ class ServiceRuntime:
     whose state (health, ejection, requests in flight) outlives the version."""
 
     def __init__(self, name: str, service: backends_pb2.BackendService,
-                 states: Callable[[str, str], EndpointState]) -> None:
+                 states: Callable[[str, str], EndpointState], tls: UpstreamTls | None = None) -> None:
         self.name = name
+        self.tls = tls  # None: plain HTTP to the endpoints
         self.policy = backends_pb2.BackendService.LoadBalancing.Name(service.load_balancing)
         if self.policy == "LOAD_BALANCING_UNSPECIFIED":
             self.policy = balancer_mod.ROUND_ROBIN
@@ -91,9 +93,14 @@ class ServiceRuntime:
             if service.outlier_detection.HasField("base_ejection_time") else outlier_mod.DEFAULT_BASE_EJECTION_SECONDS)
         self.connect_timeout = seconds(service.timeouts.connect) if service.timeouts.HasField("connect") else None
         self.response_timeout = seconds(service.timeouts.response) if service.timeouts.HasField("response") else None
-        self.endpoints = [balancer_mod.Endpoint(e.address, parse_backend(e.address), e.weight or 1,
+        self.endpoints = [balancer_mod.Endpoint(e.address, self._key(e.address), e.weight or 1,
                                                 states(name, e.address)) for e in service.endpoints]
         self.balancer = balancer_mod.Balancer(self.policy, self.endpoints)
+
+    def _key(self, address: str) -> tuple[Any, ...]:
+        host, port = parse_backend(address)
+        # A TLS connection belongs to the settings it was verified under: its own pool per service and settings.
+        return (host, port) if self.tls is None else (host, port, self.name, self.tls.digest)
 
     def pick(self, now: float, exclude: balancer_mod.Endpoint | None = None) -> balancer_mod.Endpoint | None:
         endpoint = self.balancer.pick(now, exclude)
@@ -103,7 +110,8 @@ class ServiceRuntime:
         return endpoint
 
     def summary(self, now: float) -> dict[str, Any]:
-        return {"load_balancing": self.policy, "endpoints": [{
+        return {"load_balancing": self.policy, "tls": self.tls.summary() if self.tls is not None else None,
+                "endpoints": [{
             "address": e.address, "weight": e.weight, "healthy": e.state.healthy,
             "ejected": e.state.outlier.ejected(now), "ejections": e.state.outlier.ejections_total,
             "in_flight": e.state.in_flight, "requests": e.state.requests, "failures": e.state.failures,
@@ -164,12 +172,31 @@ def compile_services(wire: WireConfig, states: Callable[[str, str], EndpointStat
                      ) -> dict[str, ServiceRuntime]:
     """Every BackendService of `wire`; `states(service, address)` gives each endpoint's lasting state."""
     out = {}
+    compiled: dict[str, Any] = {}
     for name, raw in sorted(wire.backend_services.items()):
         try:
-            out[name] = ServiceRuntime(name, backends_pb2.BackendService.FromString(raw), states)
+            service = backends_pb2.BackendService.FromString(raw)
+            out[name] = ServiceRuntime(name, service, states, _service_tls(name, service, wire, compiled))
         except Exception as exc:
             raise ListenerConfigError(f"{name}: {exc}") from exc
     return out
+
+
+def _service_tls(name: str, service: backends_pb2.BackendService, wire: WireConfig,
+                 compiled: dict[str, Any]) -> UpstreamTls | None:
+    auth = service.resolved_backend_authentication
+    certificates = {}
+    if auth.client_certificate:
+        raw = wire.certificates.get(auth.client_certificate)
+        if raw is None:
+            raise ListenerConfigError(f"{name}: certificate {auth.client_certificate!r} was not received")
+        certificates[auth.client_certificate] = xds_pb2.ServerCertificate.FromString(raw)
+    if auth.trust_config and auth.trust_config not in compiled:
+        raw = wire.bundles.get(auth.trust_config)
+        if raw is None:
+            raise ListenerConfigError(f"{name}: trust bundle {auth.trust_config!r} was not received")
+        compiled[auth.trust_config] = bundle_mod.compile_bundle(xds_pb2.TrustBundle.FromString(raw))
+    return upstream_tls_for(name, service, certificates, compiled)
 
 
 def compile_listeners(wire: WireConfig, services: Mapping[str, ServiceRuntime] | None = None

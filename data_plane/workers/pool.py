@@ -20,7 +20,7 @@ from data_plane.node.apply import PortReservations
 from data_plane.node.config import ConfigRejected
 from data_plane.workers.client_tally import ClientTally
 from data_plane.workers.health_checks import HealthChecker
-from data_plane.workers.listeners import ListenerConfigError, WireConfig, compile_listeners
+from data_plane.workers.listeners import ListenerConfigError, WireConfig, compile_listeners, compile_services
 from data_plane.workers.observability import PoolMetrics, log_event
 from data_plane.workers.worker import worker_main
 
@@ -157,7 +157,8 @@ class WorkerPool:
         async with self._lock:
             wire = WireConfig.from_node_config(config)
             try:
-                compile_listeners(wire)  # the same compilation every worker does: refuse before touching them
+                services = compile_services(wire)  # the same compilation every worker does: refuse before
+                compile_listeners(wire, services)  # touching them
             except ListenerConfigError as exc:
                 raise ConfigRejected(str(exc)) from None
             self.reservations.update(config.listeners)
@@ -170,7 +171,7 @@ class WorkerPool:
                     await self._distribute(self.current)
                 raise ConfigRejected(failures[0])
             self.current, self.current_config = wire, config
-            self.health.update(getattr(config, "backend_services", {}))
+            self.health.update(getattr(config, "backend_services", {}), {n: s.tls for n, s in services.items()})
             self._broadcast_health(self.health.health())
             for slot in self._slots:
                 # a worker restarted while this version was being distributed got the previous one

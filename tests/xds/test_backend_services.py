@@ -270,7 +270,7 @@ def test_write_validation_refuses_what_cannot_be_served(api: Api, services_api: 
     details = _refused(lambda: put(loop))
     assert re.search(r"forwarding loop on one node: listeners/edge -> listeners/edge", details), details
 
-    # parts of SPEC §15 the nodes do not carry out yet are refused, not ignored
+    # values the nodes could not serve are refused, not ignored
     checked = _service(backends, [1, 1, 1])
     checked.health_check.path = "healthz"
     assert "healthCheck.path: must start with /" in _refused(lambda: put(checked))
@@ -279,8 +279,12 @@ def test_write_validation_refuses_what_cannot_be_served(api: Api, services_api: 
     checked.health_check.interval.seconds = 5
     assert "healthCheck.timeout: must not be longer than healthCheck.interval" in _refused(lambda: put(checked))
     tls = _service(backends, [1, 1, 1])
-    tls.tls_settings.sni = "backend.example.com"
-    assert "tlsSettings: TLS to backends is not spoken by the nodes yet" in _refused(lambda: put(tls))
+    tls.name = "backendServices/tls"
+    tls.tls_settings.sni = "not a name"
+    assert "tlsSettings.sni: 'not a name' is not a DNS name" in _refused(lambda: put(tls))
+    tls.tls_settings.sni = "backend.internal"
+    tls.backend_authentication = "backendAuthenticationConfigs/missing"
+    assert "backendAuthenticationConfigs/missing does not exist" in _refused(lambda: put(tls))
     auth = backends_pb2.BackendAuthenticationConfig(name="backendAuthenticationConfigs/a",
                                                     well_known_roots=backends_pb2.BackendAuthenticationConfig.NONE)
     assert "wellKnownRoots: NONE without a trustConfig" in _refused(lambda: auths.UpdateBackendAuthenticationConfig(
