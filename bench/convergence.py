@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shlex
 import socket
 import statistics
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -67,6 +69,12 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -79,6 +87,7 @@ class Bench:
         self.pki = init_demo_pki(workdir / "pki")
         self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(args.replicas)]
         self.address = self.addresses[0]  # where every write goes
+        self.metrics = [f"127.0.0.1:{free_port()}" for _ in range(args.replicas)]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.channel = grpc.insecure_channel(self.address)
         self.fleets = [api_pb2_grpc.FleetServiceStub(grpc.insecure_channel(a)) for a in self.addresses]
@@ -99,12 +108,13 @@ class Bench:
     def start_control_plane(self) -> subprocess.Popen[bytes]:
         """Every replica (one unless --replicas); returns the first."""
         env = {"MTLSGATE_XDS_DEBOUNCE_QUIET": str(self.args.debounce_quiet),
-               "MTLSGATE_XDS_DEBOUNCE_MAX": str(self.args.debounce_max)}
+               "MTLSGATE_XDS_DEBOUNCE_MAX": str(self.args.debounce_max),
+               "MTLSGATE_CONTROL_PLANE_GC": self.args.control_plane_gc}
         db = self.args.db or str(self.workdir / "store.db")
         procs = []
         for i, address in enumerate(self.addresses):
-            procs.append(self.start(["control-plane", "--listen", address, "--db", db, "--insecure"],
-                                    f"control-plane-{i}.log", env))
+            procs.append(self.start(["control-plane", "--listen", address, "--db", db, "--insecure",
+                                     "--metrics", self.metrics[i]], f"control-plane-{i}.log", env))
             host, _, port = address.rpartition(":")
 
             def up(host: str = host, port: str = port) -> bool:
@@ -242,6 +252,14 @@ def b3(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
         bench.stop()
 
 
+def gc_pauses(metrics: str) -> tuple[float, float]:
+    """(collections, seconds paused) so far, from the control plane's mtlsgate_control_plane_gc_pause_seconds."""
+    text = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10).read().decode()
+    count = sum(float(v) for v in re.findall(r"^mtlsgate_control_plane_gc_pause_seconds_count\S* (\S+)$", text, re.M))
+    total = sum(float(v) for v in re.findall(r"^mtlsgate_control_plane_gc_pause_seconds_sum\S* (\S+)$", text, re.M))
+    return count, total
+
+
 def b4(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     (workdir / "b4").mkdir(parents=True, exist_ok=True)
     bench = Bench(args, workdir / "b4")
@@ -258,15 +276,20 @@ def b4(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
             raise SystemExit(f"simulated streams failed: {state['errors']}")
         connect_all = time.monotonic() - started
         rss_connected = rss_mb(cp.pid)
-        pushes = []
+        gc_before = gc_pauses(bench.metrics[0])
+        pushes, cpu = [], []
         for _ in range(args.scale_writes):
+            cpu_before = cpu_seconds(cp.pid)
             written = bench.push_to_sims([sims])
             pushes.append(time.time() - written)
+            cpu.append(cpu_seconds(cp.pid) - cpu_before)
             time.sleep(0.3)
         rss_after = rss_mb(cp.pid)
-        return {"nodes": args.scale, "rss_idle_mb": rss_idle, "rss_connected_mb": rss_connected,
+        gc_after = gc_pauses(bench.metrics[0])
+        return {"gc_pauses": gc_after[0] - gc_before[0], "gc_pause_seconds": gc_after[1] - gc_before[1],
+                "gc_connect_seconds": gc_before[1], "nodes": args.scale, "rss_idle_mb": rss_idle, "rss_connected_mb": rss_connected,
                 "rss_after_pushes_mb": rss_after, "per_node_kb": (rss_after - rss_idle) * 1024 / args.scale,
-                "push_all_median": statistics.median(pushes), "push_all_max": max(pushes), "connect_all": connect_all}
+                "push_all_median": statistics.median(pushes), "push_cpu_median": statistics.median(cpu), "push_all_max": max(pushes), "connect_all": connect_all}
     finally:
         if sims is not None:
             sims.stop()
@@ -283,6 +306,9 @@ def main() -> int:
     parser.add_argument("--debounce-quiet", type=float, default=0.1, help="control plane debounce quiet period")
     parser.add_argument("--debounce-max", type=float, default=1.0, help="control plane debounce max delay")
     parser.add_argument("--quick", action="store_true", help="short run: 10 writes, 2 B4 pushes")
+    parser.add_argument("--control-plane-gc", choices=["tuned", "default"], default="tuned",
+                        help="the control plane's collector settings (control_plane/gc_tuning.py); "
+                             "default = CPython's, for a before/after")
     parser.add_argument("--only", choices=["b3", "b4"], help="run one part")
     parser.add_argument("--replicas", type=int, default=1,
                         help="control-plane replicas for B3 (more than 1 needs PostgreSQL: --db or --postgres)")
@@ -326,6 +352,10 @@ def main() -> int:
             print(f"   all {r['nodes']} connected (every stream opened at once) and ACKed in {r['connect_all']:.1f} s")
             print(f"   push one change to all (write returned -> the last simulated node received it): median "
                   f"{r['push_all_median'] * 1000:.0f} ms, max {r['push_all_max'] * 1000:.0f} ms   (target < 1 s)")
+            print(f"   control plane CPU per push (write to the last node received; what an idle core would take): "
+                  f"median {r['push_cpu_median'] * 1000:.0f} ms")
+            print(f"   collector ({args.control_plane_gc}): {r['gc_connect_seconds']:.2f} s paused while connecting; "
+                  f"{r['gc_pauses']:.0f} collections, {r['gc_pause_seconds']:.2f} s paused during the pushes")
     print(f"command: {command}")
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mtlsgate.v1 import api_pb2_grpc
 
+from control_plane import gc_tuning
 from control_plane.api import check_service, report_service, rollout_service, shadow_service
 from control_plane.api.audit_service import AuditService
 from control_plane.api.auth import Tokens
@@ -260,6 +262,7 @@ async def serve(options: ServerOptions, *, ready: Callable[[str], None] | None =
     try:
         built = build_server(store, options)
         await built.server.start()
+        gc_tuning.configure(os.environ)
         for started in built.context.on_start:
             started()
         for name in ["", *[n for r in SERVICES for n in r.names]]:

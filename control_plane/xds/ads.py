@@ -28,6 +28,7 @@ from google.protobuf import struct_pb2
 from mtlsgate import resource_types as rt
 from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
+from control_plane import gc_tuning
 from control_plane.authz.admission import Admission, NodeRefused, admit, registered_node
 from control_plane.rollouts.policy import revocation_fast_path
 from control_plane.rollouts.serving import active_run, served_base
@@ -123,12 +124,14 @@ class _Stream:
         self.revoked = ""  # why the stream is being ended (deregistered, identity changed)
         self._latest: GroupSnapshot | None = None
 
-    def offer(self, snapshot: GroupSnapshot) -> None:
+    def offer(self, snapshot: GroupSnapshot) -> bool:
         """Queue a snapshot; a stream still busy with an older one skips to the newest (a slow node gets
         the current state, not every intermediate one)."""
-        if self._latest is None:
+        fresh = self._latest is None
+        if fresh:
             self.inbox.put_nowait(_SNAPSHOT)
         self._latest = snapshot
+        return fresh
 
     def take_snapshot(self) -> GroupSnapshot | None:
         snapshot, self._latest = self._latest, None
@@ -155,6 +158,8 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         self._streams: dict[int, _Stream] = {}
         self._stream_ids = itertools.count(1)
         self._bodies: dict[tuple[str, str, frozenset[str] | None], bytes] = {}
+        self._full_collections = gc_tuning.FullCollections()  # see control_plane/gc_tuning.py
+        self._fan_out = gc_tuning.FanOut()  # no collection while a push is being written
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
         self._fleet_changed: asyncio.Event | None = None
@@ -258,11 +263,13 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         self._bodies.clear()
         metrics.SNAPSHOT_BUILDS.inc()
         metrics.SNAPSHOT_REVISION.set(state.revision)
+        offered = 0
         for stream in self._streams.values():
             if stream.labels is not None and self._retarget(stream, state):
                 snapshot = self._snapshot_for(stream.node_id, stream.labels)
                 if snapshot is not None:
-                    stream.offer(snapshot)
+                    offered += stream.offer(snapshot)
+        self._fan_out.started(offered)
         self.fleet.touch_all()  # every node's desired versions may have changed
         self._notify_fleet()
 
@@ -357,10 +364,14 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                 if event is _SNAPSHOT:
                     snapshot = stream.take_snapshot()
                     if snapshot is None:
+                        self._fan_out.stream_done()
                         continue
-                    for push in stream.protocol.on_snapshot(snapshot):
-                        ts = stream.protocol.types[push.type_url]
-                        yield self._encode(push, ts.sent_names)
+                    try:
+                        for push in stream.protocol.on_snapshot(snapshot):
+                            ts = stream.protocol.types[push.type_url]
+                            yield self._encode(push, ts.sent_names)
+                    finally:
+                        self._fan_out.stream_done()
                     self._notify_fleet(stream.node_id)
                     continue
                 assert isinstance(event, discovery_pb2.DiscoveryRequest)
@@ -383,6 +394,8 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
             if stream.node_id and self.fleet.disconnect(stream.node_id, stream.id):
                 metrics.CONNECTED_NODES.set(self.fleet.connected_count())
                 self._notify_fleet()
+            if self._full_collections.stream_ended():
+                asyncio.get_running_loop().call_soon(gc_tuning.collect_full)
 
     async def _read(self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], stream: _Stream) -> None:
         try:
