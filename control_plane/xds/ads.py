@@ -341,7 +341,7 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                 version_info=push.version, type_url=push.type_url, resources=push.resources
             ).SerializeToString()
             self._bodies[key] = body
-        metrics.PUSHES.labels(rt.short_type(push.type_url)).inc()
+        metrics.pushes(push.type_url).inc()
         return body + discovery_pb2.DiscoveryResponse(nonce=push.nonce).SerializeToString()
 
     # ------------------------------------------------------------ ADS

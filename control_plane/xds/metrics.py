@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+from mtlsgate import resource_types as rt
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 CONNECTED_NODES = Gauge("mtlsgate_xds_connected_nodes", "Proxy nodes with an open xDS stream")
@@ -14,6 +17,13 @@ CONVERGENCE = Histogram(
 )
 SNAPSHOT_BUILDS = Counter("mtlsgate_xds_snapshot_builds_total", "Snapshot builds (one per debounced change)")
 SNAPSHOT_REVISION = Gauge("mtlsgate_xds_snapshot_revision", "Store revision the current snapshots come from")
+
+
+@functools.cache
+def pushes(type_url: str) -> Counter:
+    """PUSHES' child for a type (labels() costs a lock and a tuple per call; a push to 10,000 streams
+    would pay it 10,000 times)."""
+    return PUSHES.labels(rt.short_type(type_url))
 
 
 def serve_metrics(address: str) -> None:

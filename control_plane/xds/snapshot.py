@@ -241,9 +241,20 @@ class StateSnapshots:
     # name → (encoded, client certificate names, trust bundle name) of every BackendService
     backend_services: Mapping[str, tuple[any_pb2.Any, tuple[str, ...], str | None]] = field(default_factory=dict)
     _groups: dict[GroupKey, GroupSnapshot] = field(default_factory=dict)
+    # label set → group key, and the listeners' selectors as plain tuples: a push to 10,000 streams asks
+    # for the key of every stream, most with the same labels (protobuf maps are slow to iterate)
+    _keys: dict[frozenset[tuple[str, str]], GroupKey] = field(default_factory=dict)
+    _selectors: tuple[tuple[str, dict[str, str]], ...] | None = None
 
     def group_key(self, labels: Mapping[str, str]) -> GroupKey:
-        return tuple(sorted(n for n, (lst, *_) in self.listeners.items() if selects(lst.node_selector, labels)))
+        memo = frozenset(labels.items())
+        key = self._keys.get(memo)
+        if key is None:
+            if self._selectors is None:
+                self._selectors = tuple((n, dict(lst.node_selector)) for n, (lst, *_) in sorted(self.listeners.items()))
+            key = tuple(n for n, selector in self._selectors if selects(selector, labels))
+            self._keys[memo] = key
+        return key
 
     def for_labels(self, labels: Mapping[str, str]) -> GroupSnapshot:
         return self.for_group(self.group_key(labels))
