@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import shutil
@@ -200,6 +201,46 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def user_system_seconds(pids: list[int]) -> tuple[float, float]:
+    user = system = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user, system = user + int(fields[11]), system + int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def profile_workers(out: Path, key: str, binary: Path, port: int, pids: list[int], args: argparse.Namespace,
+                    pki: dict[str, Path]) -> None:
+    """B2 under py-spy (Python frames only: time in C, syscalls included, is charged to the calling
+    line, so `transport.write` lines are the send syscalls and `Runner.run` is uvloop's own C code)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = max(3, int(args.seconds))
+    files = [out / f"{key}-worker{i}.txt" for i in range(len(pids))]
+    spies = [subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw",
+                               "-o", str(f), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for pid, f in zip(pids, files, strict=True)]
+    user0, sys0 = user_system_seconds(pids)
+    r = load(binary, port, "ka", args.ka_procs, seconds, pki)
+    user1, sys1 = user_system_seconds(pids)
+    for p in spies:
+        p.wait(60)
+    ops = max(r["ok"], 1)
+    print(f"{key:9} profile: {r['rate']:.1f}/s; per request user {1e6 * (user1 - user0) / ops:.0f} us, "
+          f"system {1e6 * (sys1 - sys0) / ops:.0f} us; raw py-spy samples in {out}")
+    lines: collections.Counter[str] = collections.Counter()
+    for f in files:
+        for row in f.read_text().splitlines() if f.exists() else []:
+            stack, _, count = row.rpartition(" ")
+            lines[stack.rsplit(";", 1)[-1].strip()] += int(count)
+    total = sum(lines.values()) or 1
+    for frame, n in lines.most_common(12):
+        print(f"{key:9}   {100 * n / total:5.1f}%  {frame}")
+
+
 def nginx_worker_pids(master: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
@@ -222,6 +263,9 @@ def main() -> int:
     parser.add_argument("--keys", default="ec-p256,rsa-2048")
     parser.add_argument("--modes", default="hs,ka", help="hs (B1 handshakes), ka (B2/B7 kept-alive requests)")
     parser.add_argument("--no-b7", action="store_true", help="skip the node with the bounds off (B7)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="after the rounds, one more kept-alive run with py-spy on every mtlsgate worker: raw "
+                             "samples in DIR, the hottest lines and the user/system CPU split printed")
     args = parser.parse_args()
     command = "python bench/proxy.py " + " ".join(sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="mtlsgate-bench-"))
@@ -269,6 +313,8 @@ def main() -> int:
                             runs.setdefault(f"{name}_{mode}", []).append(r)
                             print(f"{key:9} round {round_no + 1} {name:18} {mode}: {r['rate']:9.1f}/s  "
                                   f"errors {r['errors']}  server CPU {r['server_cpu_ms_per_op']} ms/op", flush=True)
+                if args.profile:
+                    profile_workers(Path(args.profile), key, binary, node_port, node.worker_pids(), args, pki)
                 for label, rs in runs.items():
                     results[key][label] = {
                         "rate": statistics.median(r["rate"] for r in rs),
