@@ -22,12 +22,17 @@ from google.protobuf.message import Message
 from mtlsgate import resource_types as rt
 from mtlsgate.v1 import backends_pb2, resources_pb2, xds_pb2
 
+from control_plane.resource_names import active_name, shadow_name
 from data_plane.validation.resources import listener_certificates
 
 log = logging.getLogger("mtlsgate.xds")
 
 # A group key: the sorted names of the listeners a node's labels select.
 GroupKey = tuple[str, ...]
+# name → (listener, encoded, certificate names, trust bundle name, backend service names, shadow candidates'
+# trust bundle names)
+ListenerEntry = tuple[resources_pb2.Listener, any_pb2.Any, tuple[str, ...], str | None, tuple[str, ...],
+                      tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,11 @@ def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _active(candidate_name: str) -> str:
+    """A stored candidate's name (`…/shadowTrustConfigs/ID`) → its active resource's (`trustConfigs/ID`)."""
+    return active_name(short_name(candidate_name))
+
+
 def content_version(resources: Mapping[str, any_pb2.Any]) -> str:
     """Hash of the (name, encoded bytes) set: identical content ⇒ identical version, anywhere."""
     digest = hashlib.sha256()
@@ -93,6 +103,44 @@ def server_certificate(cert: resources_pb2.Certificate, name: str) -> xds_pb2.Se
     return xds_pb2.ServerCertificate(
         name=name, pem_certificate_chain=cert.pem_certificate, pem_private_key=cert.pem_private_key
     )
+
+
+def _resolved(policy: resources_pb2.ServerTlsPolicy, trust_name: str) -> resources_pb2.ServerTlsPolicy:
+    """A policy as a node judges with it: short name, no write metadata, its trust config `trust_name`."""
+    out = resources_pb2.ServerTlsPolicy()
+    out.CopyFrom(policy)
+    for meta in ("create_time", "update_time", "etag"):
+        out.ClearField(meta)
+    out.name = short_name(out.name) if out.name else ""
+    if out.HasField("mtls_policy") and trust_name:
+        out.mtls_policy.client_validation_trust_config = trust_name
+    return out
+
+
+def shadow_policies(policy: resources_pb2.ServerTlsPolicy | None, policy_name: str, trust_name: str | None,
+                    candidate_policies: Mapping[str, resources_pb2.ServerTlsPolicy],
+                    candidate_trusts: Mapping[str, resources_pb2.TrustConfig],
+                    ) -> list[tuple[resources_pb2.ShadowPolicy, Message, str]]:
+    """A listener's shadow candidates (SPEC §12), as (the ShadowPolicy nodes judge with, the stored
+    candidate it comes from, the trust bundle it needs or ""). A candidate ServerTlsPolicy is judged with
+    the (active) trust config it names; a candidate TrustConfig with the listener's active policy pointed
+    at the candidate's bundle, `shadowTrustConfigs/ID`. Candidates are keyed by their active name."""
+    out: list[tuple[resources_pb2.ShadowPolicy, Message, str]] = []
+    if policy is None:
+        return out
+    candidate = candidate_policies.get(policy_name)
+    if candidate is not None:
+        trust = ""
+        if candidate.HasField("mtls_policy") and candidate.mtls_policy.client_validation_trust_config:
+            trust = short_name(candidate.mtls_policy.client_validation_trust_config)
+        out.append((resources_pb2.ShadowPolicy(candidate=policy_name, candidate_version=candidate.etag,
+                                               server_tls_policy=_resolved(candidate, trust)), candidate, trust))
+    candidate_tc = candidate_trusts.get(trust_name) if trust_name else None
+    if candidate_tc is not None and trust_name:
+        bundle = shadow_name(trust_name)
+        out.append((resources_pb2.ShadowPolicy(candidate=trust_name, candidate_version=candidate_tc.etag,
+                                               server_tls_policy=_resolved(policy, bundle)), candidate_tc, bundle))
+    return out
 
 
 @dataclass
@@ -125,9 +173,11 @@ class SnapshotBuilder:
         policies = {short_name(n): p for n, p in state.server_tls_policies.items()}
         trust_configs = {short_name(n): t for n, t in state.trust_configs.items()}
         certificates = {short_name(n): c for n, c in state.certificates.items()}
+        # Shadow candidates (SPEC §12) by their active resource's name (`trustConfigs/ID`).
+        candidate_policies = {_active(n): p for n, p in getattr(state, "shadow_server_tls_policies", {}).items()}
+        candidate_trusts = {_active(n): t for n, t in getattr(state, "shadow_trust_configs", {}).items()}
 
-        listeners: dict[str, tuple[resources_pb2.Listener, any_pb2.Any, tuple[str, ...], str | None,
-                                   tuple[str, ...]]] = {}
+        listeners: dict[str, ListenerEntry] = {}
         for raw_name, listener in state.listeners.items():
             name = short_name(raw_name)
             policy_name = short_name(listener.server_tls_policy) if listener.server_tls_policy else ""
@@ -135,11 +185,13 @@ class SnapshotBuilder:
             trust_name: str | None = None
             if policy is not None and policy.HasField("mtls_policy") and policy.mtls_policy.client_validation_trust_config:
                 trust_name = short_name(policy.mtls_policy.client_validation_trust_config)
+            shadows = shadow_policies(policy, policy_name, trust_name, candidate_policies, candidate_trusts)
 
             def make_listener(listener: resources_pb2.Listener = listener,
                               policy: resources_pb2.ServerTlsPolicy | None = policy,
                               name: str = name, policy_name: str = policy_name,
-                              trust_name: str | None = trust_name) -> Message:
+                              trust_name: str | None = trust_name,
+                              shadows: list[tuple[resources_pb2.ShadowPolicy, Message, str]] = shadows) -> Message:
                 out = resources_pb2.Listener()
                 out.CopyFrom(listener)
                 out.name = name
@@ -160,15 +212,18 @@ class SnapshotBuilder:
                 for message in (out, out.resolved_server_tls_policy):
                     for meta in ("create_time", "update_time", "etag"):
                         message.ClearField(meta)
+                out.shadow_policies.extend(shadow for shadow, _, _ in shadows)
                 return out
 
             sources: list[Message] = [listener] + ([policy] if policy is not None else [])
+            sources += [source for _, source, _ in shadows]
             packed = encode(rt.LISTENER, name, sources, make_listener)
             cert_names = tuple(short_name(c) for c in listener_certificates(listener))
             service_names = tuple(sorted({short_name(r.backend_service) for r in listener.routes if r.backend_service}
                                          | ({short_name(listener.default_backend_service)}
                                             if listener.default_backend_service else set())))
-            listeners[name] = (listener, packed, cert_names, trust_name, service_names)
+            shadow_bundles = tuple(bundle for _, _, bundle in shadows if bundle)
+            listeners[name] = (listener, packed, cert_names, trust_name, service_names, shadow_bundles)
 
         authentications = {short_name(n): a for n, a in state.backend_authentication_configs.items()}
         services: dict[str, tuple[any_pb2.Any, tuple[str, ...], str | None]] = {}
@@ -216,6 +271,19 @@ class SnapshotBuilder:
                 # Writes are validated, so this means a damaged store; one bad bundle must not stop every
                 # group's updates. Nodes needing it NACK ("… was not delivered") and keep their config.
                 log.error("%s cannot be distributed: %s", name, exc)
+        for active, tc in candidate_trusts.items():
+            candidate_name = shadow_name(active)
+
+            def make_candidate_bundle(tc: resources_pb2.TrustConfig = tc, name: str = candidate_name) -> Message:
+                bundle = self.bundle_converter(tc)
+                bundle.name = name
+                return bundle
+
+            try:
+                bundles[candidate_name] = encode(rt.TRUST_BUNDLE, candidate_name, [tc], make_candidate_bundle)
+            except ValueError as exc:
+                # Nodes judge nothing under it (they never wait for a candidate bundle).
+                log.error("%s cannot be distributed: %s", candidate_name, exc)
         certs: dict[str, any_pb2.Any] = {}
         for name, cert in certificates.items():
             def make_cert(cert: resources_pb2.Certificate = cert, name: str = name) -> Message:
@@ -234,8 +302,7 @@ class StateSnapshots:
 
     revision: int
     written_at: float
-    # name → (listener, encoded, certificate names, trust bundle name, backend service names)
-    listeners: Mapping[str, tuple[resources_pb2.Listener, any_pb2.Any, tuple[str, ...], str | None, tuple[str, ...]]]
+    listeners: Mapping[str, ListenerEntry]
     bundles: Mapping[str, any_pb2.Any]
     certificates: Mapping[str, any_pb2.Any]
     # name → (encoded, client certificate names, trust bundle name) of every BackendService
@@ -270,6 +337,7 @@ class StateSnapshots:
         services = {s: self.backend_services[s][0] for s in service_names}
         cert_names |= {c for s in service_names for c in self.backend_services[s][1]}
         trust_names |= {t for s in service_names if (t := self.backend_services[s][2])}
+        trust_names |= {b for n in key for b in self.listeners[n][5]}  # shadow candidates' bundles
         # A reference to a missing resource cannot happen through the API (references are checked on
         # write); skipping it keeps a broken store from producing a half-encoded resource.
         bundles = {n: self.bundles[n] for n in trust_names if n in self.bundles}

@@ -141,7 +141,7 @@ class AgentSession:
     def initial_requests(self) -> list[discovery_pb2.DiscoveryRequest]:
         """Listener (wildcard) plus, on a reconnect, the names and versions we already hold."""
         out = [_request(rt.LISTENER, version=self.active.versions.get(rt.LISTENER, ""), node=self.node)]
-        for type_url, names in self.active.required_names().items():
+        for type_url, names in self.active.subscribed_names().items():
             if names:
                 self.subscribed[type_url] = names
                 out.append(_request(type_url, version=self.active.versions.get(type_url, ""), names=names))
@@ -190,15 +190,17 @@ class AgentSession:
         # Backend services name certificates and bundles of their own: the second level is known (and
         # asked for) once the services themselves have arrived.
         required = _required(listeners, self._current(rt.BACKEND_SERVICE)[1])
+        # Shadow candidates' bundles are asked for with the rest but never waited for (config.shadow_bundle_names).
+        wanted = _subscribed(listeners, required)
         waiting = False
-        for type_url, names in required.items():
+        for type_url, names in wanted.items():
             _, have = self._current(type_url)
             changed = names != self.subscribed.get(type_url, frozenset())
             if changed and (names or type_url in self.subscribed):
                 self.subscribed[type_url] = names
                 step.requests.append(_request(type_url, version=self.active.versions.get(type_url, ""),
                                               nonce=self.nonces.get(type_url, ""), names=names))
-            if names - set(have):
+            if required[type_url] - set(have):
                 self.asked_at.setdefault(type_url, now)  # the grace runs from when they were first missing
                 waiting = True
             else:
@@ -210,7 +212,7 @@ class AgentSession:
             versions={t: v for t, v in versions.items() if v},
             listeners=dict(listeners),  # type: ignore[arg-type]
             bundles={n: m for n, m in self._current(rt.TRUST_BUNDLE)[1].items()  # type: ignore[misc]
-                     if n in required[rt.TRUST_BUNDLE]},
+                     if n in wanted[rt.TRUST_BUNDLE]},
             certificates={n: m for n, m in self._current(rt.SERVER_CERTIFICATE)[1].items()  # type: ignore[misc]
                           if n in required[rt.SERVER_CERTIFICATE]},
             backend_services={n: m for n, m in self._current(rt.BACKEND_SERVICE)[1].items()  # type: ignore[misc]
@@ -249,6 +251,13 @@ def _required(listeners: Mapping[str, Message], services: Mapping[str, Message])
     from data_plane.node.config import required_names
 
     return required_names(listeners, services)  # type: ignore[arg-type]
+
+
+def _subscribed(listeners: Mapping[str, Message], required: Mapping[str, frozenset[str]]
+                ) -> dict[str, frozenset[str]]:
+    from data_plane.node.config import subscribed_names
+
+    return subscribed_names(listeners, required)  # type: ignore[arg-type]
 
 
 def _same(a: NodeConfig, b: NodeConfig) -> bool:

@@ -24,6 +24,9 @@ class ConfigRejected(Exception):
 # Bounds on what the control plane (or a forged cache file) can make the node hold.
 MAX_RESOURCES_PER_TYPE = 1000
 MAX_RESOURCE_BYTES = 40 * 1024 * 1024  # a TrustBundle with a 100,000-entry CRL is a few MB
+# Shadow candidates per listener (SPEC §12): the control plane sends at most two (a candidate policy and a
+# candidate trust config); each one is judged on every new handshake, so a forged config cannot ask for more.
+MAX_SHADOW_POLICIES = 4
 
 _MESSAGES: dict[str, type[Message]] = {
     rt.LISTENER: resources_pb2.Listener,
@@ -45,6 +48,10 @@ class NodeConfig:
         """The by-name resources its listeners need: certificates, policies' trust bundles, backend services
         and what those services' BackendAuthenticationConfigs name."""
         return required_names(self.listeners, self.backend_services)
+
+    def subscribed_names(self) -> dict[str, frozenset[str]]:
+        """What the node asks for: the required names plus its shadow candidates' trust bundles."""
+        return subscribed_names(self.listeners, self.required_names())
 
     # ---- the cache file format (JSON with base64 protobufs; it holds private keys: written 0600)
 
@@ -104,6 +111,21 @@ def required_names(listeners: Mapping[str, resources_pb2.Listener],
             bundles.add(auth.trust_config)
     return {rt.SERVER_CERTIFICATE: frozenset(certs), rt.TRUST_BUNDLE: frozenset(bundles),
             rt.BACKEND_SERVICE: frozenset(services)}
+
+
+def shadow_bundle_names(listeners: Mapping[str, resources_pb2.Listener]) -> frozenset[str]:
+    """The trust bundles the listeners' shadow candidates judge with (SPEC §12). The node asks for them but
+    never waits for them: a candidate whose bundle is missing (or does not compile) is not judged, and the
+    active configuration applies and is ACKed as if there were no candidate."""
+    return frozenset(name for lst in listeners.values() for shadow in lst.shadow_policies
+                     if (name := shadow.server_tls_policy.mtls_policy.client_validation_trust_config))
+
+
+def subscribed_names(listeners: Mapping[str, resources_pb2.Listener],
+                     required: Mapping[str, frozenset[str]]) -> dict[str, frozenset[str]]:
+    out = dict(required)
+    out[rt.TRUST_BUNDLE] = out.get(rt.TRUST_BUNDLE, frozenset()) | shadow_bundle_names(listeners)
+    return out
 
 
 def decode_resources(type_url: str, resources: list[any_pb2.Any]) -> dict[str, Message]:
@@ -181,7 +203,12 @@ def validate_node_config(config: NodeConfig) -> None:
             raise ConfigRejected(f"{name}: backendAuthentication {service.backend_authentication} was not resolved")
         if problems:
             raise ConfigRejected(f"{name}: {problems[0]}")
+    # A bundle only shadow candidates use is compiled by the workers, and a failure only stops that
+    # candidate being judged (shadow_bundle_names): it must never block the active configuration.
+    candidate_only = shadow_bundle_names(config.listeners) - config.required_names()[rt.TRUST_BUNDLE]
     for name, bundle in sorted(config.bundles.items()):
+        if name in candidate_only:
+            continue
         try:
             compile_bundle(bundle)
         except InvalidBundle as exc:
@@ -213,6 +240,9 @@ def validate_node_config(config: NodeConfig) -> None:
         trust = policy.mtls_policy.client_validation_trust_config if policy is not None else ""
         if trust and trust not in config.bundles:
             raise ConfigRejected(f"{name}: trust bundle {trust} was not received")
+        if len(lst.shadow_policies) > MAX_SHADOW_POLICIES:
+            raise ConfigRejected(f"{name}: {len(lst.shadow_policies)} shadow candidates; at most "
+                                 f"{MAX_SHADOW_POLICIES} accepted")
         try:
             compile_policy(policy)
             compile_headers(list(lst.custom_request_headers))
