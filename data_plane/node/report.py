@@ -15,6 +15,9 @@ from mtlsgate.v1 import reports_pb2
 
 from data_plane.workers.client_tally import Row
 from data_plane.workers.observability import REPORT_HANDSHAKES
+from data_plane.workers.shadow_tally import MAX_ENTRIES as MAX_SHADOW_ENTRIES
+from data_plane.workers.shadow_tally import NO_DISAGREEMENT, OVERFLOW
+from data_plane.workers.shadow_tally import Row as ShadowRow
 
 REQUESTS = "mtlsgate_requests_total"
 REVALIDATION_CLOSED = "mtlsgate_connections_closed_by_revalidation_total"
@@ -69,10 +72,41 @@ def _ts(seconds: float) -> Timestamp:
     return out
 
 
+def shadow_entries(rows: Iterable[ShadowRow], limit: int = MAX_SHADOW_ENTRIES
+                   ) -> dict[str, list[reports_pb2.ShadowDisagreement]]:
+    """Per listener, at most `limit` ShadowDisagreement entries (the control plane's bound): first one per
+    candidate with direction UNSPECIFIED whose count is the handshakes judged under it (the convention
+    control_plane/fleet/shadow.py reads), then the most frequent disagreements; those that do not fit are
+    summed into one OVERFLOW entry per (candidate, revision, direction), so no count is lost."""
+    by_listener: dict[str, list[ShadowRow]] = {}
+    for row in rows:
+        by_listener.setdefault(row[0], []).append(row)
+    out: dict[str, list[reports_pb2.ShadowDisagreement]] = {}
+    for listener, mine in by_listener.items():
+        judged = [r for r in mine if r[3] == NO_DISAGREEMENT]
+        items = sorted((r for r in mine if r[3] != NO_DISAGREEMENT), key=lambda r: (r[6] == OVERFLOW, -r[7]))
+        space = limit - len(judged)
+        if len(items) > space:
+            groups = {r[1:4] for r in items}
+            kept, folded = items[:max(0, space - len(groups))], items[max(0, space - len(groups)):]
+            sums: dict[tuple[str, str, int], int] = {}
+            for r in folded:
+                sums[r[1:4]] = sums.get(r[1:4], 0) + r[7]
+            items = kept + [(listener, *g, "", "", OVERFLOW, n) for g, n in sorted(sums.items())]
+        out[listener] = [reports_pb2.ShadowDisagreement(
+            candidate=candidate[:MAX_STRING], candidate_version=version[:MAX_STRING], direction=way,  # type: ignore[arg-type]
+            fingerprint_sha256=fingerprint[:MAX_STRING], active_error=active_error[:MAX_STRING],
+            candidate_error=candidate_error[:MAX_STRING], count=count)
+            for _, candidate, version, way, fingerprint, active_error, candidate_error, count in judged + items][:limit]
+    return out
+
+
 def build_report(node_id: str, sequence: int, now: float, interval: float, counts: Mapping[CounterKey, int],
                  clients: Iterable[Row], versions: Mapping[str, str],
-                 details: Callable[[bytes], LeafDetails] = leaf_details) -> reports_pb2.NodeReport:
-    """A report of one interval: `counts` is the counters' delta over it, `clients` the tally's rows."""
+                 details: Callable[[bytes], LeafDetails] = leaf_details, *,
+                 shadow: Iterable[ShadowRow] = ()) -> reports_pb2.NodeReport:
+    """A report of one interval: `counts` is the counters' delta over it, `clients` the tally's rows,
+    `shadow` the shadow tally's rows (shadow_tally.Row)."""
     report = reports_pb2.NodeReport(node_id=node_id, sequence=sequence, interval_seconds=interval)
     report.time.CopyFrom(_ts(now))
     version = config_version(versions)
@@ -108,5 +142,8 @@ def build_report(node_id: str, sequence: int, now: float, interval: float, count
             seen.not_after.CopyFrom(_ts(leaf_info.not_after))
         seen.first_seen.CopyFrom(_ts(first))
         seen.last_seen.CopyFrom(_ts(last))
+    for name, entries in shadow_entries(shadow).items():
+        entry(name).shadow_disagreements.extend(entries)
+        entry(name).shadow_judged = sum(d.count for d in entries if d.direction == NO_DISAGREEMENT)
     report.listeners.extend(listeners[name] for name in sorted(listeners))
     return report

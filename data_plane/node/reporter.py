@@ -54,7 +54,8 @@ class NodeReporter:
         self.sequence += 1
         active = self.agent.active
         report = build_report(self.node_id, self.sequence, now, now - self._taken_at, counts, self.pool.clients.take(),
-                              dict(active.versions) if active is not None else {}, self._detail)
+                              dict(active.versions) if active is not None else {}, self._detail,
+                              shadow=self.pool.shadow.take())
         self._taken_at = now
         return report
 

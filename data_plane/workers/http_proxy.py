@@ -252,6 +252,9 @@ class ClientConnection(asyncio.Protocol):
                                      "1" if verdict.chain_verified else "", "1" if verdict.accepted else "",
                                      verdict.error or "")
         self.worker.clients.saw(listener, verdict, time.time())
+        runtime = self.listener
+        if runtime is not None and runtime.shadows and verdict is not None:
+            runtime.judge_shadows((self.tls.chain if self.tls is not None else None) or (), verdict, self.worker.shadow)
 
     def _log_rejection(self, verdict: Any, at: str) -> None:
         assert self.listener is not None

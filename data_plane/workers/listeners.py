@@ -24,6 +24,7 @@ from data_plane.upstream.outlier import OutlierPolicy
 from data_plane.validation import bundle as bundle_mod
 from data_plane.validation import engine, headers, policy
 from data_plane.validation.resources import listener_certificates, seconds
+from data_plane.workers import shadow_tally
 from data_plane.workers.tls import ClientAuth, ServerTls, TlsProfile
 from data_plane.workers.upstream_tls import UpstreamTls, upstream_tls_for
 
@@ -118,6 +119,39 @@ class ServiceRuntime:
         } for e in self.endpoints]}
 
 
+@dataclass(frozen=True)
+class ShadowRuntime:
+    """One shadow candidate of a listener (SPEC §12), compiled once per configuration version: judged on
+    every new handshake beside the active policy, never enforced."""
+
+    candidate: str  # trustConfigs/ID or serverTlsPolicies/ID
+    version: str  # the candidate's etag
+    compiled_bundle: Any
+    client_policy: Any
+
+    def validate(self, chain: Sequence[bytes], now: dt.datetime) -> Any:
+        return engine.validate(chain, self.compiled_bundle, self.client_policy, now)
+
+
+def compile_shadow(shadow: resources_pb2.ShadowPolicy, wire: WireConfig) -> tuple[ShadowRuntime | None, str]:
+    """(the runtime, "") or (None, why it is not judged). Never raises: a candidate that cannot be judged
+    must not stop the active configuration (data_plane.node.config.shadow_bundle_names)."""
+    tls = shadow.server_tls_policy
+    mtls = tls.mtls_policy if tls.HasField("mtls_policy") else None
+    compiled = None
+    try:
+        if mtls is not None and mtls.client_validation_trust_config:
+            bundle_name = _short_name(mtls.client_validation_trust_config)
+            raw = wire.bundles.get(bundle_name)
+            if raw is None:
+                return None, f"trust bundle {bundle_name} was not received"
+            compiled = bundle_mod.compile_bundle(xds_pb2.TrustBundle.FromString(raw))
+        client_policy = policy.compile_policy(tls if mtls is not None else None)
+    except Exception as exc:
+        return None, str(exc)[:300] or type(exc).__name__
+    return ShadowRuntime(shadow.candidate, shadow.candidate_version, compiled, client_policy), ""
+
+
 @dataclass
 class ListenerRuntime:
     """One listener as a worker runs it for one configuration version."""
@@ -142,6 +176,8 @@ class ListenerRuntime:
     upstreams: tuple[Upstream, ...] = ()  # per route index
     # lowercase names of the headers we set on any route, `_` read as `-` (SPEC §5)
     spoofable_names: frozenset[bytes] = frozenset()
+    # Shadow candidates to judge each new handshake under as well (SPEC §12); empty = no cost at all.
+    shadows: tuple[ShadowRuntime, ...] = ()
 
     def __post_init__(self) -> None:
         names = set(self.header_set.names)
@@ -152,6 +188,20 @@ class ListenerRuntime:
     def validate(self, chain: Sequence[bytes]) -> Any:
         """The engine's verdict now (it memoises successful verdicts per bundle, inside their validity)."""
         return engine.validate(chain, self.compiled_bundle, self.client_policy, dt.datetime.now(dt.UTC))
+
+    def judge_shadows(self, chain: Sequence[bytes], verdict: Any, tally: Any) -> None:
+        """Judge one handshake the active policy judged as `verdict` under every candidate, into `tally`
+        (a ShadowTally). Only called when `shadows` is non-empty."""
+        now = dt.datetime.now(dt.UTC)
+        leaf = bytes(chain[0]) if chain else b""
+        for shadow in self.shadows:
+            tally.judged(self.name, shadow.candidate, shadow.version)
+            candidate = shadow.validate(chain, now)
+            way = shadow_tally.direction(verdict, candidate)
+            if way:
+                tally.disagreed(self.name, shadow.candidate, shadow.version, way,
+                                hashlib.sha256(leaf).hexdigest() if leaf else "", verdict.error or "",
+                                candidate.error or "")
 
     def http_status(self, verdict: Any) -> int:
         return int(engine.http_status(verdict))
@@ -259,6 +309,16 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig,
         )
     profile = _tls_profile(listener)
     tls = ServerTls(identities, client_auth, profile)
+    shadows, shadow_summary = [], []
+    for shadow in listener.shadow_policies:
+        compiled_shadow, problem = compile_shadow(shadow, wire)
+        if mtls_policy is None:  # no client certificate is asked for, so there is nothing to judge
+            compiled_shadow, problem = None, "the active policy asks for no client certificate"
+        if compiled_shadow is not None:
+            shadows.append(compiled_shadow)
+        shadow_summary.append({"candidate": shadow.candidate, "candidate_version": shadow.candidate_version,
+                               "trust_bundle": shadow.server_tls_policy.mtls_policy.client_validation_trust_config,
+                               "judged": compiled_shadow is not None, "problem": problem})
     default = Upstream(parse_backend(listener.backend), header_set) if listener.backend else None
     if listener.default_backend_service:
         default = _service_upstream(listener, listener.default_backend_service, header_set, False, services)
@@ -278,6 +338,7 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig,
         compiled_bundle=compiled_bundle,
         client_policy=client_policy,
         allow_underscores=listener.allow_underscores_in_headers,
+        shadows=tuple(shadows),
         summary={
             "port": int(listener.port),
             "backend": listener.backend or listener.default_backend_service,
@@ -294,6 +355,7 @@ def _compile_listener(listener: resources_pb2.Listener, wire: WireConfig,
             "ssl_policy": {"min_tls_version": profile.min_version, "profile": profile.profile,
                            "ciphers": tls.effective_ciphers()},
             "bundle_sha256": hashlib.sha256(wire.bundles.get(bundle_name, b"")).hexdigest()[:16] if bundle_name else "",
+            "shadow": shadow_summary,
         },
     )
     runtime_box.append(runtime)

@@ -22,6 +22,7 @@ from data_plane.workers.client_tally import ClientTally
 from data_plane.workers.health_checks import HealthChecker
 from data_plane.workers.listeners import ListenerConfigError, WireConfig, compile_listeners, compile_services
 from data_plane.workers.observability import PoolMetrics, log_event
+from data_plane.workers.shadow_tally import ShadowTally
 from data_plane.workers.worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class WorkerPool:
         self.reservations = reservations or PortReservations(listen_address)
         self.metrics = PoolMetrics()
         self.clients = ClientTally()  # every worker's client rows, merged until the node reporter takes them
+        self.shadow = ShadowTally()  # every worker's shadow judgements, likewise (SPEC §12)
         self.current: WireConfig | None = None
         self.current_config: Any = None
         self._slots = [_Slot(i) for i in range(self.size)]
@@ -122,6 +124,8 @@ class WorkerPool:
             self.metrics.update(slot.index, message[1], message[2])
             self.clients.merge(message[3] if len(message) > 3 else ())
             slot.status["connections"] = message[2].get("connections", 0)
+        elif kind == "shadow":
+            self.shadow.merge(message[1])
         elif kind in ("applied", "rejected"):
             version = message[1]
             if kind == "applied":

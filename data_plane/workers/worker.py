@@ -34,6 +34,7 @@ from data_plane.workers.listeners import (
     compile_services,
 )
 from data_plane.workers.observability import WorkerCounters, log_event
+from data_plane.workers.shadow_tally import ShadowTally
 
 STATS_INTERVAL = 1.0
 LISTEN_BACKLOG = 1024
@@ -49,6 +50,7 @@ class Worker:
         self.bounds = bounds or from_environment(os.environ)
         self.counters = WorkerCounters()
         self.clients = ClientTally()  # client certificates seen since the last stats message (node reports)
+        self.shadow = ShadowTally()  # shadow candidates' judgements since the last stats message (SPEC §12)
         self.backends = BackendPool(self.bounds)
         self.admission: Admission[ClientConnection] = Admission(self.bounds.max_connections,
                                                                 self.bounds.max_connections_per_ip)
@@ -101,6 +103,8 @@ class Worker:
 
     def _send_stats(self) -> None:
         self._send(("stats", self.counters.snapshot(), {"connections": len(self.connections)}, self.clients.take()))
+        if len(self.shadow):
+            self._send(("shadow", self.shadow.take()))
 
     async def _sweep(self) -> None:
         while True:
