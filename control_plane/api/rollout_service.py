@@ -14,7 +14,7 @@ from control_plane.api.errors import status_for
 from control_plane.authz.identity import Identity
 from control_plane.resource_names import InvalidName
 from control_plane.rollouts.driver import RolloutConflict, RolloutDriver
-from control_plane.rollouts.reports import store_rejects
+from control_plane.rollouts.reports import store_rejects, store_shadow_rejects
 from control_plane.rollouts.run import TransitionError
 from control_plane.store.base import StoreError
 
@@ -90,7 +90,8 @@ class RolloutService(rollouts_pb2_grpc.RolloutServiceServicer):
 
 def add_rollout_service(server: grpc.aio.Server, ctx: Any) -> None:
     """`control_plane.server.SERVICES` hook (after the xDS one, whose server it drives)."""
-    driver = RolloutDriver(ctx.store, ctx.xds, rejects=store_rejects(ctx.store))
+    driver = RolloutDriver(ctx.store, ctx.xds, rejects=store_rejects(ctx.store),
+                           shadow=store_shadow_rejects(ctx.store))
     rollouts_pb2_grpc.add_RolloutServiceServicer_to_server(RolloutService(driver), server)
     ctx.rollouts = driver
     ctx.on_start.append(driver.start)

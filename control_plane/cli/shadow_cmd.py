@@ -120,7 +120,7 @@ def status_json(status: shadow_pb2.ShadowStatus) -> dict[str, Any]:
         "wouldNewlyReject": status.would_newly_reject,
         "wouldNewlyAccept": status.would_newly_accept,
         "nodes": list(status.nodes),
-        "findings": [{"direction": _WORDS.get(f.direction, "unspecified"), "fingerprintSha256": f.fingerprint_sha256,
+        "findings": [{"direction": _DIRECTION.Name(f.direction), "fingerprintSha256": f.fingerprint_sha256,
                       "activeError": f.active_error, "candidateError": f.candidate_error, "count": f.count,
                       "nodes": list(f.nodes), "listeners": list(f.listeners), "lastSeen": _when(f.last_seen)}
                      for f in status.findings],

@@ -47,3 +47,30 @@ def store_rejects(store: Any) -> Any:
             return None
 
     return rejects
+
+
+def store_shadow_rejects(store: Any) -> Any:
+    """The shadowNoNewRejects gate's input over `store.reports`: handshakes any shadow candidate would
+    newly reject on the wave's nodes between two times (`control_plane.fleet.shadow.new_rejects`), or None
+    when none of them judged a handshake under a candidate then (no evidence: the gate halts rather than
+    pass blind). None when the store keeps no reports."""
+    if not callable(getattr(store, "reports", None)):
+        return None
+    from mtlsgate.v1 import reports_pb2
+
+    from control_plane.fleet.shadow import new_rejects
+
+    def shadow(node_ids: Sequence[str], since: float, until: float) -> int | None:
+        try:
+            stored = []
+            for node_id, received_at, data in store.reports(since=since, node_ids=list(node_ids)):
+                if received_at < until:
+                    stored.append((node_id, received_at, reports_pb2.NodeReport.FromString(data)))
+            if not any(entry.shadow_judged for _, _, report in stored for entry in report.listeners):
+                return None
+            return new_rejects(stored, node_ids)
+        except Exception:  # a report the aggregation cannot read must not stop the driver: no evidence
+            log.exception("reading node reports for the shadowNoNewRejects gate failed")
+            return None
+
+    return shadow
