@@ -100,3 +100,28 @@ def test_a_candidate_without_its_bundle_is_not_judged_and_the_active_config_appl
     assert https_get(port, client_context(demo_pki, "client"))[0] == 200
     summary = harness.pool.worker_status()[0]["listeners"]["listeners/shadowed"]["shadow"]
     assert summary[0]["judged"] is False and "was not received" in summary[0]["problem"]
+
+
+def test_a_candidate_verdict_is_remembered_per_chain_for_a_while(demo_pki, monkeypatch):
+    """Rejections are not memoised by the engine; the shadow keeps any verdict SHADOW_MEMO_SECONDS."""
+    import datetime as dt
+
+    from data_plane.validation import engine
+    from data_plane.workers import listeners as listeners_mod
+
+    config = _config(demo_pki, 1, "127.0.0.1:9")
+    wire = listeners_mod.WireConfig.from_node_config(config)
+    runtime, problem = listeners_mod.compile_shadow(config.listeners["listeners/shadowed"].shadow_policies[0], wire)
+    assert runtime is not None and problem == ""
+    cert = x509.load_pem_x509_certificate(demo_pki.path("client_cert").read_bytes())
+    chain = [cert.public_bytes(Encoding.DER)]
+    calls = []
+    real = engine.validate
+    monkeypatch.setattr(engine, "validate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    clock = [1000.0]
+    monkeypatch.setattr(listeners_mod.time, "monotonic", lambda: clock[0])
+    now = dt.datetime.now(dt.UTC)
+    first = runtime.validate(chain, now)
+    assert not first.accepted and runtime.validate(chain, now) is first and len(calls) == 1
+    clock[0] += listeners_mod.SHADOW_MEMO_SECONDS + 0.1
+    assert not runtime.validate(chain, now).accepted and len(calls) == 2
