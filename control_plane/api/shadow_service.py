@@ -7,6 +7,7 @@ them like any resource; the snapshot builder sends them to nodes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -206,12 +207,10 @@ class Shadows:
         return empty_pb2.Empty()
 
     def _drop(self, name: str, candidate: Message, caller: Caller, why: str) -> None:
-        try:
+        with contextlib.suppress(NotFound):  # someone else dropped it meanwhile: the outcome asked for
             self.store.delete(shadow_name(name), actor=caller.identity.name, role=caller.role_name,
                               expected_etag=candidate.etag,  # type: ignore[attr-defined]
                               detail=f"shadow candidate of {name} {why}")
-        except NotFound:
-            pass  # someone else dropped it meanwhile: the outcome asked for
 
 
 class ShadowService(shadow_pb2_grpc.ShadowServiceServicer):

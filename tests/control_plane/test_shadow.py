@@ -16,8 +16,8 @@ from control_plane.api.shadow_service import Shadows
 from control_plane.authz.identity import Identity
 from control_plane.pki import DemoPki
 from tests.control_plane.conftest import ControlPlane
-from tests.control_plane.test_store import OpenStore, open_store  # noqa: F401  (fixture)
 from tests.control_plane.shadow_manifests import policy, trust_config, write
+from tests.control_plane.test_store import OpenStore, open_store  # noqa: F401  (fixture)
 
 
 def _get_json(cp: ControlPlane, kind: str, name: str) -> dict:

@@ -35,8 +35,7 @@ def _send(address: str, reports: list[reports_pb2.NodeReport]) -> list[reports_p
     done = threading.Event()
 
     def requests():
-        for r in reports:
-            yield r
+        yield from reports
         done.wait(10)
 
     with grpc.insecure_channel(address) as channel:
