@@ -202,7 +202,9 @@ def test_promote_enforces_the_candidate(control_plane, fleet, demo_pki, tmp_path
 
     for host in HOSTS:
         wait_until(lambda h=host: refused(h), timeout=15, message=f"the client refused on {host} after promote")
-    assert _shadowed_everywhere(nodes, judged=False)  # the candidate is the active one now: nothing shadowed
+    # promote writes the active resource, then deletes the candidate: the second push can come a moment later
+    wait_until(lambda: _shadowed_everywhere(nodes, judged=False), timeout=15,
+               message="nothing shadowed any more once the candidate is the active one")
     untrusted = https_get(port, client_context(demo_pki, "untrusted"), host=HOSTS[1])[0]
     assert untrusted == 200  # the other root's client is the one let in now
 
