@@ -24,7 +24,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mtlsgate.v1 import api_pb2_grpc
 
 from control_plane import gc_tuning
-from control_plane.api import check_service, report_service, rollout_service, shadow_service
+from control_plane.api import (
+    check_service,
+    report_service,
+    revocation_service,
+    rollout_service,
+    shadow_service,
+)
 from control_plane.api.audit_service import AuditService
 from control_plane.api.auth import Tokens
 from control_plane.api.authorization import AuthorizationInterceptor, Authorizer
@@ -110,6 +116,7 @@ SERVICES: list[ServiceRegistration] = [
     ServiceRegistration((rollout_service.SERVICE_NAME,), rollout_service.add_rollout_service),
     ServiceRegistration(report_service.SERVICE_NAMES, report_service.add_report_services),
     ServiceRegistration((shadow_service.SERVICE_NAME,), shadow_service.add_shadow_service),
+    ServiceRegistration((revocation_service.SERVICE_NAME,), revocation_service.add_revocation_service),
 ]
 
 

@@ -62,8 +62,10 @@ class _Bucket:
 
 
 class ReportService:
-    def __init__(self, store: Any, *, insecure: bool, keep_seconds: float = KEEP_SECONDS) -> None:
+    def __init__(self, store: Any, *, insecure: bool, keep_seconds: float = KEEP_SECONDS,
+                 xds: Any = None) -> None:
         self.store = store
+        self.xds = xds  # the XdsServer: revalidation reports feed its revocation tracker (B6)
         self.insecure = insecure
         self.keep_seconds = keep_seconds
         self._pending: list[tuple[str, float, bytes]] = []
@@ -91,6 +93,8 @@ class ReportService:
                 yield reports_pb2.ReportAck(sequence=message.sequence, error=problem)
                 continue
             self._keep(node, now, message.SerializeToString())
+            if message.revalidations and self.xds is not None:
+                self.xds.revalidation_reported(node, message, now)
             yield reports_pb2.ReportAck(sequence=message.sequence)
 
     async def _admit(self, node_id: str, context: grpc.aio.ServicerContext) -> str:
@@ -179,7 +183,7 @@ def _ts(seconds: float) -> Timestamp:
 
 def add_report_services(server: grpc.aio.Server, ctx: Any) -> None:
     """`control_plane.server.SERVICES` hook."""
-    service = ReportService(ctx.store, insecure=ctx.options.insecure)
+    service = ReportService(ctx.store, insecure=ctx.options.insecure, xds=ctx.xds)
     server.add_generic_rpc_handlers((
         grpc.method_handlers_generic_handler("mtlsgate.v1.NodeReportService", {
             "Report": grpc.stream_stream_rpc_method_handler(

@@ -29,6 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--wait-synced", metavar="TIMEOUT", type=_duration,
                    help="wait until every connected node has acked the current configuration (e.g. 30s, 2m); "
                    "exit 1 naming the nodes that did not in time")
+    p.add_argument("--revocations", action="store_true",
+                   help="show the last changes that revoked serials: per node the ACK and the time its live "
+                   "connections were revalidated, after publication (SPEC §12, B6)")
+    p.add_argument("--limit", type=int, default=10, help="with --revocations: how many, newest first")
     p.set_defaults(func=run)
 
 
@@ -142,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
     request = api_pb2.ListNodesRequest(cluster=args.cluster)
     try:
         with open_channel(args) as channel:
+            if args.revocations:
+                from control_plane.cli import status_revocations
+
+                return status_revocations.run(args, channel)
             fleet = api_pb2_grpc.FleetServiceStub(channel)
             if args.wait_synced:
                 return _wait_synced(fleet, request, args)

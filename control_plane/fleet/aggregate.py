@@ -20,6 +20,7 @@ MAX_SHADOW_ENTRIES = 64
 MAX_STRING = 1_024  # any one string field (names, errors, subjects)
 MAX_REVALIDATIONS = 64
 MAX_CLOSED_FINGERPRINTS = 1_000
+FINGERPRINT_LENGTH = 64  # lowercase hex SHA-256
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,13 @@ def report_problem(report: reports_pb2.NodeReport, stream_node: str, size: int) 
     if len(report.revalidations) > MAX_REVALIDATIONS or any(
             len(r.closed_fingerprints) > MAX_CLOSED_FINGERPRINTS for r in report.revalidations):
         return f"too many revalidations or closed fingerprints (at most {MAX_REVALIDATIONS} / {MAX_CLOSED_FINGERPRINTS})"
+    for done in report.revalidations:
+        if max(len(done.type_url), len(done.version)) > MAX_STRING or any(
+                len(f) > FINGERPRINT_LENGTH for f in done.closed_fingerprints):
+            return (f"revalidations: type_url/version over {MAX_STRING} characters or a closed fingerprint "
+                    f"over {FINGERPRINT_LENGTH} (SHA-256 hex)")
+        if done.closed < 0 or done.checked < 0:
+            return "revalidations: a negative count"
     for entry in report.listeners:
         if max(len(entry.handshakes), len(entry.requests)) > MAX_COUNT_ENTRIES:
             return f"listener {entry.listener[:64]!r}: more than {MAX_COUNT_ENTRIES} count entries"

@@ -30,6 +30,7 @@ from mtlsgate.v1 import api_pb2, api_pb2_grpc
 
 from control_plane import gc_tuning
 from control_plane.authz.admission import Admission, NodeRefused, admit, registered_node
+from control_plane.fleet.revocations import Enforced, RevocationTracker
 from control_plane.rollouts.policy import revocation_fast_path
 from control_plane.rollouts.serving import active_run, served_base
 from control_plane.store.base import LocalFleetTable, ReplicaRow, StoreError, StoreState
@@ -155,6 +156,7 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         self.base_snapshots: StateSnapshots | None = None
         self.reached: frozenset[str] = frozenset()
         self._base_state: StoreState | None = None
+        self.revocations = RevocationTracker()  # revocation latency (SPEC §12, B6), this replica's nodes
         self._streams: dict[int, _Stream] = {}
         self._stream_ids = itertools.count(1)
         self._bodies: dict[tuple[str, str, frozenset[str] | None], bytes] = {}
@@ -260,6 +262,7 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
             return
         self.snapshots = self.builder.build(state)
         self._rebuild_base(state)
+        self.revocations.on_state(state.revision, state.written_at, state.trust_configs, self._serving)
         self._bodies.clear()
         metrics.SNAPSHOT_BUILDS.inc()
         metrics.SNAPSHOT_REVISION.set(state.revision)
@@ -289,6 +292,37 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
             return
         self.base_snapshots = self.base_builder.build(served)
         self.reached = frozenset(run.reached)
+
+    def _serving(self, trust_configs: frozenset[str]) -> list[str]:
+        """The connected nodes whose snapshot carries one of these TrustConfigs (full names)."""
+        from control_plane.xds.snapshot import short_name
+
+        names = {short_name(n) for n in trust_configs}
+        out = []
+        for stream in self._streams.values():
+            if stream.labels is None:
+                continue
+            snapshot = self._snapshot_for(stream.node_id, stream.labels)
+            bundles = snapshot.types.get(rt.TRUST_BUNDLE) if snapshot is not None else None
+            if bundles is not None and names & set(bundles.resources):
+                out.append(stream.node_id)
+        return out
+
+    def revalidation_reported(self, node_id: str, report: Any, received_at: float) -> None:
+        """A stored node report (of the authenticated `node_id`): its revalidations (B6)."""
+        for done in report.revalidations:
+            if done.type_url == rt.TRUST_BUNDLE:
+                self._observe(self.revocations.on_revalidation(
+                    node_id, done.version, done.done_time.ToNanoseconds() / 1e9, done.closed, done.checked,
+                    list(done.closed_fingerprints), received_at))
+
+    @staticmethod
+    def _observe(enforced: list[Enforced]) -> None:
+        for entry in enforced:
+            metrics.REVOCATION_ENFORCEMENT.observe(entry.seconds)
+            log.info("revocation %d (revision %d) enforced on node %s %.3fs after publication (%d closed)",
+                     entry.revocation.sequence, entry.revocation.revision, entry.node.node_id, entry.seconds,
+                     entry.node.closed)
 
     def refresh(self) -> None:
         """Build the snapshots of the store's current state now (the roll-out driver reads them)."""
@@ -453,6 +487,8 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                                                 pushed.written_at, time.time())
             if convergence is not None:
                 metrics.CONVERGENCE.observe(convergence)
+            if outcome.type_url == rt.TRUST_BUNDLE:
+                self._observe(self.revocations.on_ack(stream.node_id, pushed.version, pushed.revision, time.time()))
 
     # ------------------------------------------------------------ FleetService
 

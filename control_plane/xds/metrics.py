@@ -15,6 +15,12 @@ CONVERGENCE = Histogram(
     "mtlsgate_xds_convergence_seconds", "Store write → node ACK of the version built from it",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+REVOCATION_ENFORCEMENT = Histogram(
+    "mtlsgate_revocation_enforcement_seconds",
+    "Revoked serial published (API write or fetched CRL) → a node serving it ACKed and reported its live "
+    "connections revalidated (SPEC §12, B6); one observation per revocation and node",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
 SNAPSHOT_BUILDS = Counter("mtlsgate_xds_snapshot_builds_total", "Snapshot builds (one per debounced change)")
 SNAPSHOT_REVISION = Gauge("mtlsgate_xds_snapshot_revision", "Store revision the current snapshots come from")
 

@@ -15,6 +15,7 @@ from mtlsgate.v1 import reports_pb2
 
 from data_plane.workers.client_tally import Row
 from data_plane.workers.observability import REPORT_HANDSHAKES
+from data_plane.workers.revalidation import Revalidation
 from data_plane.workers.shadow_tally import MAX_ENTRIES as MAX_SHADOW_ENTRIES
 from data_plane.workers.shadow_tally import NO_DISAGREEMENT, OVERFLOW
 from data_plane.workers.shadow_tally import Row as ShadowRow
@@ -104,9 +105,10 @@ def shadow_entries(rows: Iterable[ShadowRow], limit: int = MAX_SHADOW_ENTRIES
 def build_report(node_id: str, sequence: int, now: float, interval: float, counts: Mapping[CounterKey, int],
                  clients: Iterable[Row], versions: Mapping[str, str],
                  details: Callable[[bytes], LeafDetails] = leaf_details, *,
-                 shadow: Iterable[ShadowRow] = ()) -> reports_pb2.NodeReport:
+                 shadow: Iterable[ShadowRow] = (), revalidations: Iterable[Revalidation] = ()) -> reports_pb2.NodeReport:
     """A report of one interval: `counts` is the counters' delta over it, `clients` the tally's rows,
-    `shadow` the shadow tally's rows (shadow_tally.Row)."""
+    `shadow` the shadow tally's rows (shadow_tally.Row), `revalidations` what revalidation on update did
+    for the versions applied since the last report."""
     report = reports_pb2.NodeReport(node_id=node_id, sequence=sequence, interval_seconds=interval)
     report.time.CopyFrom(_ts(now))
     version = config_version(versions)
@@ -146,4 +148,10 @@ def build_report(node_id: str, sequence: int, now: float, interval: float, count
         entry(name).shadow_disagreements.extend(entries)
         entry(name).shadow_judged = sum(d.count for d in entries if d.direction == NO_DISAGREEMENT)
     report.listeners.extend(listeners[name] for name in sorted(listeners))
+    for done in revalidations:  # B6: revoked serials are judged by the TrustBundle version they came with
+        bundle_version = dict(done.versions).get(rt.TRUST_BUNDLE, "")
+        entry_done = report.revalidations.add(type_url=rt.TRUST_BUNDLE, version=bundle_version, closed=done.closed,
+                                              checked=done.checked, closed_fingerprints=done.closed_fingerprints)
+        entry_done.applied_time.CopyFrom(_ts(done.applied_time))
+        entry_done.done_time.CopyFrom(_ts(done.done_time))
     return report

@@ -22,7 +22,27 @@ from data_plane.node.report import CounterKey, LeafDetails, build_report, delta,
 log = logging.getLogger("mtlsgate.node.reports")
 
 INTERVAL = 5.0
+# The control plane takes a burst of 5 reports, then 1/s per node: the reporter keeps under it (one token
+# spare) so a report sent early for a revalidation (B6) is never refused.
+PACE_BURST = 4.0
+PACE_PER_SECOND = 1.0
 MAX_DETAILS = 4_096  # parsed client certificates remembered (parsing happens once per distinct leaf)
+
+
+class Pace:
+    """A token bucket mirroring the control plane's report rate bound (times are monotonic seconds)."""
+
+    def __init__(self, now: float, burst: float = PACE_BURST, per_second: float = PACE_PER_SECOND) -> None:
+        self.burst, self.per_second, self.tokens, self.at = burst, per_second, burst, now
+
+    def wait(self, now: float) -> float:
+        """Seconds until a report may be sent."""
+        tokens = min(self.burst, self.tokens + (now - self.at) * self.per_second)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.per_second
+
+    def take(self, now: float) -> None:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_second) - 1
+        self.at = now
 
 
 class NodeReporter:
@@ -37,6 +57,7 @@ class NodeReporter:
         self._before: Counter[CounterKey] = Counter()
         self._taken_at = time.time()
         self._details: dict[bytes, LeafDetails] = {}
+        self._pace = Pace(time.monotonic())
 
     def _detail(self, der: bytes) -> LeafDetails:
         found = self._details.get(der)
@@ -53,9 +74,11 @@ class NodeReporter:
         self._before = totals
         self.sequence += 1
         active = self.agent.active
+        revalidations = self.pool.revalidations.take() if hasattr(self.pool, "revalidations") else []
         report = build_report(self.node_id, self.sequence, now, now - self._taken_at, counts, self.pool.clients.take(),
                               dict(active.versions) if active is not None else {}, self._detail,
-                              shadow=self.pool.shadow.take())
+                              shadow=self.pool.shadow.take(),
+                              revalidations=revalidations)
         self._taken_at = now
         return report
 
@@ -93,9 +116,10 @@ class NodeReporter:
             reader = asyncio.create_task(acks())
             try:
                 while getattr(self.agent, "endpoint", None) == endpoint and not reader.done():
+                    await asyncio.sleep(self._pace.wait(time.monotonic()))
+                    self._pace.take(time.monotonic())
                     await call.write(self.next_report())
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(reader), timeout=self.interval)
+                    await self._until_due(reader)
                 if reader.done():
                     reader.result()  # the stream's error, if any
             finally:
@@ -103,3 +127,18 @@ class NodeReporter:
                 with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                     await reader
                 call.cancel()
+
+    async def _until_due(self, reader: asyncio.Task[None]) -> None:
+        """Until the next report is due: `interval` after this one, or as soon as the pool has a finished
+        revalidation to tell (B6), or when the stream ends."""
+        event = getattr(self.pool, "revalidated", None)
+        if event is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), timeout=self.interval)
+            return
+        waker = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({reader, waker}, timeout=self.interval, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waker.cancel()
+        event.clear()

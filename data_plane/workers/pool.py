@@ -22,6 +22,7 @@ from data_plane.workers.client_tally import ClientTally
 from data_plane.workers.health_checks import HealthChecker
 from data_plane.workers.listeners import ListenerConfigError, WireConfig, compile_listeners, compile_services
 from data_plane.workers.observability import PoolMetrics, log_event
+from data_plane.workers.revalidation import Revalidations
 from data_plane.workers.shadow_tally import ShadowTally
 from data_plane.workers.worker import worker_main
 
@@ -55,6 +56,10 @@ class WorkerPool:
         self.metrics = PoolMetrics()
         self.clients = ClientTally()  # every worker's client rows, merged until the node reporter takes them
         self.shadow = ShadowTally()  # every worker's shadow judgements, likewise (SPEC §12)
+        # What revalidation on update did per applied version, until the node reporter takes it (B6);
+        # `revalidated` is set when one is ready, so the reporter can send it without waiting an interval.
+        self.revalidations = Revalidations()
+        self.revalidated = asyncio.Event()
         self.current: WireConfig | None = None
         self.current_config: Any = None
         self._slots = [_Slot(i) for i in range(self.size)]
@@ -126,6 +131,8 @@ class WorkerPool:
             slot.status["connections"] = message[2].get("connections", 0)
         elif kind == "shadow":
             self.shadow.merge(message[1])
+        elif kind == "revalidated":
+            self.revalidations.add(message[1], message[2], message[3], message[4], message[5])
         elif kind in ("applied", "rejected"):
             version = message[1]
             if kind == "applied":
@@ -159,6 +166,7 @@ class WorkerPool:
         if self._loop is None:
             await self.start()
         async with self._lock:
+            started = time.time()
             wire = WireConfig.from_node_config(config)
             try:
                 services = compile_services(wire)  # the same compilation every worker does: refuse before
@@ -175,6 +183,8 @@ class WorkerPool:
                     await self._distribute(self.current)
                 raise ConfigRejected(failures[0])
             self.current, self.current_config = wire, config
+            if self.revalidations.seal(wire.version, wire.versions.items(), started) is not None:
+                self.revalidated.set()
             self.health.update(getattr(config, "backend_services", {}), {n: s.tls for n, s in services.items()})
             self._broadcast_health(self.health.health())
             for slot in self._slots:

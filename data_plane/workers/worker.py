@@ -4,7 +4,8 @@ connections when a policy asks for it, reports counters, and drains on request.
 
 Messages from the pool (over a multiprocessing pipe): ("config", WireConfig), ("drain", seconds).
 Messages to the pool: ("applied", version, status), ("rejected", version, message), ("stats", snapshot,
-gauges, client rows) — see client_tally.py for the rows.
+gauges, client rows) — see client_tally.py for the rows — and, before "applied" when revalidation ran,
+("revalidated", version, connections checked, closed leaves' SHA-256 (bounded), closed, wall-clock time).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import os
 import resource
 import signal
@@ -170,7 +172,9 @@ class Worker:
         self.version = wire.version
         for port in sorted(set(self.servers) - set(by_port)):
             self.servers.pop(port).close()
-        self._revalidate(previous, runtimes)
+        revalidated = self._revalidate(previous, runtimes)
+        if revalidated is not None:
+            self._send(("revalidated", wire.version, *revalidated, time.time()))
 
     def _apply_health(self, health: dict[tuple[str, str], bool]) -> None:
         self.health = dict(health)
@@ -184,11 +188,15 @@ class Worker:
             host=self.listen_address, port=port, reuse_port=True, backlog=LISTEN_BACKLOG,
         )
 
-    def _revalidate(self, previous: dict[int, ListenerRuntime], runtimes: dict[str, ListenerRuntime]) -> None:
+    def _revalidate(self, previous: dict[int, ListenerRuntime], runtimes: dict[str, ListenerRuntime]
+                    ) -> tuple[int, list[str], int] | None:
         """revalidateOnUpdate: re-run validation for open connections under the new configuration and close
-        those that would now be refused (SPEC §6); in ALLOW mode the new verdict just replaces the old one."""
-        if not previous:
-            return
+        those that would now be refused (SPEC §6); in ALLOW mode the new verdict just replaces the old one.
+        Returns (connections checked, closed leaves' SHA-256 — bounded, closed), None when no listener
+        revalidates (the node's report says when revocations were enforced on live connections, B6)."""
+        if not previous or not any(r.revalidate_on_update and r.mtls for r in runtimes.values()):
+            return None
+        checked, closed, fingerprints = 0, 0, []
         for conn in list(self.connections):
             old = conn.listener
             if old is None or conn.verdict is None or conn.tls is None or not conn.tls.handshake_done:
@@ -196,6 +204,7 @@ class Worker:
             new = runtimes.get(old.name)
             if new is None or not new.revalidate_on_update or not new.mtls:
                 continue
+            checked += 1
             verdict = new.validate(conn.tls.chain)
             refused = not verdict.accepted and (new.reject_at_http or (new.tls.client_auth is not None
                                                  and new.tls.client_auth.reject_at_tls))
@@ -204,8 +213,12 @@ class Worker:
                 log_event("client_rejected", listener=new.name, peer=conn.peer[0], worker=self.worker_id,
                           rejected_at="revalidation", error=verdict.error, reason=verdict.reason)
                 conn.close()
+                closed += 1
+                if len(fingerprints) < 1_000 and conn.tls.chain:
+                    fingerprints.append(hashlib.sha256(conn.tls.chain[0]).hexdigest())
             else:
                 conn.verdict = verdict
+        return checked, fingerprints, closed
 
     def status(self) -> dict[str, Any]:
         return {
