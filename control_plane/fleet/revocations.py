@@ -147,7 +147,8 @@ class RevocationTracker:
         return self._revalidated(node_id, done, received_at)
 
     def _revalidated(self, node_id: str, done: _Done, now: float) -> list[Enforced]:
-        revision = self._acks.get(node_id, {}).get(done.version)
+        acked = self._acks.get(node_id)
+        revision = acked.get(done.version) if acked is not None else None
         if revision is None:
             # Not ACKed (yet): the report may have overtaken the ACK on the other stream. A version this
             # node never ACKs expires here without effect.
