@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from mtlsgate.v1 import api_pb2, resources_pb2
+from mtlsgate.v1 import api_pb2, reports_pb2, reports_pb2_grpc, resources_pb2
 
 from control_plane.crl_sources.publisher import CrlPublisher
 from control_plane.pki import DemoPki, Issued, issue, now
@@ -106,6 +106,17 @@ def test_revocation_at_the_ca_reaches_the_node_and_bad_crls_change_nothing(
         with contextlib.suppress(ssl.SSLError, ConnectionError):
             assert open_conn.recv(1) == b""
         open_conn.close()
+        # B6: the fetched CRL is a revocation the control plane timed on the node, its live connection closed.
+        serial = format(_serial(demo_pki, "client"), "x")
+
+        def timed() -> reports_pb2.RevocationRecord | None:
+            reply = reports_pb2_grpc.RevocationServiceStub(api.channel).ListRevocations(
+                reports_pb2.ListRevocationsRequest(), timeout=10)
+            return next((r for r in reply.revocations if serial in r.serials and r.nodes
+                         and r.nodes[0].HasField("enforced_time")), None)
+
+        record = wait_until(timed, timeout=15, message="the fetched CRL's revocation timed on the node")
+        assert [n.node_id for n in record.nodes] == [node.node_id] and record.nodes[0].closed == 1
         # The fetch's own status write follows the CRL's; the first is pushed at once (leading edge), so
         # take the versions once the fetch is recorded and the node has ACKed what the control plane serves.
         wait_until(lambda: _status(api).crl_number == "2"
