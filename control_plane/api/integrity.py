@@ -18,10 +18,11 @@ _REJECT_INVALID = resources_pb2.MTLSPolicy.ClientValidationMode.REJECT_INVALID
 
 
 def referrers(state: StoreState, name: str) -> list[tuple[str, str]]:
-    """(resource name, field) of every stored resource that references `name`."""
+    """(resource name, field) of every stored resource that references `name`, shadow candidates included
+    (a candidate ServerTlsPolicy is judged with the trust config it names, and may be promoted)."""
     found = []
-    for kind in KINDS:
-        for other_name, other in state.collection(kind.collection).items():
+    for collection in (*(kind.collection for kind in KINDS), *SHADOW_COLLECTIONS.values()):
+        for other_name, other in state.collection(collection).items():
             for ref in references(other):
                 if ref.target == name:
                     found.append((other_name, ref.field))

@@ -150,3 +150,19 @@ def test_shadow_rpcs_are_classified() -> None:
     for method in ("GetShadowStatus", "ListShadows"):
         assert allowed(who, f"/mtlsgate.v1.ShadowService/{method}", Role.VIEWER).allowed
         assert not allowed(who, f"/mtlsgate.v1.ShadowService/{method}", Role.NODE).allowed
+
+
+def test_a_trust_config_a_candidate_policy_uses_cannot_be_deleted(control_plane: ControlPlane, demo_pki: DemoPki,
+                                                                 tmp_path: Path) -> None:
+    """A candidate ServerTlsPolicy's trust config is a reference like any other: deleting it would leave
+    the candidate unjudgeable (and promoting it impossible)."""
+    cp = control_plane
+    cp.cli("apply", "-f", write(tmp_path / "a.yaml", trust_config(demo_pki), trust_config(demo_pki, "other"),
+                                policy()), check=True)
+    cp.cli("apply", "--shadow", "-f", write(tmp_path / "c.yaml", policy(trust="other")), check=True)
+    refused = cp.cli("delete", "trust-configs", "other")
+    assert refused.returncode != 0
+    assert "shadowServerTlsPolicies/strict" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert _get_json(cp, "trust-configs", "other")["name"].endswith("trustConfigs/other")
+    cp.cli("shadow", "discard", "serverTlsPolicies/strict", check=True)
+    assert cp.cli("delete", "trust-configs", "other").returncode == 0
