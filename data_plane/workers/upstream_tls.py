@@ -198,6 +198,7 @@ class TlsClientProtocol(asyncio.Protocol):
         self.raw: asyncio.Transport | None = None
         self.app_transport: _PlaintextTransport | None = None
         self._received = 0
+        self._delivered = False  # any plaintext reached the inner protocol
         self._ssl = SSL.Connection(tls.context, None)
         self._ssl.set_connect_state()
         self._ssl.set_app_data(self)
@@ -235,6 +236,11 @@ class TlsClientProtocol(asyncio.Protocol):
         if not self.handshake.done():
             self.handshake.set_exception(BackendTlsRefused("backend closed the connection during the TLS handshake"))
         if self.app_transport is not None:
+            if exc is not None and not self._delivered and getattr(self.app, "failure", None) == "":
+                # Under TLS 1.3 a backend refuses our client certificate only after our side of the
+                # handshake is done; when it resets the connection its alert can be lost with the reset.
+                self.app.failure = ("TLS with backend failed: connection reset after the handshake, before any "  # type: ignore[attr-defined]
+                                    "response (how a TLS 1.3 backend that refuses our client certificate can look)")
             self.app.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -283,6 +289,7 @@ class TlsClientProtocol(asyncio.Protocol):
                 closed = _describe(exc)
                 break
         if parts:
+            self._delivered = True
             self.app.data_received(b"".join(parts))
         if closed:
             failure = getattr(self.app, "failure", None)
