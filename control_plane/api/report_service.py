@@ -1,5 +1,5 @@
-"""NodeReportService/Report and ClientService/ListClients (SPEC §12) — glue around
-`control_plane.fleet.aggregate`.
+"""NodeReportService/Report, ClientService/ListClients (SPEC §12) and BackendHealthService/ListBackendHealth
+(issue 16) — glue around `control_plane.fleet.aggregate` and `control_plane.fleet.backend_health`.
 
 A report stream is admitted like an ADS stream (SPEC §8: the peer certificate must be the registered
 identity of the node the first report names) and may then only describe that node. Every report is
@@ -23,16 +23,18 @@ from mtlsgate.v1 import reports_pb2
 
 from control_plane.authz.admission import NodeRefused, admit
 from control_plane.fleet.aggregate import MAX_REPORT_BYTES, StoredReport, client_inventory, report_problem
+from control_plane.fleet.backend_health import latest_backend_health
 from control_plane.xds.ads import certificate_identities
 
 log = logging.getLogger("mtlsgate.reports")
 
-SERVICE_NAMES = ("mtlsgate.v1.NodeReportService", "mtlsgate.v1.ClientService")
+SERVICE_NAMES = ("mtlsgate.v1.NodeReportService", "mtlsgate.v1.ClientService", "mtlsgate.v1.BackendHealthService")
 KEEP_SECONDS = 3600.0  # reports kept (SPEC §12 "aged out"); the inventory covers this window
 FLUSH_SECONDS = 1.0
 MAX_PENDING = 50_000  # reports waiting for the store; beyond, the oldest are dropped (and logged)
 RATE_BURST = 5.0  # reports a node may send at once (its periodic one plus notable events) …
 RATE_PER_SECOND = 1.0  # … refilled at this rate
+BACKEND_HEALTH_WINDOW = 60.0  # seconds: a node whose latest report is older is not shown by ListBackendHealth
 
 
 @dataclass
@@ -175,6 +177,21 @@ class ReportService:
         return out
 
 
+    # ---------------------------------------------------------------- backend endpoint health (issue 16)
+
+    async def list_backend_health(self, request: reports_pb2.ListBackendHealthRequest,
+                                  context: grpc.aio.ServicerContext) -> reports_pb2.ListBackendHealthResponse:
+        await self.flush()
+        now = time.time()
+        raw = await asyncio.to_thread(self.store.reports, since=now - BACKEND_HEALTH_WINDOW)
+        stored = [StoredReport(node_id, at, reports_pb2.NodeReport.FromString(data)) for node_id, at, data in raw]
+        out = reports_pb2.ListBackendHealthResponse()
+        for node in latest_backend_health(stored, backend_service=request.backend_service):
+            out.nodes.add(node_id=node.node_id, report_time=_ts(node.received_at),
+                          age_seconds=max(0.0, now - node.received_at), backend_services=node.services)
+        return out
+
+
 def _ts(seconds: float) -> Timestamp:
     out = Timestamp()
     out.FromNanoseconds(int(seconds * 1e9))
@@ -193,6 +210,10 @@ def add_report_services(server: grpc.aio.Server, ctx: Any) -> None:
             "ListClients": grpc.unary_unary_rpc_method_handler(
                 service.list_clients, request_deserializer=reports_pb2.ListClientsRequest.FromString,
                 response_serializer=reports_pb2.ListClientsResponse.SerializeToString)}),
+        grpc.method_handlers_generic_handler("mtlsgate.v1.BackendHealthService", {
+            "ListBackendHealth": grpc.unary_unary_rpc_method_handler(
+                service.list_backend_health, request_deserializer=reports_pb2.ListBackendHealthRequest.FromString,
+                response_serializer=reports_pb2.ListBackendHealthResponse.SerializeToString)}),
     ))
     ctx.reports = service
     ctx.on_shutdown.append(service.close)

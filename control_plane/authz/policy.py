@@ -56,7 +56,7 @@ def access_for(method: str) -> Access:
         if name.startswith(("Create", "Update", "Delete")):
             return Access.WRITE
         return Access.ADMIN
-    if short in ("FleetService", "AuditService", "ClientService", "RevocationService"):
+    if short in ("FleetService", "AuditService", "ClientService", "RevocationService", "BackendHealthService"):
         return Access.READ
     if short == "RolloutService":  # starting and steering a roll-out changes what nodes serve
         return Access.READ if name.startswith(("Get", "List")) else Access.WRITE

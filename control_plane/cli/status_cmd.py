@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_client_arguments(p)
     p.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
     p.add_argument("--cluster", default="", help="only nodes of this cluster")
+    p.add_argument("--backends", nargs="?", const=True, default=None, metavar="BACKEND_SERVICE",
+                   help="instead: each node's BackendService endpoints (health, failures, ejections) from its "
+                   "latest report, optionally of one service; exit 1 while a checked endpoint is unhealthy")
     p.add_argument("-w", "--watch", action="store_true",
                    help="keep printing the status whenever it changes (JSON: one object per line)")
     p.add_argument("--wait-synced", metavar="TIMEOUT", type=_duration,
@@ -151,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
 
                 return status_revocations.run(args, channel)
             fleet = api_pb2_grpc.FleetServiceStub(channel)
+            if args.backends is not None:
+                from control_plane.cli import backend_health_cmd
+
+                return backend_health_cmd.run(channel, args)
             if args.wait_synced:
                 return _wait_synced(fleet, request, args)
             if not args.watch:

@@ -21,6 +21,8 @@ MAX_STRING = 1_024  # any one string field (names, errors, subjects)
 MAX_REVALIDATIONS = 64
 MAX_CLOSED_FINGERPRINTS = 1_000
 FINGERPRINT_LENGTH = 64  # lowercase hex SHA-256
+MAX_SERVICE_ENDPOINTS = 100  # backend endpoint health (issue 16): per BackendService, as write validation
+MAX_ENDPOINT_ENTRIES = 1_000  # … and per report
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ def report_problem(report: reports_pb2.NodeReport, stream_node: str, size: int) 
                     f"over {FINGERPRINT_LENGTH} (SHA-256 hex)")
         if done.closed < 0 or done.checked < 0:
             return "revalidations: a negative count"
+    problem = _backend_health_problem(report)
+    if problem:
+        return problem
     for entry in report.listeners:
         if max(len(entry.handshakes), len(entry.requests)) > MAX_COUNT_ENTRIES:
             return f"listener {entry.listener[:64]!r}: more than {MAX_COUNT_ENTRIES} count entries"
@@ -67,6 +72,20 @@ def report_problem(report: reports_pb2.NodeReport, stream_node: str, size: int) 
                   entry.revalidation_closed, entry.shadow_judged]
         if any(n < 0 for n in counts):
             return f"listener {entry.listener[:64]!r}: a negative count"
+    return ""
+
+
+def _backend_health_problem(report: reports_pb2.NodeReport) -> str:
+    sizes = [len(s.endpoints) for s in report.backend_services]
+    if len(sizes) > MAX_ENDPOINT_ENTRIES or sum(sizes) > MAX_ENDPOINT_ENTRIES or max(sizes, default=0) > MAX_SERVICE_ENDPOINTS:
+        return (f"{sum(sizes)} backend endpoints of {len(sizes)} services in one report (at most "
+                f"{MAX_SERVICE_ENDPOINTS} per service and {MAX_ENDPOINT_ENTRIES} in all)")
+    for service in report.backend_services:
+        strings = [service.backend_service, *(s for e in service.endpoints for s in (e.address, e.last_error))]
+        if any(len(s) > MAX_STRING for s in strings):
+            return f"backend service {service.backend_service[:64]!r}: a string field over {MAX_STRING} characters"
+        if any(e.failures < 0 or e.ejections < 0 for e in service.endpoints):
+            return f"backend service {service.backend_service[:64]!r}: a negative count"
     return ""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from mtlsgate.v1 import reports_pb2_grpc
 
+from data_plane.node.backend_report import backend_health
 from data_plane.node.report import CounterKey, LeafDetails, build_report, delta, leaf_details
 
 log = logging.getLogger("mtlsgate.node.reports")
@@ -79,6 +80,9 @@ class NodeReporter:
                               dict(active.versions) if active is not None else {}, self._detail,
                               shadow=self.pool.shadow.take(),
                               revalidations=revalidations)
+        config, checker = getattr(self.pool, "current_config", None), getattr(self.pool, "health", None)
+        report.backend_services.extend(backend_health(
+            getattr(config, "backend_services", {}), checker.status() if checker is not None else (), counts))
         self._taken_at = now
         return report
 

@@ -198,7 +198,7 @@ class TlsClientProtocol(asyncio.Protocol):
         self.raw: asyncio.Transport | None = None
         self.app_transport: _PlaintextTransport | None = None
         self._received = 0
-        self._delivered = False  # any plaintext reached the inner protocol
+        self._plaintext_seen = False  # any application byte from the backend on this connection
         self._ssl = SSL.Connection(tls.context, None)
         self._ssl.set_connect_state()
         self._ssl.set_app_data(self)
@@ -227,6 +227,7 @@ class TlsClientProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.app_transport is not None:
+            self._explain_early_close()
             self.app.eof_received()
         else:
             self._fail("backend closed the connection during the TLS handshake")
@@ -236,12 +237,17 @@ class TlsClientProtocol(asyncio.Protocol):
         if not self.handshake.done():
             self.handshake.set_exception(BackendTlsRefused("backend closed the connection during the TLS handshake"))
         if self.app_transport is not None:
-            if exc is not None and not self._delivered and getattr(self.app, "failure", None) == "":
-                # Under TLS 1.3 a backend refuses our client certificate only after our side of the
-                # handshake is done; when it resets the connection its alert can be lost with the reset.
-                self.app.failure = ("TLS with backend failed: connection reset after the handshake, before any "  # type: ignore[attr-defined]
-                                    "response (how a TLS 1.3 backend that refuses our client certificate can look)")
+            self._explain_early_close()
             self.app.connection_lost(exc)
+
+    def _explain_early_close(self) -> None:
+        """A TLS 1.3 backend refuses a client certificate (or its absence) after our side finished the
+        handshake; its alert can be lost to the TCP reset that follows. Say what the likely cause is."""
+        if self._plaintext_seen or getattr(self.app, "failure", None) != "":
+            return
+        why = ("it may have refused our client certificate" if self.tls.presents_certificate
+               else "no client certificate is configured for this service: does the backend require one?")
+        self.app.failure = f"TLS with backend failed: closed before any response ({why})"  # type: ignore[attr-defined]
 
     def pause_writing(self) -> None:
         if self.app_transport is not None:
@@ -289,7 +295,7 @@ class TlsClientProtocol(asyncio.Protocol):
                 closed = _describe(exc)
                 break
         if parts:
-            self._delivered = True
+            self._plaintext_seen = True
             self.app.data_received(b"".join(parts))
         if closed:
             failure = getattr(self.app, "failure", None)

@@ -72,6 +72,7 @@ def test_every_method_is_classified_and_unknown_ones_need_admin() -> None:
     assert access_for("/mtlsgate.v1.ListenerService/GetListener") is Access.READ
     assert access_for("/mtlsgate.v1.FleetService/WatchNodes") is Access.READ
     assert access_for("/mtlsgate.v1.CheckService/Check") is Access.CHECK
+    assert access_for("/mtlsgate.v1.BackendHealthService/ListBackendHealth") is Access.READ
     assert access_for("/mtlsgate.v1.SomethingNew/DoIt") is Access.ADMIN
     assert access_for("/other.Service/Get") is Access.ADMIN
 
@@ -83,6 +84,9 @@ def test_node_identities_never_hold_an_api_role() -> None:
     assert role_of(node, None, {node.name}) is Role.NODE
     decision = allowed(node, "/mtlsgate.v1.ListenerService/ListListeners", Role.NODE)
     assert not decision.allowed and "node identity" in decision.reason and "needs role viewer" in decision.reason
+    # what a node's reports say of backends is for operators, not for other nodes
+    decision = allowed(node, "/mtlsgate.v1.BackendHealthService/ListBackendHealth", Role.NODE)
+    assert not decision.allowed and "needs role viewer" in decision.reason
 
 
 def test_default_without_authz_is_admin_for_the_authenticated_only() -> None:
@@ -121,7 +125,7 @@ def _manifest(tmp_path: Path, description: str = "x") -> str:
 
 def test_viewer_reads_but_cannot_write(secure_cp: SecureControlPlane, tmp_path: Path) -> None:
     assert secure_cp.cli("apply", "-f", _manifest(tmp_path), identity=ADMIN).returncode == 0
-    for command in (("get", "trust-configs"), ("status",), ("audit",)):
+    for command in (("get", "trust-configs"), ("status",), ("status", "--backends"), ("audit",)):
         result = secure_cp.cli(*command, identity=ALICE)
         assert result.returncode == 0, (command, result.stderr)
     denied = secure_cp.cli("apply", "-f", _manifest(tmp_path, "changed"), identity=ALICE)
@@ -155,7 +159,10 @@ def test_editor_writes_and_the_audit_log_names_identity_and_role(secure_cp: Secu
 
 def _all_management_methods() -> list[tuple[str, bool]]:
     methods = []
-    for service in api_pb2.DESCRIPTOR.services_by_name.values():
+    from mtlsgate.v1 import reports_pb2
+
+    for service in [*api_pb2.DESCRIPTOR.services_by_name.values(),
+                    reports_pb2.DESCRIPTOR.services_by_name["BackendHealthService"]]:
         for method in service.methods:
             methods.append((f"/{service.full_name}/{method.name}", method.server_streaming))
     return methods

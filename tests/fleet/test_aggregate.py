@@ -115,3 +115,85 @@ def test_a_certificate_refused_on_one_listener_and_let_through_on_another_is_two
         ("listeners/permissive", True), ("listeners/strict", False)]
     [rejected] = client_inventory([StoredReport("a", 10.0, r)], now=20, rejected_only=True)
     assert rejected.listeners == {"listeners/strict"}
+
+
+# ---------------------------------------------------------------- backend endpoint health (issue 16, fields 80-99)
+
+
+def test_report_problem_bounds_backend_endpoint_health() -> None:
+    from control_plane.fleet.aggregate import MAX_ENDPOINT_ENTRIES, MAX_SERVICE_ENDPOINTS
+
+    ok = _report("a")
+    service = ok.backend_services.add(backend_service="backendServices/app")
+    for i in range(MAX_SERVICE_ENDPOINTS):
+        service.endpoints.add(address=f"10.0.0.1:{8000 + i}", checked=True, healthy=i % 2 == 0, failures=3)
+    assert report_problem(ok, "a", ok.ByteSize()) == ""
+    wide = reports_pb2.NodeReport()
+    wide.CopyFrom(ok)
+    wide.backend_services[0].endpoints.add(address="10.0.0.2:1")  # 101 in one service
+    assert report_problem(wide, "a", 10) \
+        == "101 backend endpoints of 1 services in one report (at most 100 per service and 1000 in all)"
+    many = _report("a")
+    for j in range(MAX_ENDPOINT_ENTRIES // MAX_SERVICE_ENDPOINTS + 1):  # 1,100 in all, 100 per service
+        many.backend_services.add().CopyFrom(service)
+        many.backend_services[-1].backend_service = f"backendServices/s{j}"
+    assert "1100 backend endpoints of 11 services" in report_problem(many, "a", 10)
+    empty_services = _report("a")
+    for j in range(MAX_ENDPOINT_ENTRIES + 1):
+        empty_services.backend_services.add(backend_service=f"backendServices/s{j}")
+    assert "of 1001 services" in report_problem(empty_services, "a", 10)
+    negative = _report("a")
+    negative.backend_services.add(backend_service="backendServices/x").endpoints.add(address="h:1", failures=-1)
+    assert "backendServices/x" in report_problem(negative, "a", 10) and "negative" in report_problem(negative, "a", 10)
+    long = _report("a")
+    long.backend_services.add(backend_service="backendServices/x").endpoints.add(address="h:1", last_error="e" * 2000)
+    assert "string field" in report_problem(long, "a", 10)
+
+
+def test_latest_backend_health_is_each_nodes_newest_report() -> None:
+    from control_plane.fleet.backend_health import latest_backend_health
+
+    def report(node: str, at: float, healthy: bool, service: str = "backendServices/app") -> StoredReport:
+        r = reports_pb2.NodeReport(node_id=node)
+        r.backend_services.add(backend_service=service).endpoints.add(address="h:1", checked=True, healthy=healthy)
+        return StoredReport(node, at, r)
+
+    stored = [report("b", 5, True), report("a", 10, False), report("a", 20, True), report("c", 7, True, "backendServices/other"),
+              StoredReport("d", 30, reports_pb2.NodeReport(node_id="d"))]  # d runs no backend service
+    rows = latest_backend_health(stored)
+    assert [(r.node_id, r.received_at, r.services[0].endpoints[0].healthy) for r in rows] == \
+        [("a", 20, True), ("b", 5, True), ("c", 7, True)]
+    assert [r.node_id for r in latest_backend_health(stored, backend_service="backendServices/other")] == ["c"]
+
+
+def test_the_node_reports_every_configured_endpoint_with_its_checks_and_counts_bounded() -> None:
+    from mtlsgate.v1 import backends_pb2
+
+    from data_plane.node.backend_report import EJECTIONS, FAILURES, MAX_ENDPOINT_ENTRIES, backend_health
+
+    app = backends_pb2.BackendService(name="backendServices/app")
+    app.endpoints.add(address="10.0.0.1:80")
+    app.endpoints.add(address="10.0.0.2:80")
+    plain = backends_pb2.BackendService(name="backendServices/plain")
+    plain.endpoints.add(address="10.0.0.3:80")
+    checks = [{"backend_service": "backendServices/app", "endpoint": "10.0.0.2:80", "healthy": False,
+               "last_error": "cannot connect: refused", "last_check": 1000.5},
+              {"backend_service": "backendServices/app", "endpoint": "10.0.0.1:80", "healthy": True,
+               "last_error": "", "last_check": 1000.0}]
+    counts = {(FAILURES, ("backendServices/app", "10.0.0.2:80")): 4, (EJECTIONS, ("backendServices/app", "10.0.0.2:80")): 1}
+    out = backend_health({"backendServices/plain": plain, "backendServices/app": app}, checks, counts)
+    assert [s.backend_service for s in out] == ["backendServices/app", "backendServices/plain"]
+    first, second = out[0].endpoints
+    assert (first.address, first.checked, first.healthy, first.failures) == ("10.0.0.1:80", True, True, 0)
+    assert (second.healthy, second.last_error, second.failures, second.ejections) == \
+        (False, "cannot connect: refused", 4, 1)
+    assert second.last_check.ToNanoseconds() == 1000_500_000_000
+    [unchecked] = out[1].endpoints
+    assert not unchecked.checked and unchecked.healthy and not unchecked.HasField("last_check")
+    # bounded as the control plane bounds it: never more than 1,000 entries, 100 per service
+    big = {f"backendServices/s{j:02d}": backends_pb2.BackendService(
+        endpoints=[backends_pb2.BackendEndpoint(address=f"10.0.{j}.{i}:80") for i in range(150)]) for j in range(12)}
+    report = reports_pb2.NodeReport(node_id="a", backend_services=backend_health(big, [], {}))
+    assert sum(len(s.endpoints) for s in report.backend_services) == MAX_ENDPOINT_ENTRIES
+    assert max(len(s.endpoints) for s in report.backend_services) == 100
+    assert report_problem(report, "a", report.ByteSize()) == ""

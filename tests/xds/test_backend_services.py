@@ -8,9 +8,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
+import json
 import re
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ from mtlsgate.v1 import api_pb2, api_pb2_grpc, backends_pb2, resources_pb2
 
 from control_plane.pki import DemoPki
 from data_plane import echo_backend as echo
-from tests.support import free_port, port_open, wait_until
+from tests.support import MTLSGATE, free_port, port_open, wait_until
 from tests.xds.conftest import Api, ControlPlane, Node
 from tests.xds.raw_ads import RawAds
 
@@ -299,8 +301,23 @@ def _health(node: Node) -> dict[str, bool]:
     return {h["endpoint"]: h["healthy"] for h in node.dump().get("backendHealth", [])}
 
 
+def _status_backends(control_plane: ControlPlane, *extra: str) -> tuple[int, str]:
+    """`mtlsgate status --backends` as a user runs it: (exit code, stdout)."""
+    done = subprocess.run([*MTLSGATE, "status", "--server", control_plane.address, "--backends", *extra],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode in (0, 1), done.stderr
+    return done.returncode, done.stdout
+
+
+def _reported_health(control_plane: ControlPlane, node_id: str) -> dict[str, dict[str, Any]]:
+    out = _status_backends(control_plane, "-o", "json")[1]
+    return {e["address"]: e for n in json.loads(out)["nodes"] if n["node"] == node_id
+            for s in n["backendServices"] if s["name"] == "backendServices/app" for e in s["endpoints"]}
+
+
 def test_active_health_checks_eject_a_stopped_endpoint_within_interval_times_threshold(
-        api: Api, start_node: Callable[..., Node], demo_pki: DemoPki, backends: list[Backend]) -> None:
+        control_plane: ControlPlane, api: Api, start_node: Callable[..., Node], demo_pki: DemoPki,
+        backends: list[Backend]) -> None:
     interval, threshold = 0.3, 2
     service = _service(backends, [1, 1, 1])
     service.outlier_detection.consecutive_errors = 1000  # the active checks, not outlier detection, decide
@@ -311,9 +328,12 @@ def test_active_health_checks_eject_a_stopped_endpoint_within_interval_times_thr
     service.health_check.healthy_threshold = 2
     port = free_port()
     _setup(api, demo_pki, service, port)
-    node = start_node("hc-node", "edge", {})
+    node = start_node("hc-node", "edge", {}, extra=["--report-interval", "0.5"])
     wait_until(lambda: port_open("127.0.0.1", port) and len(_health(node)) == 3 and all(_health(node).values()),
                timeout=30, message="the node checks all three endpoints")
+    reported = wait_until(lambda: len(r := _reported_health(control_plane, "hc-node")) == 3 and r, timeout=15,
+                          message="`status --backends` shows the node's three endpoints")
+    assert all(e["checked"] and e["healthy"] for e in reported.values()), reported
     client = Client(port, demo_pki)
     results: list[int] = []
     stop = threading.Event()
@@ -334,6 +354,13 @@ def test_active_health_checks_eject_a_stopped_endpoint_within_interval_times_thr
         took = time.monotonic() - stopped
         # a check already in flight when it stopped may pass; then `threshold` failing ones follow
         assert took <= interval * (threshold + 1) + 0.2 + 0.5, took
+        # ---- `mtlsgate status --backends` shows it, per node and endpoint, from the node's reports
+        seen = wait_until(lambda: (e := _reported_health(control_plane, "hc-node").get(victim.address))
+                          and not e["healthy"] and e, timeout=10, message="status --backends shows it unhealthy")
+        assert seen["lastError"].startswith("cannot connect"), seen
+        code, table = _status_backends(control_plane)
+        assert code == 1 and re.search(rf"hc-node\s+backendServices/app\s+{re.escape(victim.address)}\s+UNHEALTHY",
+                                       table), table
         at_detection = len(results)
         wait_until(lambda: len(results) > at_detection + 50, timeout=10, message="requests after ejection")
         victim.count = 0
@@ -344,6 +371,8 @@ def test_active_health_checks_eject_a_stopped_endpoint_within_interval_times_thr
         wait_until(lambda: _health(node).get(victim.address) is True, timeout=10, interval=0.01,
                    message="the restarted endpoint is healthy again")
         wait_until(lambda: victim.count > 0, timeout=10, message="it gets requests again")
+        wait_until(lambda: _status_backends(control_plane)[0] == 0, timeout=10,
+                   message="status --backends: every endpoint healthy again (exit 0)")
     finally:
         stop.set()
         thread.join(15)
