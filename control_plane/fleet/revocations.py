@@ -24,7 +24,8 @@ MAX_FINGERPRINTS = 16  # closed connections' fingerprints kept per node row
 MAX_ACKED_VERSIONS = 8  # TrustBundle versions remembered per node (version → revision)
 MAX_TRACKED_NODES = 20_000  # nodes whose ACKed versions are remembered
 MAX_EARLY = 8  # revalidation reports per node that arrived before their ACK (the two streams race)
-EARLY_SECONDS = 30.0  # … kept this long; one for a version the node never ACKs is ignored
+EARLY_SECONDS = 30.0
+MAX_COVERS = 1_024  # TrustBundle versions whose covered revision is remembered (see `cover`)  # … kept this long; one for a version the node never ACKs is ignored
 
 Revoked = frozenset[tuple[bytes, int]]  # (issuer DN, serial) as `revoked_serials` gives them
 
@@ -80,6 +81,7 @@ class RevocationTracker:
         self.latest: deque[Revocation] = deque(maxlen=MAX_REVOCATIONS)  # newest first
         self._acks: OrderedDict[str, OrderedDict[str, int]] = OrderedDict()  # node → version → revision
         self._early: dict[str, list[_Done]] = {}
+        self._covers: OrderedDict[str, int] = OrderedDict()  # TrustBundle version → revision it carries
         self._sequence = 0
 
     # ---------------------------------------------------------------- publication
@@ -117,8 +119,17 @@ class RevocationTracker:
 
     # ---------------------------------------------------------------- ACKs and revalidation reports
 
+    def cover(self, version: str, revision: int) -> None:
+        """TrustBundle `version` carries every revocation up to `revision`: a node held at a roll-out's
+        base revision gets the revocations written since (revocationFastPath) in snapshots numbered with the
+        base revision, so its pushes' revision alone would never count as an ACK of them."""
+        self._covers[version] = max(revision, self._covers.pop(version, 0))
+        while len(self._covers) > MAX_COVERS:
+            self._covers.popitem(last=False)
+
     def on_ack(self, node_id: str, version: str, revision: int, now: float) -> list[Enforced]:
         """`node_id` ACKed TrustBundle `version`, pushed from store `revision`."""
+        revision = max(revision, self._covers.get(version, 0))
         versions = self._acks.pop(node_id, None) or OrderedDict()
         versions[version] = max(revision, versions.pop(version, 0))
         del_count = len(versions) - MAX_ACKED_VERSIONS

@@ -156,6 +156,7 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
         self.base_snapshots: StateSnapshots | None = None
         self.reached: frozenset[str] = frozenset()
         self._base_state: StoreState | None = None
+        self._base_fast_path = False  # the run's base snapshots carry the revocations written since
         self.revocations = RevocationTracker()  # revocation latency (SPEC §12, B6), this replica's nodes
         self._streams: dict[int, _Stream] = {}
         self._stream_ids = itertools.count(1)
@@ -272,12 +273,16 @@ class XdsServer(api_pb2_grpc.FleetServiceServicer):
                 snapshot = self._snapshot_for(stream.node_id, stream.labels)
                 if snapshot is not None:
                     offered += stream.offer(snapshot)
+                    bundles = snapshot.types.get(rt.TRUST_BUNDLE)
+                    if bundles is not None and (self._base_fast_path or not self.serves_base(stream.node_id)):
+                        self.revocations.cover(bundles.version, state.revision)  # B6, held nodes too
         self._fan_out.started(offered)
         self.fleet.touch_all()  # every node's desired versions may have changed
         self._notify_fleet()
 
     def _rebuild_base(self, state: StoreState) -> None:
         run = active_run(state)
+        self._base_fast_path = run is not None and revocation_fast_path(run.policy)
         if run is None:
             self.base_snapshots, self.reached, self._base_state = None, frozenset(), None
             return

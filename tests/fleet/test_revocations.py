@@ -123,3 +123,14 @@ def test_reports_with_oversized_or_negative_revalidations_are_refused() -> None:
     assert "negative" in report_problem(report(closed=-1), "a", 10)
     assert "negative" in report_problem(report(checked=-1), "a", 10)
     assert "this stream reports for node 'a' only" in report_problem(reports_pb2.NodeReport(node_id="b"), "a", 10)
+
+
+def test_a_bundle_version_that_carries_the_revocation_counts_whatever_revision_it_was_pushed_with() -> None:
+    """A node held at a roll-out's base revision gets the revocation merged into base snapshots (numbered
+    with the base's revision): their version is declared to carry it, so that node's ACK counts."""
+    tracker = RevocationTracker()
+    revocation = _published(tracker)
+    tracker.cover("base+revocation", 2)
+    tracker.on_ack("a", "base+revocation", 1, 200.2)
+    tracker.on_ack("b", "base-only", 1, 200.3)
+    assert revocation.nodes["a"].acked_at == 200.2 and not revocation.nodes["b"].acked_at

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from control_plane.pki import DemoPki
@@ -255,6 +256,17 @@ def test_a_revocation_during_a_paused_rollout_reaches_every_node_at_once(
     # At once: the same few seconds on every node (CLI start-up included), against a 600 s wave bake.
     assert max(refused_at.values()) < 15.0, refused_at
     assert max(refused_at.values()) - min(refused_at.values()) < 3.0, refused_at
+    # B6: the held-back nodes' ACKs of the base snapshot (revocation merged in) count as ACKs of it too.
+    from mtlsgate.v1 import reports_pb2, reports_pb2_grpc
+
+    def acked_by_all() -> bool:
+        with grpc.insecure_channel(server) as channel:
+            reply = reports_pb2_grpc.RevocationServiceStub(channel).ListRevocations(
+                reports_pb2.ListRevocationsRequest(), timeout=10)
+        record = next((r for r in reply.revocations if format(serial, "x") in r.serials), None)
+        return record is not None and sorted(n.node_id for n in record.nodes if n.HasField("ack_time")) == sorted(fleet)
+
+    wait_until(acked_by_all, timeout=10, message="every node's ACK of the revocation in status --revocations")
     # The held-back nodes still serve the base revision's policy (with the revocation merged in); the
     # run is still paused and the valid client still passes everywhere.
     run = rollout_status(server)
