@@ -36,6 +36,10 @@ class DemoLayout:
     # Where `mtlsgate pki publish` serves the demo CA's CRL; the TrustConfig fetches it from there
     # (crlSources). None: no publisher (compose), the CRL is only written into the TrustConfig.
     crl_publisher: str | None = None
+    # A second echo backend: with it the permissive listener routes (SPEC §15) over BackendService `echo`
+    # (both backends, health-checked) and sends /b/ on host localhost to this one alone.
+    backend_b: str = ""
+    backend_b_target: str = ""
 
     @property
     def crl_url(self) -> str | None:
@@ -99,7 +103,25 @@ def demo_manifest(pki_dir: Path, layout: DemoLayout, crl_file: str = "crl.pem") 
         }
         for name, port in (("strict", layout.strict_port), ("permissive", layout.permissive_port))
     ]
-    return [trust_config, *policies, certificate, *listeners]
+    services = []
+    if layout.backend_b_target:
+        services.append({
+            "kind": "BackendService",
+            "name": "echo",
+            "description": "both echo backends, weighted round robin, health-checked from every node",
+            "endpoints": [{"address": layout.backend_target}, {"address": layout.backend_b_target}],
+            "loadBalancing": "ROUND_ROBIN",
+            "healthCheck": {"path": "/healthz", "interval": "2s", "timeout": "1s"},
+        })
+        permissive = listeners[1]
+        del permissive["backend"]
+        permissive["description"] = "permissive mTLS; routes: /admin/ needs a verified certificate, /b/ on localhost"
+        permissive["routes"] = [
+            {"pathPrefix": "/admin/", "backendService": "backendServices/echo", "clientCertificate": "REQUIRED"},
+            {"hosts": ["localhost"], "pathPrefix": "/b/", "backend": layout.backend_b_target},
+        ]
+        permissive["defaultBackendService"] = "backendServices/echo"
+    return [trust_config, *policies, certificate, *services, *listeners]
 
 
 # Short, so that `mtlsgate pki revoke` shows on every node within seconds; each re-fetch is a conditional GET.
@@ -179,7 +201,7 @@ mtlsgate demo is running. Ctrl-C stops everything.
 
   control plane        {layout.control_plane} (store {d}/mtlsgate.db){metrics}
 {nodes}
-  echo backend         http://{layout.backend}/
+  echo backend         http://{layout.backend}/{_backend_b_line(layout)}
   logs                 {d}/logs/
   listeners            strict = REJECT_INVALID on port {layout.strict_port}, \
 permissive = ALLOW_INVALID_OR_MISSING_CLIENT_CERT on port {layout.permissive_port}
@@ -194,7 +216,7 @@ Try it:
   # no certificate: refused by strict, forwarded with X-Client-Cert-Present: false by permissive
   curl {ca} {strict[0]}
   curl {ca} {permissive[-1]}
-
+{_route_instructions(layout, d, cli, ca, valid, revoked, server)}
 Rotate the CRL (the new one revokes client-valid too); both nodes enforce it without a restart
 (--wait returns once both have acked it):
   {cli} apply --wait -f {d}/trust-config-rotated.yaml {server}
@@ -204,6 +226,30 @@ Put the original CRL back:
   {cli} apply --wait -f {d}/mtlsgate.yaml {server}
 {_revoke_instructions(layout, d, cli, valid, strict, server)}See what a node runs:  curl http://{layout.nodes[0].admin}/config_dump
 Dry-run a certificate: {cli} check --cert {d}/revoked.pem --policy serverTlsPolicies/strict {server}
+"""
+
+
+def _backend_b_line(layout: DemoLayout) -> str:
+    if not layout.backend_b:
+        return ""
+    return (f"\n  second echo backend  http://{layout.backend_b}/ (the permissive listener balances over both: "
+            "BackendService echo)")
+
+
+def _route_instructions(layout: DemoLayout, d: str, cli: str, ca: str, valid: str, revoked: str,
+                        server: str) -> str:
+    if not layout.backend_b:
+        return ""
+    host = _url_host(layout.nodes[0].listen_address)
+    port = layout.permissive_port
+    admin = f"https://{host}:{port}/admin/"
+    return f"""
+Routes on the permissive listener (SPEC §15): /admin/ needs a verified certificate, /b/ on host localhost goes
+to the second backend, the rest is balanced over both ("backend": "a" or "b" in the answer):
+  curl {valid} {admin}    # 200
+  curl {revoked} {admin}  # 403: this route requires a verified client certificate
+  curl {ca} --connect-to localhost:{port}:{host}:{port} https://localhost:{port}/b/   # "backend": "b"
+  {cli} status --backends {server}   # each node's health checks of both endpoints
 """
 
 

@@ -20,14 +20,18 @@ log = logging.getLogger("mtlsgate.echo_backend")
 MAX_BODY_BYTES = 1 << 20
 
 
-def echo_document(method: str, target: str, headers: Iterable[tuple[str, str]], body_bytes: int) -> dict:
+def echo_document(method: str, target: str, headers: Iterable[tuple[str, str]], body_bytes: int,
+                  backend: str = "") -> dict:
     """What the backend answers: the request line and its headers. Header names are lowercased; a header
     sent more than once keeps every value, joined with ", " as HTTP allows."""
     merged: dict[str, str] = {}
     for name, value in headers:
         key = name.lower()
         merged[key] = f"{merged[key]}, {value}" if key in merged else value
-    return {"method": method, "path": target, "headers": merged, "body_bytes": body_bytes}
+    document = {"method": method, "path": target, "headers": merged, "body_bytes": body_bytes}
+    if backend:  # `echo-backend --name`: which of several backends answered
+        document["backend"] = backend
+    return document
 
 
 class EchoHandler(BaseHTTPRequestHandler):
@@ -57,7 +61,8 @@ class EchoHandler(BaseHTTPRequestHandler):
             if not chunk:
                 return
             remaining -= len(chunk)
-        document = echo_document(self.command, self.path, self.headers.items(), length)
+        document = echo_document(self.command, self.path, self.headers.items(), length,
+                                 getattr(self.server, "backend_name", ""))
         body = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
         self._send(HTTPStatus.OK, body, "application/json")
 
@@ -106,6 +111,8 @@ class EchoServerV6(EchoServer):
     address_family = socket.AF_INET6
 
 
-def make_server(host: str, port: int) -> EchoServer:
+def make_server(host: str, port: int, name: str = "") -> EchoServer:
     server_class = EchoServerV6 if ":" in host else EchoServer
-    return server_class((host, port), EchoHandler)
+    server = server_class((host, port), EchoHandler)
+    server.backend_name = name  # type: ignore[attr-defined]
+    return server

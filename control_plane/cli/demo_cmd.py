@@ -250,6 +250,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="echo backend address (default %(default)s)",
     )
     parser.add_argument(
+        "--backend-b",
+        default="127.0.0.1:9001",
+        metavar="HOST:PORT",
+        help="second echo backend address: with the first, BackendService `echo` behind the permissive "
+        "listener's routes (default %(default)s; '' = none, both listeners forward to --backend)",
+    )
+    parser.add_argument(
         "--strict-port", type=int, default=8443, help="REJECT_INVALID listener port (default %(default)s)"
     )
     parser.add_argument(
@@ -346,6 +353,7 @@ def layout_from_args(args: argparse.Namespace) -> DemoLayout:
         args.control_plane_metrics,
         # compose (--prepare-only) runs no publisher: its TrustConfig keeps the written CRL only
         crl_publisher=None if args.prepare_only else args.crl_publisher,
+        backend_b=args.backend_b, backend_b_target=args.backend_b,
     )
 
 
@@ -394,15 +402,22 @@ def run(args: argparse.Namespace) -> int:
              *credentials.control_plane_args(),
              *(["--metrics", layout.control_plane_metrics] if layout.control_plane_metrics else [])],
         )
-        stack.start("echo-backend", ["echo-backend", "--listen", layout.backend])
+        stack.start("echo-backend", ["echo-backend", "--listen", layout.backend,
+                                     *(["--name", "a"] if layout.backend_b else [])])
+        if layout.backend_b:
+            stack.start("echo-backend-b", ["echo-backend", "--listen", layout.backend_b, "--name", "b"])
         probe_tls = {"ca_cert": str(directory / "ca.pem"), "cert": str(directory / "admin.pem"),
                      "key": str(directory / "admin-key.pem")}
         stack.wait_for("the control plane", lambda: grpc_serving(layout.control_plane, **probe_tls), args.timeout)
         stack.wait_for("the echo backend", lambda: http_ok(f"http://{layout.backend}/healthz"), args.timeout)
+        if layout.backend_b:
+            stack.wait_for("the second echo backend", lambda: http_ok(f"http://{layout.backend_b}/healthz"),
+                           args.timeout)
         stack.wait_for("the CRL publisher", lambda: http_ok(str(layout.crl_url)), args.timeout)
 
         print(
-            "demo: applying mtlsgate.yaml (trust config with CRL, 2 policies, certificate, 2 listeners) …",
+            "demo: applying mtlsgate.yaml (trust config with CRL, 2 policies, certificate, "
+            f"{'backend service, ' if layout.backend_b else ''}2 listeners) …",
             flush=True,
         )
         apply = subprocess.run(

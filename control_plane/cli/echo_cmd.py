@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--listen", default="127.0.0.1:9000", help="HOST:PORT to listen on (default %(default)s)"
     )
+    parser.add_argument("--name", default="", help="put \"backend\": NAME in every answer (to tell several "
+                        "backends apart)")
     parser.set_defaults(func=run)
 
 
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        server = make_server(host, port)
+        server = make_server(host, port, args.name)
     except OSError as exc:
         raise UsageError(f"--listen {args.listen}: {exc.strerror or exc}") from exc
 

@@ -36,7 +36,7 @@ from tests.e2e.scenario import (
 from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-LONG_RUNNING = ("control-plane", "backend", "proxy-a", "proxy-b")
+LONG_RUNNING = ("control-plane", "backend", "backend-b", "proxy-a", "proxy-b")
 PORT_VARIABLES = (
     "MTLSGATE_CONTROL_PLANE_PORT",
     "MTLSGATE_CONTROL_PLANE_METRICS_PORT",

@@ -371,6 +371,7 @@ def test_demo_prepare_only_writes_apply_ready_manifests(tmp_path: Path) -> None:
         ("ServerTlsPolicy", "strict"),
         ("ServerTlsPolicy", "permissive"),
         ("Certificate", "edge"),
+        ("BackendService", "echo"),  # --backend-b's default 127.0.0.1:9001 with --backend
         ("Listener", "strict"),
         ("Listener", "permissive"),
         ("Node", "demo-a"),
@@ -394,7 +395,11 @@ def test_demo_prepare_only_writes_apply_ready_manifests(tmp_path: Path) -> None:
         if d["kind"] == "ServerTlsPolicy"
     }
     assert modes == {"strict": "REJECT_INVALID", "permissive": "ALLOW_INVALID_OR_MISSING_CLIENT_CERT"}
-    assert {d["backend"] for d in documents if d["kind"] == "Listener"} == {"backend:9000"}
+    listeners = {d["name"]: d for d in documents if d["kind"] == "Listener"}
+    assert listeners["strict"]["backend"] == "backend:9000"
+    assert listeners["permissive"]["defaultBackendService"] == "backendServices/echo"
+    [service] = [d for d in documents if d["kind"] == "BackendService"]
+    assert [e["address"] for e in service["endpoints"]] == ["backend:9000", "127.0.0.1:9001"]
 
     from cryptography import x509
 

@@ -60,3 +60,25 @@ def test_instructions_without_a_context_carry_the_admin_credentials(tmp_path: Pa
     text = instructions(LAYOUT, tmp_path, "mtlsgate", connect)
     status_line = next(line for line in text.splitlines() if " status " in f"{line} ")
     assert status_line.split() == ["mtlsgate", "status", "--server", "127.0.0.1:18000", *connect]
+
+
+def test_with_a_second_backend_the_permissive_listener_routes_over_a_health_checked_service(
+        demo_pki: DemoPki) -> None:
+    import dataclasses
+
+    layout = dataclasses.replace(LAYOUT, backend_b="127.0.0.1:9001", backend_b_target="127.0.0.1:9001")
+    documents = demo_manifest(demo_pki.directory, layout)
+    kinds = [d["kind"] for d in documents]
+    assert kinds.index("BackendService") < kinds.index("Listener")  # dependencies first
+    [service] = [d for d in documents if d["kind"] == "BackendService"]
+    assert [e["address"] for e in service["endpoints"]] == ["127.0.0.1:9000", "127.0.0.1:9001"]
+    assert service["healthCheck"]["path"] == "/healthz"
+    listeners = {d["name"]: d for d in documents if d["kind"] == "Listener"}
+    assert listeners["strict"]["backend"] == "127.0.0.1:9000"  # unchanged
+    permissive = listeners["permissive"]
+    assert "backend" not in permissive and permissive["defaultBackendService"] == "backendServices/echo"
+    assert permissive["routes"][0] == {"pathPrefix": "/admin/", "backendService": "backendServices/echo",
+                                       "clientCertificate": "REQUIRED"}
+    assert permissive["routes"][1]["hosts"] == ["localhost"]
+    text = instructions(layout, demo_pki.directory, "mtlsgate")
+    assert "https://127.0.0.2:8444/admin/" in text and "status --backends" in text

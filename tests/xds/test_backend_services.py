@@ -359,6 +359,7 @@ def test_active_health_checks_eject_a_stopped_endpoint_within_interval_times_thr
                           and not e["healthy"] and e, timeout=10, message="status --backends shows it unhealthy")
         assert seen["lastError"].startswith("cannot connect"), seen
         code, table = _status_backends(control_plane)
+        print(table)
         assert code == 1 and re.search(rf"hc-node\s+backendServices/app\s+{re.escape(victim.address)}\s+UNHEALTHY",
                                        table), table
         at_detection = len(results)
