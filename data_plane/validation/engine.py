@@ -186,6 +186,36 @@ def _name_constraint_count(cert: x509.Certificate) -> int:
     return len(nc.permitted_subtrees or ()) + len(nc.excluded_subtrees or ())
 
 
+def _tlv(der: bytes, at: int) -> tuple[int, int, int]:
+    """(tag, start of contents, end) of the DER element at `at` (definite lengths only, as DER is)."""
+    tag, first = der[at], der[at + 1]
+    at += 2
+    if first < 0x80:
+        return tag, at, at + first
+    size = first & 0x7F
+    if not 1 <= size <= 4:
+        raise ValueError("unsupported DER length")
+    length = int.from_bytes(der[at:at + size], "big")
+    return tag, at + size, at + size + length
+
+
+def _signature_unused_bits(der: bytes) -> int:
+    """The unused-bits count of a certificate's signatureValue BIT STRING (RFC 5280 §4.1.1.3). Every
+    signature algorithm we accept gives an octet-aligned value, so anything but 0 is a mangled certificate:
+    OpenSSL verifies the bytes regardless, which would let one certificate be re-encoded into others
+    with other fingerprints (inventory and shadow reports count by fingerprint)."""
+    try:
+        _, at, _ = _tlv(der, 0)  # Certificate SEQUENCE
+        for _ in range(2):  # tbsCertificate, signatureAlgorithm
+            _, _, at = _tlv(der, at)
+        tag, start, end = _tlv(der, at)
+    except (IndexError, ValueError):
+        return -1
+    if tag != 0x03 or start >= end:
+        return -1
+    return der[start]
+
+
 def _parse_chain(chain: Sequence[bytes]) -> list[x509.Certificate]:
     certs = []
     for i, der in enumerate(chain):
@@ -200,6 +230,9 @@ def _parse_chain(chain: Sequence[bytes]) -> list[x509.Certificate]:
             cert.extensions  # noqa: B018
         except MALFORMED as exc:
             raise _Failure(VALIDATION_FAILED, "malformed_certificate", f"{role}: {exc}") from None
+        if _signature_unused_bits(der) != 0:
+            raise _Failure(VALIDATION_FAILED, "malformed_certificate",
+                           f"{role}: signatureValue is not octet-aligned (unused bits not 0)")
         certs.append(cert)
     return certs
 

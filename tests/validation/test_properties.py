@@ -102,3 +102,21 @@ def test_any_one_byte_change_to_a_valid_leaf_is_never_verified(position: int, xo
         warnings.simplefilter("ignore")  # a mutated serial may be non-positive: cryptography warns
         verdict = validate([bytes(mutated), INTER.der], BUNDLE, POLICY, NOW)
     assert not verdict.chain_verified, (position, xor)
+
+
+def test_a_signature_with_unused_bits_is_refused_although_openssl_would_verify_it() -> None:
+    """Found by the property above (position 414, xor 1): the signatureValue BIT STRING's unused-bits byte
+    set to 1 or 2 left a leaf that OpenSSL still verified, a second encoding (another fingerprint) of the
+    same certificate. Every signature we accept is octet-aligned: anything else is malformed."""
+    signature = x509.load_der_x509_certificate(REAL.der).signature
+    at = len(REAL.der) - len(signature) - 1  # the unused-bits byte comes right before the signature bytes
+    assert REAL.der[at] == 0
+    for unused in (1, 2, 7):
+        mutated = bytearray(REAL.der)
+        mutated[at] = unused
+        # twice: a worker sees the same certificate again, after any warning about it was already shown
+        for attempt in (1, 2):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                verdict = validate([bytes(mutated), INTER.der], BUNDLE, POLICY, NOW)
+            assert not verdict.chain_verified and verdict.reason == "malformed_certificate", (unused, attempt)
