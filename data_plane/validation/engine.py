@@ -199,21 +199,32 @@ def _tlv(der: bytes, at: int) -> tuple[int, int, int]:
     return tag, at + size, at + size + length
 
 
-def _signature_unused_bits(der: bytes) -> int:
-    """The unused-bits count of a certificate's signatureValue BIT STRING (RFC 5280 §4.1.1.3). Every
-    signature algorithm we accept gives an octet-aligned value, so anything but 0 is a mangled certificate:
-    OpenSSL verifies the bytes regardless, which would let one certificate be re-encoded into others
-    with other fingerprints (inventory and shadow reports count by fingerprint)."""
+def _signature_problem(der: bytes) -> str:
+    """What is wrong with how a certificate carries its signature ("" when nothing). RFC 5280 §4.1.1.2:
+    the outer signatureAlgorithm must equal tbsCertificate.signature. §4.1.1.3: every signature algorithm
+    we accept gives an octet-aligned value, so unused bits other than 0 mean a mangled certificate:
+    OpenSSL verifies the bytes regardless, which would let one certificate be re-encoded into others with
+    other fingerprints (the inventory and shadow reports count by fingerprint)."""
     try:
         _, at, _ = _tlv(der, 0)  # Certificate SEQUENCE
-        for _ in range(2):  # tbsCertificate, signatureAlgorithm
-            _, _, at = _tlv(der, at)
+        _, tbs, tbs_end = _tlv(der, at)
+        _, _, at = _tlv(der, at)  # past tbsCertificate
+        outer_start = at
+        _, _, at = _tlv(der, at)  # past signatureAlgorithm
+        outer = der[outer_start:at]
         tag, start, end = _tlv(der, at)
+        inner = tbs
+        if der[inner] == 0xA0:  # [0] version
+            inner = _tlv(der, inner)[2]
+        inner = _tlv(der, inner)[2]  # past serialNumber
+        inner_end = _tlv(der, inner)[2]
     except (IndexError, ValueError):
-        return -1
-    if tag != 0x03 or start >= end:
-        return -1
-    return der[start]
+        return "cannot be read as DER"
+    if inner_end > tbs_end or der[inner:inner_end] != outer:
+        return "signatureAlgorithm differs from tbsCertificate.signature"
+    if tag != 0x03 or start >= end or der[start] != 0:
+        return "signatureValue is not octet-aligned (unused bits not 0)"
+    return ""
 
 
 def _parse_chain(chain: Sequence[bytes]) -> list[x509.Certificate]:
@@ -230,9 +241,9 @@ def _parse_chain(chain: Sequence[bytes]) -> list[x509.Certificate]:
             cert.extensions  # noqa: B018
         except MALFORMED as exc:
             raise _Failure(VALIDATION_FAILED, "malformed_certificate", f"{role}: {exc}") from None
-        if _signature_unused_bits(der) != 0:
-            raise _Failure(VALIDATION_FAILED, "malformed_certificate",
-                           f"{role}: signatureValue is not octet-aligned (unused bits not 0)")
+        problem = _signature_problem(der)
+        if problem:
+            raise _Failure(VALIDATION_FAILED, "malformed_certificate", f"{role}: {problem}")
         certs.append(cert)
     return certs
 

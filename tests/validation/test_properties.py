@@ -120,3 +120,17 @@ def test_a_signature_with_unused_bits_is_refused_although_openssl_would_verify_i
                 warnings.simplefilter("ignore")
                 verdict = validate([bytes(mutated), INTER.der], BUNDLE, POLICY, NOW)
             assert not verdict.chain_verified and verdict.reason == "malformed_certificate", (unused, attempt)
+
+
+def test_an_outer_signature_algorithm_other_than_the_signed_one_is_refused() -> None:
+    """RFC 5280 §4.1.1.2: signatureAlgorithm must equal tbsCertificate.signature. The last byte of the
+    outer ecdsa-with-SHA256 OID (…4.3.2) turned into …4.3.3 (SHA-384) is refused as malformed."""
+    oid = bytes.fromhex("06082a8648ce3d040302")  # ecdsa-with-SHA256
+    outer = REAL.der.rindex(oid)
+    assert REAL.der.index(oid) < outer  # the tbsCertificate's copy comes first
+    mutated = bytearray(REAL.der)
+    mutated[outer + len(oid) - 1] = 0x03
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        verdict = validate([bytes(mutated), INTER.der], BUNDLE, POLICY, NOW)
+    assert not verdict.chain_verified and verdict.reason == "malformed_certificate", verdict.reason
