@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from data_plane.http.response import CONNECTION_OPTIONS as _CONNECTION_OPTIONS
 from data_plane.http.response import HOP_BY_HOP, connection_tokens
 
 # RFC 9110 §9.2.2
@@ -75,14 +76,13 @@ def read_head(method: bytes, target: bytes, http_version: str, headers: Headers,
     if method == b"CONNECT":
         return Refusal(405, "CONNECT is not supported")
     hosts: list[bytes] = []
-    content_lengths: list[bytes] = []
-    codings: list[bytes] = []
+    content_lengths: list[bytes] | None = None  # the rare lists are made when first needed
+    codings: list[bytes] | None = None
     listed: set[bytes] | None = None
     expect_continue = False
     forwarded_for = b""
-    incoming_xfcc: list[bytes] = []
+    incoming_xfcc: list[bytes] | None = None
     lines: list[bytes] = []
-    names: list[bytes] = []  # lowercase, parallel to `lines`, for the Connection filter
     special = _SPECIAL.get
     forbidden = _FORBIDDEN_IN_VALUE
     for name, value in headers:
@@ -101,29 +101,28 @@ def read_head(method: bytes, target: bytes, http_version: str, headers: Headers,
             elif lname in spoofable:
                 continue
             lines.append(name + b": " + value + b"\r\n")
-            names.append(lname)
         elif kind == _HOST:
             hosts.append(value.strip())
         elif kind == _LENGTH:
-            content_lengths.append(value.strip())
+            content_lengths = [*(content_lengths or ()), value.strip()]
         elif kind == _CODING:
-            codings += [c.strip().lower() for c in value.split(b",")]
+            codings = [*(codings or ()), *(c.strip().lower() for c in value.split(b","))]
         elif kind == _CONNECTION:
-            listed = connection_tokens(value, listed)
+            if value.lower() not in _CONNECTION_OPTIONS:  # `keep-alive` names no other header
+                listed = connection_tokens(value, listed)
         elif kind == _XFF:
             forwarded_for = forwarded_for + b", " + value if forwarded_for else value
         elif kind == _XFCC:
-            incoming_xfcc.append(value)
+            incoming_xfcc = [*(incoming_xfcc or ()), value]
         elif kind == _EXPECT:
             expect_continue = value.strip().lower() == b"100-continue"
             lines.append(name + b": " + value + b"\r\n")
-            names.append(lname)
         # else: hop-by-hop or one we set: dropped
 
     chunked = False
     content_length = None
     if codings or content_lengths:
-        framing = _framing(codings, content_lengths, http_version)
+        framing = _framing(codings or [], content_lengths or [], http_version)
         if isinstance(framing, Refusal):
             return framing
         chunked, content_length = framing
@@ -139,7 +138,8 @@ def read_head(method: bytes, target: bytes, http_version: str, headers: Headers,
         except _Refused as refused:
             return refused.refusal
     if listed is not None:
-        lines = [line for lname, line in zip(names, lines, strict=True) if lname not in listed]
+        # rare: Connection named other headers, which are hop-by-hop too (a line's name is up to its colon)
+        lines = [line for line in lines if line[:line.index(b":")].lower() not in listed]
     return RequestHead(method, target, http_version, host, lines, chunked, content_length, keep_alive,
                        expect_continue, forwarded_for, incoming_xfcc)
 

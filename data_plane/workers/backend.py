@@ -142,6 +142,10 @@ class Exchange:
     callbacks). `on_done` is called once with (status, backend reusable, client keep-alive), or with
     BackendFailed when the backend closed or sent garbage before a response began, or TimeoutError."""
 
+    __slots__ = ("backend", "chunked_out", "client", "client_keep_alive", "deadline", "finished", "got_bytes",
+                 "headers", "idle_timeout", "interim", "on_done", "out", "parser", "reason", "request", "started",
+                 "status")
+
     def __init__(self, client: ClientConnection, request: _Request, backend: BackendConnection,
                  on_done: Callable[[ExchangeResult], None]) -> None:
         self.client = client

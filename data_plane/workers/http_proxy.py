@@ -60,7 +60,7 @@ class ProtocolViolation(Exception):
 # ---------------------------------------------------------------- client side
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     head: request_rules.RequestHead
     body: asyncio.Queue[bytes | None] | None = None  # only for requests that have a body

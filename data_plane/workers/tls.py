@@ -315,17 +315,19 @@ class TlsConnection:
         return b"".join(parts)
 
     def write(self, data: bytes) -> None:
-        ssl_ptr = self._ssl._ssl
-        view = memoryview(data)
-        while view:
-            n = _lib.SSL_write(ssl_ptr, _ffi.from_buffer(view), len(view))
-            if n <= 0:
-                try:
-                    self._ssl.sendall(bytes(view))
-                except SSL.Error as exc:
-                    raise TlsFailed(_describe(exc)) from None
-                return
-            view = view[n:]
+        """Encrypt `data` into records. A memory BIO takes everything, so one SSL_write of the bytes object
+        itself is the common case (no view, no copy); pyOpenSSL turns on partial writes, so a short
+        write finishes through its `sendall`, which raises the right error."""
+        if not data:
+            return
+        n = _lib.SSL_write(self._ssl._ssl, data, len(data))
+        if n == len(data):
+            return
+        rest = data[n:] if n > 0 else data
+        try:
+            self._ssl.sendall(rest)
+        except SSL.Error as exc:
+            raise TlsFailed(_describe(exc)) from None
 
     def outgoing(self) -> bytes:
         """Bytes to send to the socket (records, alerts)."""
