@@ -37,6 +37,7 @@ from data_plane.workers.observability import REPORT_HANDSHAKES, WorkerCounters, 
 from data_plane.workers.tls import TlsConnection, TlsFailed
 
 _XFCC_SANITIZE = int(XFCC.SANITIZE)
+_STATUS_TEXT = {status: str(status) for status in range(100, 600)}  # counter labels, made once
 
 def _label(request: _Request) -> str:
     """The backend as messages name it: HOST:PORT, or `backendServices/ID endpoint HOST:PORT`."""
@@ -167,7 +168,8 @@ class ClientConnection(asyncio.Protocol):
                     return
                 self._handshake_completed()
             plaintext = tls.read()
-            self._flush()
+            if tls.has_outgoing():  # rarely (a key update, an alert): records of our own to send
+                self._flush()
             if plaintext:
                 self._feed(plaintext)
             if tls.closed_by_peer:
@@ -327,7 +329,8 @@ class ClientConnection(asyncio.Protocol):
         if not self.in_flight:
             self.worker.admission.busy(self)
         if self.phase == _IDLE or self.phase == _WAITING:
-            self._set_phase(_HEAD, self.bounds.head_timeout)
+            self.phase = _HEAD
+            self.deadline = time.monotonic() + self.bounds.head_timeout
 
     def on_url(self, url: bytes) -> None:
         self._cur_url += url
@@ -507,7 +510,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             conn.exchange = None
             conn.close()
-        self.worker.counters.inc("mtlsgate_requests_total", listener.name, str(status))
+        self.worker.counters.inc("mtlsgate_requests_total", listener.name, _STATUS_TEXT.get(status) or str(status))
 
     def _settle_endpoint(self, request: _Request, ok: bool | None) -> None:
         """The request's outcome at its BackendService endpoint (None: the client went away first): frees

@@ -329,6 +329,10 @@ class TlsConnection:
         except SSL.Error as exc:
             raise TlsFailed(_describe(exc)) from None
 
+    def has_outgoing(self) -> bool:
+        """Whether `outgoing()` has bytes to give."""
+        return _lib.BIO_get_mem_data(self._ssl._from_ssl, _NO_POINTER) > 0
+
     def outgoing(self) -> bytes:
         """Bytes to send to the socket (records, alerts)."""
         from_ssl = self._ssl._from_ssl
