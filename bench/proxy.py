@@ -136,33 +136,38 @@ def nginx_proxy_body(pki: dict[str, Path], port: int, backend_port: int) -> str:
   }}"""
 
 
+def node_config(pki: dict[str, Path], port: int, backend_port: int) -> object:
+    """The NodeConfig both bench nodes serve: one listener, REJECT_INVALID against root + intermediate + CRL,
+    the default header set (also used by bench/hot_path.py)."""
+    from mtlsgate.v1 import resources_pb2, xds_pb2
+
+    from data_plane.node.config import NodeConfig
+    from data_plane.validation.bundle import trust_bundle_from_trust_config
+
+    tc = resources_pb2.TrustConfig(name="trustConfigs/bench")
+    store = tc.trust_stores.add()
+    store.trust_anchors.add(pem_certificate=pki["ca"].read_text())
+    store.intermediate_cas.add(pem_certificate=pki["intermediate"].read_text())
+    store.crls.add(pem_crl=pki["crl"].read_text())
+    policy = resources_pb2.ServerTlsPolicy(name="serverTlsPolicies/bench")
+    policy.mtls_policy.client_validation_mode = resources_pb2.MTLSPolicy.REJECT_INVALID
+    policy.mtls_policy.client_validation_trust_config = tc.name
+    listener = resources_pb2.Listener(name="listeners/bench", port=port, backend=f"127.0.0.1:{backend_port}",
+                                      certificate="certificates/bench", server_tls_policy=policy.name)
+    listener.resolved_server_tls_policy.CopyFrom(policy)
+    cert = xds_pb2.ServerCertificate(name="certificates/bench", pem_certificate_chain=pki["server_cert"].read_text(),
+                                     pem_private_key=pki["server_key"].read_text())
+    return NodeConfig(versions={"bench": "1"}, listeners={listener.name: listener},
+                      bundles={tc.name: trust_bundle_from_trust_config(tc)}, certificates={cert.name: cert})
+
+
 class MtlsgateNode:
     """A WorkerPool with 2 workers (the node's data plane) on its own event loop thread."""
 
     def __init__(self, pki: dict[str, Path], port: int, backend_port: int, bounds: str | None = None) -> None:
-        from mtlsgate.v1 import resources_pb2, xds_pb2
-
-        from data_plane.node.config import NodeConfig
-        from data_plane.validation.bundle import trust_bundle_from_trust_config
         from data_plane.workers.pool import WorkerPool
 
-        tc = resources_pb2.TrustConfig(name="trustConfigs/bench")
-        store = tc.trust_stores.add()
-        store.trust_anchors.add(pem_certificate=pki["ca"].read_text())
-        store.intermediate_cas.add(pem_certificate=pki["intermediate"].read_text())
-        store.crls.add(pem_crl=pki["crl"].read_text())
-        policy = resources_pb2.ServerTlsPolicy(name="serverTlsPolicies/bench")
-        policy.mtls_policy.client_validation_mode = resources_pb2.MTLSPolicy.REJECT_INVALID
-        policy.mtls_policy.client_validation_trust_config = tc.name
-        listener = resources_pb2.Listener(name="listeners/bench", port=port, backend=f"127.0.0.1:{backend_port}",
-                                          certificate="certificates/bench", server_tls_policy=policy.name)
-        listener.resolved_server_tls_policy.CopyFrom(policy)
-        cert = xds_pb2.ServerCertificate(name="certificates/bench",
-                                         pem_certificate_chain=pki["server_cert"].read_text(),
-                                         pem_private_key=pki["server_key"].read_text())
-        self.config = NodeConfig(versions={"bench": "1"}, listeners={listener.name: listener},
-                                 bundles={tc.name: trust_bundle_from_trust_config(tc)},
-                                 certificates={cert.name: cert})
+        self.config = node_config(pki, port, backend_port)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
