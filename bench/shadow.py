@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import sys
@@ -25,7 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from proxy import cpu_seconds, ensure_tools, free_port, load, make_pki, start_nginx, wait_port  # noqa: E402
+from proxy import (  # noqa: E402
+    cpu_seconds,
+    ensure_tools,
+    free_port,
+    load,
+    make_pki,
+    node_config,
+    start_nginx,
+    wait_port,
+)
 
 from control_plane.pki import issue  # noqa: E402
 
@@ -36,44 +46,30 @@ class ShadowNode:
     """bench/proxy.py's node (same TrustConfig, policy and certificate), with or without a candidate."""
 
     def __init__(self, pki: dict[str, Path], port: int, backend_port: int, variant: str, other_root_pem: str) -> None:
-        from mtlsgate.v1 import resources_pb2, xds_pb2
+        from mtlsgate.v1 import resources_pb2
 
-        from data_plane.node.config import NodeConfig
         from data_plane.validation.bundle import trust_bundle_from_trust_config
         from data_plane.workers.pool import WorkerPool
 
-        def trust(name: str, anchors: list[str]) -> resources_pb2.TrustConfig:
-            tc = resources_pb2.TrustConfig(name=name)
-            store = tc.trust_stores.add()
+        base = node_config(pki, port, backend_port)  # bench/proxy.py's listener, policy and active bundle
+        listener = next(iter(base.listeners.values()))
+        bundles = dict(base.bundles)
+        if variant != "none":
+            anchors = [pki["ca"].read_text(), other_root_pem] if variant == "agreeing" else [other_root_pem]
+            candidate = resources_pb2.TrustConfig(name="shadowTrustConfigs/bench")
+            store = candidate.trust_stores.add()
             for pem in anchors:
                 store.trust_anchors.add(pem_certificate=pem)
             store.intermediate_cas.add(pem_certificate=pki["intermediate"].read_text())
             store.crls.add(pem_crl=pki["crl"].read_text())
-            return tc
-
-        active = trust("trustConfigs/bench", [pki["ca"].read_text()])
-        policy = resources_pb2.ServerTlsPolicy(name="serverTlsPolicies/bench")
-        policy.mtls_policy.client_validation_mode = resources_pb2.MTLSPolicy.REJECT_INVALID
-        policy.mtls_policy.client_validation_trust_config = active.name
-        listener = resources_pb2.Listener(name="listeners/bench", port=port, backend=f"127.0.0.1:{backend_port}",
-                                          certificate="certificates/bench", server_tls_policy=policy.name)
-        listener.resolved_server_tls_policy.CopyFrom(policy)
-        bundles = {active.name: trust_bundle_from_trust_config(active)}
-        if variant != "none":
-            anchors = [pki["ca"].read_text(), other_root_pem] if variant == "agreeing" else [other_root_pem]
-            candidate = trust("shadowTrustConfigs/bench", anchors)
             bundles[candidate.name] = trust_bundle_from_trust_config(candidate)
             bundles[candidate.name].name = candidate.name
             shadow_policy = resources_pb2.ServerTlsPolicy()
-            shadow_policy.CopyFrom(policy)
+            shadow_policy.CopyFrom(listener.resolved_server_tls_policy)
             shadow_policy.mtls_policy.client_validation_trust_config = candidate.name
-            listener.shadow_policies.add(candidate=active.name, candidate_version="bench",
-                                         server_tls_policy=shadow_policy)
-        cert = xds_pb2.ServerCertificate(name="certificates/bench",
-                                         pem_certificate_chain=pki["server_cert"].read_text(),
-                                         pem_private_key=pki["server_key"].read_text())
-        self.config = NodeConfig(versions={"bench": variant}, listeners={listener.name: listener},
-                                 bundles=bundles, certificates={cert.name: cert})
+            active = listener.resolved_server_tls_policy.mtls_policy.client_validation_trust_config
+            listener.shadow_policies.add(candidate=active, candidate_version="bench", server_tls_policy=shadow_policy)
+        self.config = dataclasses.replace(base, versions={"bench": variant}, bundles=bundles)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
