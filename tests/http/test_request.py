@@ -146,3 +146,11 @@ def test_never_resent_otherwise(change: dict[str, object]) -> None:
                                "has_body": False, "client_gone": False} | change
     method = args.pop("method")
     assert not may_resend(method, **args)  # type: ignore[arg-type]
+
+
+def test_connection_close_names_a_close_header_and_keep_alive_takes_the_plain_path() -> None:
+    """`Connection: keep-alive` names only a hop-by-hop header (the one-pass path); `close` is a
+    connection option like any other, so a `Close` field goes too (RFC 9110 §7.6.1), in any case."""
+    for value, kept in ((b"keep-alive", [b"Close: x"]), (b"Close", []), (b"close", [])):
+        lines = forwarded([H, (b"Connection", value), (b"Close", b"x"), (b"Accept", b"*/*")])
+        assert lines[2:-3] == [*kept, b"Accept: */*"], value
