@@ -146,7 +146,7 @@ async def measure(key: str, requests: int, repeat: int, tls_only: bool, records_
         best = min(best, (time.perf_counter() - start) / requests)
         index += requests
     if not tls_only and (conn.phase != "keepalive" or not worker.backends.take_idle(BACKEND)):
-        raise SystemExit("the connection did not end idle with its backend connection pooled")
+        raise SystemExit(f"the connection did not end idle with its backend connection pooled: {conn.phase} {client_side.out}")
     return best * 1e6
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from data_plane.http.bounds import Bounds
-from data_plane.http.response import response_head
+from data_plane.http.response import forward_head
 from data_plane.workers.tls import TlsFailed
 from data_plane.workers.upstream_tls import UpstreamTls, open_tls
 
@@ -142,8 +142,8 @@ class Exchange:
     callbacks). `on_done` is called once with (status, backend reusable, client keep-alive), or with
     BackendFailed when the backend closed or sent garbage before a response began, or TimeoutError."""
 
-    __slots__ = ("backend", "chunked_out", "client", "client_keep_alive", "deadline", "finished", "got_bytes",
-                 "headers", "idle_timeout", "interim", "on_done", "out", "parser", "reason", "request", "started",
+    __slots__ = ("backend", "chunked_out", "client", "client_keep_alive", "complete", "deadline", "finished", "got_bytes",
+                 "head_bytes", "idle_timeout", "interim", "on_done", "out", "parser", "raw", "request", "reusable", "started",
                  "status")
 
     def __init__(self, client: ClientConnection, request: _Request, backend: BackendConnection,
@@ -156,11 +156,15 @@ class Exchange:
         self.finished = False
         self.deadline = 0.0  # response idle deadline, armed once the request is out; the sweeper checks it
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.reason = b""
+        # The response's bytes until its head is complete: the head is forwarded from them, not rebuilt
+        # field by field (no on_header callbacks: B2), and its size is bounded like a request head's.
+        self.raw = b""
+        self.head_bytes = client.bounds.max_header_bytes
         self.got_bytes = False  # any byte of a response arrived (then a re-send is never allowed)
         self.started = False  # the response head went to the client
         self.interim = False
+        self.complete = False  # the whole response was parsed
+        self.reusable = False  # and the backend connection may carry the next request
         self.chunked_out = False
         self.client_keep_alive = request.head.keep_alive and not client.worker.draining
         self.out: list[bytes] = []
@@ -178,16 +182,27 @@ class Exchange:
         self.got_bytes = True
         if self.deadline:
             self.deadline = time.monotonic() + self.idle_timeout
+        if not self.started:
+            self.raw += data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if not self.started:
-                self._fail(f"malformed backend response: {exc}")
-            else:
-                self._finish(backend_reusable=False, client_keep_alive=False)
+                ours = exc.__cause__ or exc.__context__  # raised by one of our callbacks
+                self._fail(str(ours) if isinstance(ours, BackendFailed) else f"malformed backend response: {exc}")
+                return
+            # a malformed body, or bytes after the complete response (out of turn): what came before is
+            # relayed, the rest never is, and this backend connection is not used again
+            self._flush()
+            self._finish(backend_reusable=False, client_keep_alive=self.complete and self.client_keep_alive)
+            return
+        if not self.started and len(self.raw) > self.head_bytes and not self.finished:
+            self._fail(self._head_too_large())  # and not one byte more is parsed of it
             return
         self._flush()
-        if self.request.head.method == b"HEAD" and self.started and not self.finished:
+        if self.complete:
+            self._finish(backend_reusable=self.reusable, client_keep_alive=self.client_keep_alive)
+        elif self.request.head.method == b"HEAD" and self.started and not self.finished:
             self._finish(backend_reusable=False, client_keep_alive=self.client_keep_alive)
 
     def backend_closed(self) -> None:
@@ -204,14 +219,17 @@ class Exchange:
 
     # ---- httptools callbacks
 
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second response to one request: stop parsing here
+            raise BackendFailed("backend sent bytes after its complete response")
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        # httptools admits CRLF line ends only, and no empty line inside a head: the first one ends it
+        end = self.raw.index(b"\r\n\r\n") + 4
+        if end > self.head_bytes:
+            raise BackendFailed(self._head_too_large())
+        head, self.raw = self.raw[:end], self.raw[end:]
         if 100 <= self.status < 200:
             # Interim responses are not relayed, except the 100 Continue a client asked for (it holds
             # its body back until then); the final response follows on the same connection.
@@ -220,7 +238,7 @@ class Exchange:
                 self.request.expect_continue = False
                 self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
             return
-        self._head()
+        self._head(head)
 
     def on_body(self, body: bytes) -> None:
         if self.interim:
@@ -233,23 +251,27 @@ class Exchange:
     def on_message_complete(self) -> None:
         if self.interim:
             self.interim = False
-            self.headers = []
-            self.reason = b""
             return
         if self.chunked_out:
             self.out.append(b"0\r\n\r\n")
-        self._flush()
-        self._finish(backend_reusable=self.parser.should_keep_alive(), client_keep_alive=self.client_keep_alive)
+        # finished by received() once the parser is done with this read; the parser's keep-alive reading
+        # is of this message only until this callback returns
+        self.complete = True
+        self.reusable = self.parser.should_keep_alive()
+
+    def _head_too_large(self) -> str:
+        return f"backend response head larger than {self.head_bytes} bytes"
 
     # ---- to the client
 
-    def _head(self) -> None:
+    def _head(self, raw: bytes) -> None:
         head = self.request.head
-        out = response_head(self.status, self.reason, self.headers, request_method=head.method,
-                            request_http_version=head.http_version, keep_alive=self.client_keep_alive)
+        out = forward_head(self.status, raw, request_method=head.method, request_http_version=head.http_version,
+                           keep_alive=self.client_keep_alive)
         self.chunked_out, self.client_keep_alive = out.chunked, out.keep_alive
         self.out.append(out.data)
         self.started = True
+        self.raw = b""
 
     def _flush(self) -> None:
         if not self.out:

@@ -2,18 +2,30 @@
 backend sees one framing header per request (ours), no trailer fields, origin-form with the right Host;
 every malformed request is answered 400/501/505 and the backend sees zero bytes of it.
 
-Failed before issue 10: two Content-Lengths on every request with a body; trailers merged into the
-head; the head of a bad-chunk-size request forwarded; absolute-form, two Hosts, no Host,
-`Connection: host`, HTTP/0.9 and HTTP/2.0 request lines forwarded; `gzip, chunked` forwarded."""
+Failed before issue 17 (the backend side): a second response in one backend write was relayed as the
+answer to the client's next request; a backend response head of any size was accepted. Failed before
+issue 10: two Content-Lengths on every request with a body; trailers merged into the head; the head of
+a bad-chunk-size request forwarded; absolute-form, two Hosts, no Host, `Connection: host`, HTTP/0.9
+and HTTP/2.0 request lines forwarded; `gzip, chunked` forwarded."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from control_plane.pki import DemoPki
-from tests.security.conftest import Proxy, RawBackend, connect, header_values, read_response, wait_for_target
+from tests.security.conftest import (
+    BackendConnection,
+    Proxy,
+    RawBackend,
+    connect,
+    header_values,
+    read_response,
+    wait_for_target,
+)
+from tests.support import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +125,78 @@ def test_malformed_requests_are_refused_and_the_backend_sees_nothing(
     wait_for_target(backend, "/marker")
     assert backend.targets() == ["/marker"]
     assert b"/m " not in backend.raw and b"/m\r" not in backend.raw
+
+
+# ---- what a backend sends back (it may be compromised: it never gets more of the client than one answer)
+
+
+def _answering(answer: bytes) -> Callable[[dict[str, Any], BackendConnection], bytes]:
+    def behaviour(request: dict[str, Any], connection: BackendConnection) -> bytes:
+        return answer
+    return behaviour
+
+
+def test_a_second_response_in_one_write_never_reaches_the_client(proxy: Proxy, backend: RawBackend,
+                                                                 demo_pki: DemoPki) -> None:
+    """A backend that answers one request with two responses must not get the second one taken as the
+    answer to the client's next request (a response-queue desync): it is dropped, and that backend
+    connection is never reused."""
+    backend.reset(_answering(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+                             b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Smuggled: 1\r\n\r\nsmuggled"))
+    with connect(proxy.ports["strict"], demo_pki) as s:
+        s.sendall(b"GET /one HTTP/1.1\r\nHost: app\r\n\r\n")
+        buf = bytearray()
+        status, _, body = read_response(s, buf)
+        assert (status, body) == (200, b"first")
+        backend.reset()  # an honest backend from here on
+        s.sendall(b"GET /two HTTP/1.1\r\nHost: app\r\n\r\n")
+        status, headers, body = read_response(s, buf)
+        assert (status, body) == (200, b"ok GET /two") and "x-smuggled" not in headers
+        assert not buf
+
+
+def test_backend_hop_by_hop_headers_never_reach_the_client(proxy: Proxy, backend: RawBackend,
+                                                           demo_pki: DemoPki) -> None:
+    """Whatever a backend's head holds, the client gets end-to-end fields only, and exactly our framing:
+    a chunked body re-framed once, headers a Connection field names dropped, look-alike names kept."""
+    backend.reset(_answering(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n"
+                             b"X-Connection: kept\r\nConnection: x-secret\r\nX-Secret: 1\r\nTrailer: x\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"))
+    with connect(proxy.ports["strict"], demo_pki) as s:
+        s.sendall(b"GET /hop HTTP/1.1\r\nHost: app\r\n\r\n")
+        s.settimeout(5)
+        data = bytearray()
+        while not data.endswith(b"0\r\n\r\n"):
+            chunk = s.recv(65536)
+            assert chunk, f"closed early: {bytes(data)!r}"
+            data += chunk
+    head = bytes(data).split(b"\r\n\r\n")[0].lower()
+    assert head.count(b"transfer-encoding: chunked") == 1 and b"x-connection: kept" in head
+    for name in (b"connection:", b"keep-alive:", b"x-secret:", b"trailer:"):
+        assert b"\r\n" + name not in head, name
+    assert data.endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+
+
+def test_an_endless_backend_response_head_is_cut_off_with_502(proxy: Proxy, backend: RawBackend,
+                                                               demo_pki: DemoPki) -> None:
+    """A backend head that never ends is bounded like a client's (64 KiB): the client gets a 502 at once,
+    not when the response idle timeout ends, and the proxy closes that backend connection."""
+    pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 100) for i in range(800))  # ~90 KiB, no empty line
+    backend.reset(_answering(b"HTTP/1.1 200 OK\r\n" + pad))
+    with connect(proxy.ports["strict"], demo_pki, timeout=5) as s:
+        s.sendall(b"GET /endless HTTP/1.1\r\nHost: app\r\n\r\n")
+        status, _, body = read_response(s)
+    assert status == 502 and b"larger than 65536 bytes" in body
+    [connection] = [c for c in backend.connections if any(r["target"] == "/endless" for r in c.requests)]
+    wait_until(lambda: connection.closed, timeout=5, message="the proxy to close that backend connection")
+
+
+def test_a_backend_response_head_over_the_bound_in_one_write_is_a_502(proxy: Proxy, backend: RawBackend,
+                                                                      demo_pki: DemoPki) -> None:
+    """The bound holds for a whole oversized head arriving at once, too (not only one that never ends)."""
+    pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 100) for i in range(800))
+    backend.reset(_answering(b"HTTP/1.1 200 OK\r\n" + pad + b"Content-Length: 2\r\n\r\nok"))
+    with connect(proxy.ports["strict"], demo_pki, timeout=5) as s:
+        s.sendall(b"GET /big-head HTTP/1.1\r\nHost: app\r\n\r\n")
+        status, _, body = read_response(s)
+    assert status == 502 and b"larger than 65536 bytes" in body
