@@ -28,7 +28,8 @@ class BackendConnection(asyncio.Protocol):
 
     def __init__(self, high_water: int) -> None:
         self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
+        self.exchange: Exchange | None = None  # while a request is in flight
+        self._exchange: Exchange | None = None  # made with the first request, begun again for each
         self.closed = False
         self.failure = ""  # why the connection broke, when a layer below knows (TLS: the backend's alert)
         self._high_water = high_water
@@ -37,6 +38,15 @@ class BackendConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.transport.set_write_buffer_limits(high=self._high_water)
+
+    def begin(self, client: ClientConnection, request: _Request,
+              on_done: Callable[[ExchangeResult], None]) -> Exchange:
+        """The exchange for the next request on this connection."""
+        exchange = self._exchange
+        if exchange is None:
+            exchange = self._exchange = Exchange(self)
+        exchange.begin(client, request, on_done)
+        return exchange
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -140,18 +150,26 @@ ExchangeResult = tuple[int, bool, bool] | BaseException
 class Exchange:
     """One request's response from a backend, relayed to the client as it is parsed (httptools
     callbacks). `on_done` is called once with (status, backend reusable, client keep-alive), or with
-    BackendFailed when the backend closed or sent garbage before a response began, or TimeoutError."""
+    BackendFailed when the backend closed or sent garbage before a response began, or TimeoutError.
 
-    __slots__ = ("backend", "chunked_out", "client", "client_keep_alive", "complete", "deadline", "finished", "got_bytes",
-                 "head_bytes", "idle_timeout", "interim", "on_done", "out", "parser", "raw", "request", "reusable", "started",
-                 "status")
+    A backend connection has one Exchange, begun again for each request it carries (`begin`): its parser
+    reads the connection's responses one after the other, as llhttp does on a kept-alive connection, and
+    nothing is allocated per request (B2). A connection is only reused after a complete response that
+    left the parser at a message boundary; every other outcome closes it."""
 
-    def __init__(self, client: ClientConnection, request: _Request, backend: BackendConnection,
-                 on_done: Callable[[ExchangeResult], None]) -> None:
-        self.client = client
-        self.request = request
+    __slots__ = ("backend", "chunked_out", "client", "client_keep_alive", "complete", "deadline", "finished",
+                 "got_bytes", "head_bytes", "idle_timeout", "interim", "on_done", "out", "parser", "raw", "request",
+                 "reusable", "started", "status")
+
+    def __init__(self, backend: BackendConnection) -> None:
         self.backend = backend
         self.parser = httptools.HttpResponseParser(self)
+        self.out: list[bytes] = []
+        self.finished = True  # until begun
+
+    def begin(self, client: ClientConnection, request: _Request, on_done: Callable[[ExchangeResult], None]) -> None:
+        self.client = client
+        self.request = request
         self.on_done = on_done
         self.finished = False
         self.deadline = 0.0  # response idle deadline, armed once the request is out; the sweeper checks it
@@ -167,11 +185,11 @@ class Exchange:
         self.reusable = False  # and the backend connection may carry the next request
         self.chunked_out = False
         self.client_keep_alive = request.head.keep_alive and not client.worker.draining
-        self.out: list[bytes] = []
+        self.out.clear()
         service = request.upstream.service if request.upstream is not None else None
         self.idle_timeout = (service.response_timeout if service is not None else None) \
             or client.bounds.response_idle_timeout
-        backend.exchange = self
+        self.backend.exchange = self
 
     def request_sent(self) -> None:
         self.deadline = time.monotonic() + self.idle_timeout

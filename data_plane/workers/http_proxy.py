@@ -498,7 +498,7 @@ class ClientConnection(asyncio.Protocol):
             self._backend_done(listener, request, conn, backend_reusable, status)
             self._finish_request(client_keep_alive)
 
-        exchange = Exchange(self, request, conn, done)
+        exchange = conn.begin(self, request, done)
         self._exchange = exchange
         conn.transport.write(head)
         exchange.request_sent()
@@ -652,7 +652,7 @@ class ClientConnection(asyncio.Protocol):
             backend = _label(request)
             assert conn.transport is not None
             result: asyncio.Future[tuple[int, bool, bool]] = asyncio.get_running_loop().create_future()
-            exchange = Exchange(self, request, conn, functools.partial(settle, result))
+            exchange = conn.begin(self, request, functools.partial(settle, result))
             self._exchange = exchange
             conn.transport.write(head)
             try:

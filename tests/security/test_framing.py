@@ -200,3 +200,31 @@ def test_a_backend_response_head_over_the_bound_in_one_write_is_a_502(proxy: Pro
         s.sendall(b"GET /big-head HTTP/1.1\r\nHost: app\r\n\r\n")
         status, _, body = read_response(s)
     assert status == 502 and b"larger than 65536 bytes" in body
+
+
+def test_one_backend_connection_carries_responses_of_every_framing_in_turn(proxy: Proxy, backend: RawBackend,
+                                                                           demo_pki: DemoPki) -> None:
+    """The backend connection's one parser reads its responses one after another: chunked (with a trailer
+    field), Content-Length, an interim 103 before the final answer, a 204 and a 304 — each client request
+    gets exactly its own answer, and all of them travel on one kept-alive backend connection."""
+    answers = {
+        "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n",
+        "/length": b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nlength",
+        "/interim": b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ninterim",
+        "/empty": b"HTTP/1.1 204 No Content\r\n\r\n",
+        "/cached": b"HTTP/1.1 304 Not Modified\r\nETag: \"e\"\r\n\r\n",
+    }
+    backend.reset(lambda request, connection: answers[request["target"]])
+    order = ["/chunked", "/length", "/interim", "/empty", "/cached", "/length", "/chunked", "/interim"]
+    with connect(proxy.ports["strict"], demo_pki) as s:
+        buf = bytearray()
+        for target in order:
+            s.sendall(f"GET {target} HTTP/1.1\r\nHost: app\r\n\r\n".encode())
+            status, headers, body = read_response(s, buf)
+            expected = {"/chunked": (200, b"abc"), "/length": (200, b"length"), "/interim": (200, b"interim"),
+                        "/empty": (204, b""), "/cached": (304, b"")}[target]
+            assert (status, body) == expected, target
+            assert "link" not in headers and "x-trailer" not in headers
+        assert not buf
+    carried = [c for c in backend.connections if c.requests]
+    assert len(carried) == 1 and [r["target"] for r in carried[0].requests] == order
