@@ -91,7 +91,7 @@ def read_head(method: bytes, target: bytes, http_version: str, headers: Headers,
         lname = name.lower()
         kind = special(lname)
         if kind is None:
-            if b"_" in lname:
+            if lname.find(b"_") != -1:  # (not `in`: bytes.__contains__ tries an int first, and raises inside)
                 # CGI/WSGI backends fold `_` and `-` together: X_Client_Cert_SPIFFE would pass as ours.
                 if not allow_underscores:
                     continue

@@ -60,8 +60,8 @@ def forward_head(status: int, raw: bytes, *, request_method: bytes, request_http
         block = block[:hop.start()] + block[hop.end():]
     if status_line[:9] != b"HTTP/1.1 " or len(status_line) <= 13:  # HTTP/1.0, or no reason phrase
         status_line = _status_line(status, status_line[13:])
-    framing, chunked, keep_alive = _framing(status, _CONTENT_LENGTH_LINE in lowered, request_method,
-                                            request_http_version, keep_alive)
+    has_length = lowered.find(_CONTENT_LENGTH_LINE) != -1  # (`in` would try an int first, and raise inside)
+    framing, chunked, keep_alive = _framing(status, has_length, request_method, request_http_version, keep_alive)
     return ResponseHead(status_line + block + framing, chunked, keep_alive)
 
 

@@ -356,11 +356,12 @@ class ClientConnection(asyncio.Protocol):
             allow_underscores=self.listener.allow_underscores)
         if isinstance(head, request_rules.Refusal):
             raise ProtocolViolation(head.status, head.reason)
-        if head.has_body and parser.should_upgrade():
+        has_body = head.has_body
+        if has_body and parser.should_upgrade():
             # llhttp would take the body for upgraded-protocol bytes and the next request from inside it
             raise ProtocolViolation(400, "a request with a body cannot ask for a protocol upgrade")
         request = _Request(head, expect_continue=head.expect_continue)
-        if head.has_body:
+        if has_body:
             request.body = asyncio.Queue()
             self._set_phase(_BODY, self.bounds.body_idle_timeout)
         else:
@@ -494,7 +495,8 @@ class ClientConnection(asyncio.Protocol):
                 self._finish_request(keep_alive)
                 return
             status, backend_reusable, client_keep_alive = result
-            self._settle_endpoint(request, status < 500)
+            if request.endpoint is not None:  # a BackendService's endpoint (the test saves a call per request)
+                self._settle_endpoint(request, status < 500)
             self._backend_done(listener, request, conn, backend_reusable, status)
             self._finish_request(client_keep_alive)
 

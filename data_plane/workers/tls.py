@@ -292,8 +292,11 @@ class TlsConnection:
         while True:
             n = _lib.SSL_read(ssl_ptr, _BUFFER, _RECORD_SIZE)
             if n > 0:
-                parts.append(_ffi.buffer(_BUFFER, n)[:])
-                if not _lib.SSL_pending(ssl_ptr) and not _lib.BIO_get_mem_data(self._ssl._into_ssl, _NO_POINTER):
+                parts.append(_ffi.unpack(_BUFFER, n))
+                # More to read if the record was not used up (a read short of the size asked for used it
+                # up: no SSL_pending call then) or more records wait in the input BIO.
+                if (n < _RECORD_SIZE or not _lib.SSL_pending(ssl_ptr)) \
+                        and not _lib.BIO_get_mem_data(self._ssl._into_ssl, _NO_POINTER):
                     break
                 continue
             error = _lib.SSL_get_error(ssl_ptr, n)
@@ -334,15 +337,17 @@ class TlsConnection:
         return _lib.BIO_get_mem_data(self._ssl._from_ssl, _NO_POINTER) > 0
 
     def outgoing(self) -> bytes:
-        """Bytes to send to the socket (records, alerts)."""
+        """Bytes to send to the socket (records, alerts). A memory BIO gives all it holds up to the size
+        asked for, so a read that fills less than the buffer has emptied it: one call in the usual case."""
         from_ssl = self._ssl._from_ssl
         parts = []
-        while (pending := _lib.BIO_get_mem_data(from_ssl, _NO_POINTER)) > 0:
-            n = _lib.BIO_read(from_ssl, _BUFFER, min(pending, _BUFFER_SIZE))
-            if n <= 0:
+        while (n := _lib.BIO_read(from_ssl, _BUFFER, _BUFFER_SIZE)) > 0:
+            parts.append(_ffi.unpack(_BUFFER, n))
+            if n < _BUFFER_SIZE:
                 break
-            parts.append(_ffi.buffer(_BUFFER, n)[:])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
 
     def shutdown(self) -> None:
         with contextlib.suppress(SSL.Error):
