@@ -99,3 +99,58 @@ def test_stream_churn_ends_in_a_full_collection_and_pauses_are_exported(control_
                message="every stream to end")
     wait_until(lambda: metric(control_plane.metrics, pauses, full) > before, timeout=30,
                message="a full collection after the streams ended")
+
+
+@pytest.fixture
+def unfrozen():  # type: ignore[no-untyped-def]
+    yield
+    gc.unfreeze()
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_what_a_push_left_alive_is_frozen_and_a_full_collection_still_reclaims_it(tuned, unfrozen) -> None:
+    """After a push the young objects it left (the streams' waiting coroutines and futures) are frozen, so
+    no collection walks them; a cycle that dies among them is not leaked for good: collect_full() sees it."""
+    import weakref
+
+    async def scenario() -> weakref.ref[_Cycle]:
+        fan_out = FanOut(most=30, full_every=1_000)
+        frozen = gc.get_freeze_count()
+        fan_out.started(1)
+        cycle = _Cycle()  # made during the push, alive when it ends
+        fan_out.stream_done()
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+        dead = weakref.ref(cycle)
+        del cycle  # now garbage, but only a collection of frozen objects can find it
+        gc.collect()
+        assert dead() is not None
+        return dead
+
+    dead = asyncio.run(scenario())
+    gc_tuning.collect_full()
+    assert dead() is None and gc.get_freeze_count() > 0  # reclaimed, and the survivors frozen again
+
+
+def test_every_so_many_pushes_end_in_a_full_collection_instead(tuned, unfrozen) -> None:
+    import weakref
+
+    async def push(fan_out: FanOut, keep: list[object]) -> None:
+        fan_out.started(1)
+        keep.append(_Cycle())
+        fan_out.stream_done()
+
+    async def scenario() -> None:
+        fan_out = FanOut(most=30, full_every=3)
+        keep: list[object] = []
+        await push(fan_out, keep)
+        dead = weakref.ref(keep.pop())  # frozen at the end of push 1, garbage from now on
+        await push(fan_out, keep)
+        assert dead() is not None  # push 2 only froze
+        await push(fan_out, keep)
+        assert dead() is None and fan_out.pushes == 0  # push 3 collected everything, frozen objects too
+
+    asyncio.run(scenario())
