@@ -51,6 +51,7 @@ class Revocation:
     serial_count: int
     nodes: dict[str, NodeTimes] = field(default_factory=dict)
     untracked: int = 0
+    unacked: int = 0  # rows of `nodes` not ACKed yet: an ACK skips a revocation with none (B4: 10,000 ACKs a push)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class RevocationTracker:
                 revocation.untracked += 1
             else:
                 revocation.nodes[node_id] = NodeTimes(node_id)
+        revocation.unacked = len(revocation.nodes)
         self.latest.appendleft(revocation)
         return revocation
 
@@ -140,9 +142,12 @@ class RevocationTracker:
             gone, _ = self._acks.popitem(last=False)
             self._early.pop(gone, None)
         for revocation in self.latest:
+            if not revocation.unacked or revocation.revision > revision:
+                continue
             row = revocation.nodes.get(node_id)
-            if row is not None and not row.acked_at and revocation.revision <= revision:
+            if row is not None and not row.acked_at:
                 row.acked_at, row.acked_version = now, version
+                revocation.unacked -= 1
         out: list[Enforced] = []
         for done in self._early.pop(node_id, []):
             if now - done.received_at < EARLY_SECONDS:

@@ -134,3 +134,23 @@ def test_a_bundle_version_that_carries_the_revocation_counts_whatever_revision_i
     tracker.on_ack("a", "base+revocation", 1, 200.2)
     tracker.on_ack("b", "base-only", 1, 200.3)
     assert revocation.nodes["a"].acked_at == 200.2 and not revocation.nodes["b"].acked_at
+
+
+def test_an_ack_counts_once_per_row_and_covers_every_revocation_up_to_its_revision() -> None:
+    """Each revocation counts the rows still waiting for an ACK (an ACK skips the ones with none: at 10,000
+    nodes a push brings 10,000 ACKs, each otherwise a look-up in every kept revocation)."""
+    tracker = RevocationTracker()
+    first = _published(tracker)
+    second = tracker.on_state(3, 300.0, _tc([1, 0xBEEF, 0xCAFE]), _serving("a", "b"))
+    assert second is not None and (first.unacked, second.unacked) == (2, 2)
+    tracker.on_ack("a", "v2", 2, now=250.0)  # covers the first only
+    assert (first.unacked, second.unacked) == (1, 2) and first.nodes["a"].acked_at == 250.0
+    assert not second.nodes["a"].acked_at
+    tracker.on_ack("a", "v3", 3, now=350.0)
+    tracker.on_ack("a", "v3", 3, now=360.0)  # a repeated ACK changes nothing
+    assert (first.unacked, second.unacked) == (1, 1)
+    assert (first.nodes["a"].acked_at, second.nodes["a"].acked_at, second.nodes["a"].acked_version) == \
+        (250.0, 350.0, "v3")
+    tracker.on_ack("b", "v3", 3, now=370.0)
+    assert (first.unacked, second.unacked) == (0, 0)
+    assert first.nodes["b"].acked_at == second.nodes["b"].acked_at == 370.0
