@@ -4,8 +4,9 @@ from that revision or a later one, and when that node reported its revalidation 
 (`RevalidationDone`) for a version it ACKed. The xDS server feeds it states and ACKs, the report servicer
 feeds it revalidations; it returns what became enforced, and the glue observes the histogram.
 
-Bounded: the last `MAX_REVOCATIONS` revocations, at most `MAX_NODES` node rows each, a few ACKed versions and
-early revalidation reports per node. In memory, per replica (docs/fleet-feedback.md says why)."""
+Bounded: the last `MAX_REVOCATIONS` revocations, at most `MAX_NODES` node rows each and `MAX_ROWS` in all
+(at 10,000 nodes the last 10 revocations are kept), a few ACKed versions and early revalidation reports per
+node. In memory, per replica (docs/fleet-feedback.md says why)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from control_plane.rollouts.serving import revoked_serials
 
 MAX_REVOCATIONS = 32  # kept, newest first in `latest`
 MAX_NODES = 10_000  # node rows per revocation; nodes beyond are counted (`untracked`)
+MAX_ROWS = 100_000  # node rows over all kept revocations: the oldest go first (~150 B a row; B4's < 500 MB)
 MAX_SERIALS = 16  # serials listed per revocation (all are counted)
 MAX_FINGERPRINTS = 16  # closed connections' fingerprints kept per node row
 MAX_ACKED_VERSIONS = 8  # TrustBundle versions remembered per node (version → revision)
@@ -30,7 +32,7 @@ MAX_COVERS = 1_024  # TrustBundle versions whose covered revision is remembered 
 Revoked = frozenset[tuple[bytes, int]]  # (issuer DN, serial) as `revoked_serials` gives them
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeTimes:
     node_id: str
     acked_at: float = 0.0  # control-plane clock
@@ -79,11 +81,12 @@ class _Done:
 class RevocationTracker:
     def __init__(self) -> None:
         self._revoked: dict[str, tuple[str, Revoked]] | None = None  # TrustConfig → (etag, revoked)
-        self.latest: deque[Revocation] = deque(maxlen=MAX_REVOCATIONS)  # newest first
+        self.latest: deque[Revocation] = deque()  # newest first; at most MAX_REVOCATIONS and MAX_ROWS rows
         self._acks: OrderedDict[str, OrderedDict[str, int]] = OrderedDict()  # node → version → revision
         self._early: dict[str, list[_Done]] = {}
         self._covers: OrderedDict[str, int] = OrderedDict()  # TrustBundle version → revision it carries
         self._sequence = 0
+        self._rows = 0  # node rows over `latest`
 
     # ---------------------------------------------------------------- publication
 
@@ -117,6 +120,9 @@ class RevocationTracker:
                 revocation.nodes[node_id] = NodeTimes(node_id)
         revocation.unacked = len(revocation.nodes)
         self.latest.appendleft(revocation)
+        self._rows += len(revocation.nodes)
+        while len(self.latest) > MAX_REVOCATIONS or (self._rows > MAX_ROWS and len(self.latest) > 1):
+            self._rows -= len(self.latest.pop().nodes)
         return revocation
 
     # ---------------------------------------------------------------- ACKs and revalidation reports

@@ -154,3 +154,20 @@ def test_an_ack_counts_once_per_row_and_covers_every_revocation_up_to_its_revisi
     tracker.on_ack("b", "v3", 3, now=370.0)
     assert (first.unacked, second.unacked) == (0, 0)
     assert first.nodes["b"].acked_at == second.nodes["b"].acked_at == 370.0
+
+
+def test_node_rows_are_bounded_over_all_kept_revocations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With many nodes fewer revocations are kept: the oldest go first once the rows of all of them pass
+    MAX_ROWS (at 10,000 nodes, 32 revocations of full rows were ~150 MB: B4's memory)."""
+    monkeypatch.setattr(rv, "MAX_ROWS", 10)
+    tracker = RevocationTracker()
+    tracker.on_state(1, 1.0, _tc([]), _serving())
+    nodes = [f"n{i}" for i in range(4)]
+    for i in range(6):
+        tracker.on_state(2 + i, 2.0 + i, _tc(list(range(1, i + 2))), _serving(*nodes))
+    assert [r.sequence for r in tracker.latest] == [6, 5]  # 2 × 4 rows fit in 10, a third would not
+    big = [f"m{i}" for i in range(25)]  # a revocation larger than the bound alone is still kept
+    tracker.on_state(9, 9.0, _tc(list(range(1, 10))), _serving(*big))
+    assert [r.sequence for r in tracker.latest] == [7] and len(tracker.latest[0].nodes) == 25
+    tracker.on_state(10, 10.0, _tc(list(range(1, 11))), _serving(*nodes))
+    assert [r.sequence for r in tracker.latest] == [8]
