@@ -165,7 +165,7 @@ def test_node_rows_are_bounded_over_all_kept_revocations(monkeypatch: pytest.Mon
     nodes = [f"n{i}" for i in range(4)]
     for i in range(6):
         tracker.on_state(2 + i, 2.0 + i, _tc(list(range(1, i + 2))), _serving(*nodes))
-    assert [r.sequence for r in tracker.latest] == [6, 5]  # 2 × 4 rows fit in 10, a third would not
+    assert [r.sequence for r in tracker.latest] == [6, 5]  # two of 4 rows fit in 10, a third would not
     big = [f"m{i}" for i in range(25)]  # a revocation larger than the bound alone is still kept
     tracker.on_state(9, 9.0, _tc(list(range(1, 10))), _serving(*big))
     assert [r.sequence for r in tracker.latest] == [7] and len(tracker.latest[0].nodes) == 25
