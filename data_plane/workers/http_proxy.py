@@ -168,10 +168,12 @@ class ClientConnection(asyncio.Protocol):
                     return
                 self._handshake_completed()
             plaintext = tls.read()
-            if tls.has_outgoing():  # rarely (a key update, an alert): records of our own to send
-                self._flush()
             if plaintext:
+                # Records of our own this read made (rare) go out ahead of our next application data,
+                # as TLS 1.3 asks of a KeyUpdate's answer (RFC 8446 §4.6.3): no check per request.
                 self._feed(plaintext)
+            elif tls.has_outgoing():  # e.g. the refusal of a TLS 1.2 renegotiation: sent at once
+                self._flush()
             if tls.closed_by_peer:
                 self._peer_closed()
         except TlsFailed as exc:

@@ -3,7 +3,8 @@ and CBC suites are refused under MODERN (the default) and RESTRICTED, CBC with E
 COMPATIBLE, `minTlsVersion: TLS_1_3` refuses TLS 1.2; the effective suites are in the worker status
 (`/config_dump`), with the bounds in force.
 
-Failed before issue 10: `AES128-SHA` (static RSA, CBC, SHA-1) was accepted on RSA listeners."""
+Failed before issue 10: `AES128-SHA` (static RSA, CBC, SHA-1) was accepted on RSA listeners. A TLS 1.2
+renegotiation is refused at once (our alert is flushed after a read that gave no request bytes)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from mtlsgate.v1 import resources_pb2, xds_pb2
 
 from control_plane.pki import DemoPki, issue
+from tests.security.conftest import Proxy, RawBackend
 from tests.support import free_port
 from tests.workers.conftest import PoolHarness, listener, node_config
 
@@ -118,3 +120,49 @@ def test_effective_suites_are_reported(rsa_listeners: tuple[dict[str, int], Pool
     assert all(c.startswith("TLS_") for c in policies["listeners/tls13"]["ciphers"])
     # the §11 bounds in force are shown beside them (the /config_dump `workers` section)
     assert status["bounds"]["head_timeout"] == 10.0 and status["bounds"]["max_connections_per_ip"] == 256
+
+
+@pytest.fixture(scope="module")
+def proxy(demo_pki: DemoPki, backend: RawBackend) -> Iterator[Proxy]:
+    p = Proxy(demo_pki, backend, bounds="")
+    yield p
+    p.close()
+
+
+def test_tls12_renegotiation_is_refused_at_once(proxy: Proxy, backend: RawBackend, demo_pki: DemoPki) -> None:
+    """A TLS 1.2 client asking to renegotiate mid-connection (a CPU and state-confusion lever) gets the
+    refusal straight away — our own alert record is flushed even though the read that carried the
+    ClientHello gave no request bytes — and the connection is of no more use to it."""
+    import select
+    import socket
+    import time
+
+    from OpenSSL import SSL
+
+    def until_done(step) -> None:  # pyOpenSSL on a socket with a timeout: non-blocking
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                return step()
+            except SSL.WantReadError:
+                left = deadline - time.monotonic()
+                assert left > 0 and select.select([raw], [], [], left)[0], "the server did not answer"
+
+    backend.reset()
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    ctx.use_certificate_chain_file(str(demo_pki.path("client_cert")))
+    ctx.use_privatekey_file(str(demo_pki.path("client_key")))
+    with socket.create_connection(("127.0.0.1", proxy.ports["strict"]), timeout=10) as raw:
+        conn = SSL.Connection(ctx, raw)
+        conn.set_connect_state()
+        until_done(conn.do_handshake)
+        assert conn.get_protocol_version_name() == "TLSv1.2"
+        conn.sendall(b"GET /before HTTP/1.1\r\nHost: app\r\n\r\n")
+        assert until_done(lambda: conn.recv(65536)).startswith(b"HTTP/1.1 200 ")
+        assert conn.renegotiate()
+        with pytest.raises(SSL.Error) as refused:
+            until_done(conn.do_handshake)
+        assert not isinstance(refused.value, SSL.WantReadError)
+        assert "renegotiation" in str(refused.value).lower(), refused.value
+    assert "/before" in backend.targets()
