@@ -367,7 +367,7 @@ class ClientConnection(asyncio.Protocol):
             request.body = asyncio.Queue()
             self._set_phase(_BODY, self.bounds.body_idle_timeout)
         else:
-            self._set_phase(_WAITING, 0.0)
+            self.phase, self.deadline = _WAITING, 0.0  # the response's deadline is the exchange's
         self._current = request
         self._pending.append(request)
 
@@ -743,7 +743,8 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = time.monotonic() + timeout if timeout else 0.0
 
     def _become_idle(self) -> None:
-        self._set_phase(_IDLE, self.bounds.keepalive_idle_timeout)
+        self.phase = _IDLE  # (no _set_phase call: once per request, and the timeout is never 0)
+        self.deadline = time.monotonic() + self.bounds.keepalive_idle_timeout
         self.worker.admission.idle(self)
 
     def _peer_closed(self) -> None:
