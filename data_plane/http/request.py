@@ -3,8 +3,8 @@
 `read_head` validates the whole head (framing, Host, version, header bytes) and decides what is
 forwarded: hop-by-hop headers and the names `Connection` lists out, anti-spoofing with `_` read as `-`,
 underscore names dropped unless the listener allows them, absolute-form turned into origin-form.
-`upstream_head` renders the decision with exactly one framing header, ours. `may_resend` is the single
-allowed retry of §11. Pure functions: no sockets, no clocks.
+`upstream_head` (`our_headers`, `render_head`) renders the decision with exactly one framing header,
+ours. `may_resend` is the single allowed retry of §11. Pure functions: no sockets, no clocks.
 """
 
 from __future__ import annotations
@@ -219,19 +219,31 @@ def upstream_head(head: RequestHead, *, peer: bytes, certificate_headers: bytes,
     (X-Forwarded-*, certificate headers, XFCC) and exactly one framing header. `certificate_headers`:
     rendered `Name: value\\r\\n` lines. `xfcc(incoming values)` returns the x-forwarded-client-cert value
     (b"" for none); None = SANITIZE, the client's is just dropped."""
-    forwarded_for = head.forwarded_for + b", " + peer if head.forwarded_for else peer
-    lines = [head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", head.host, b"\r\n", *head.headers,
-             b"X-Forwarded-For: ", forwarded_for, b"\r\nX-Forwarded-Proto: https\r\n", certificate_headers]
-    if xfcc is not None:
-        value = xfcc(head.incoming_xfcc or [])
-        if value:
-            lines += (b"X-Forwarded-Client-Cert: ", value, b"\r\n")
+    value = xfcc(head.incoming_xfcc or []) if xfcc is not None else b""
+    return render_head(head, our_headers(head.forwarded_for, peer=peer, certificate_headers=certificate_headers,
+                                         xfcc=value))
+
+
+def our_headers(forwarded_for: bytes, *, peer: bytes, certificate_headers: bytes, xfcc: bytes) -> bytes:
+    """The lines we add after the client's: X-Forwarded-For (the client's values, then `peer`),
+    X-Forwarded-Proto, the certificate headers and the XFCC value (b"": none). The same for every request
+    of a connection that brings no X-Forwarded-For or XFCC of its own: then made once (B2)."""
+    return b"".join((b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer,
+                     b"\r\nX-Forwarded-Proto: https\r\n", certificate_headers,
+                     b"X-Forwarded-Client-Cert: " + xfcc + b"\r\n" if xfcc else b""))
+
+
+def render_head(head: RequestHead, ours: bytes) -> bytes:
+    """`head` as the backend gets it, with `ours` (from `our_headers`) after the client's lines and then
+    exactly one framing header, ours."""
     if head.chunked:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
+        framing = b"Transfer-Encoding: chunked\r\n\r\n"
     elif head.content_length is not None:
-        lines.append(b"Content-Length: %d\r\n" % head.content_length)
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        framing = b"Content-Length: %d\r\n\r\n" % head.content_length
+    else:
+        framing = b"\r\n"
+    return b"".join((head.method, b" ", head.target, b" HTTP/1.1\r\nHost: ", head.host, b"\r\n", *head.headers,
+                     ours, framing))
 
 
 def may_resend(method: bytes, *, attempt: int, reused_connection: bool, response_started: bool,

@@ -37,7 +37,7 @@ from data_plane.workers.observability import REPORT_HANDSHAKES, WorkerCounters, 
 from data_plane.workers.tls import TlsConnection, TlsFailed
 
 _XFCC_SANITIZE = int(XFCC.SANITIZE)
-_STATUS_TEXT = {status: str(status) for status in range(100, 600)}  # counter labels, made once
+_UNSET = object()
 
 def _label(request: _Request) -> str:
     """The backend as messages name it: HOST:PORT, or `backendServices/ID endpoint HOST:PORT`."""
@@ -122,9 +122,11 @@ class ClientConnection(asyncio.Protocol):
         self._closing = False
         self.write_paused = False
         self.on_write_resumed: Callable[[], None] | None = None
-        self._cert_header_lines: bytes | None = None
-        self._cert_header_verdict: Any = None
-        self._cert_header_set: Any = None
+        # our forwarded lines, made once per (verdict, header set): see _upstream_head
+        self._ours_verdict: Any = _UNSET
+        self._ours_set: Any = None
+        self._ours: bytes | None = None
+        self._certificate_lines = b""
         self._paused_reading = False
         self.in_flight = False
 
@@ -476,36 +478,37 @@ class ClientConnection(asyncio.Protocol):
     def _start_exchange(self, request: _Request, listener: ListenerRuntime, conn: BackendConnection) -> None:
         assert conn.transport is not None and request.upstream is not None
         head = self._upstream_head(request, listener, self.verdict)
-
-        def done(result: ExchangeResult) -> None:
-            self._exchange = None
-            if isinstance(result, BackendFailed):
-                conn.close()
-                if self._may_resend(request, exchange, 0, True):
-                    # the idle keep-alive connection had been closed by the backend: once more, freshly
-                    self._handler = asyncio.get_running_loop().create_task(self._serve_one(request, fresh=True))
-                    return
-                self._settle_endpoint(request, None if self._closing else False)
-                if not self._closing:
-                    self._finish_request(self._backend_failed(request, 502, f"backend {_label(request)}: {result}"))
-                return
-            if isinstance(result, BaseException):  # timed out
-                conn.close()
-                self._settle_endpoint(request, False)
-                keep_alive = False if exchange.started else self._backend_failed(
-                    request, 504, f"backend {_label(request)} did not answer in time")
-                self._finish_request(keep_alive)
-                return
-            status, backend_reusable, client_keep_alive = result
-            if request.endpoint is not None:  # a BackendService's endpoint (the test saves a call per request)
-                self._settle_endpoint(request, status < 500)
-            self._backend_done(listener, request, conn, backend_reusable, status)
-            self._finish_request(client_keep_alive)
-
-        exchange = conn.begin(self, request, done)
-        self._exchange = exchange
+        exchange = self._exchange = conn.begin(self, request, self._exchange_done)
         conn.transport.write(head)
         exchange.request_sent()
+
+    def _exchange_done(self, result: ExchangeResult) -> None:
+        """How an exchange begun by _start_exchange ended (a bound method, not a closure made per request)."""
+        exchange, self._exchange = self._exchange, None
+        assert exchange is not None and self.listener is not None
+        request, conn = exchange.request, exchange.backend
+        if isinstance(result, BackendFailed):
+            conn.close()
+            if self._may_resend(request, exchange, 0, True):
+                # the idle keep-alive connection had been closed by the backend: once more, freshly
+                self._handler = asyncio.get_running_loop().create_task(self._serve_one(request, fresh=True))
+                return
+            self._settle_endpoint(request, None if self._closing else False)
+            if not self._closing:
+                self._finish_request(self._backend_failed(request, 502, f"backend {_label(request)}: {result}"))
+            return
+        if isinstance(result, BaseException):  # timed out
+            conn.close()
+            self._settle_endpoint(request, False)
+            keep_alive = False if exchange.started else self._backend_failed(
+                request, 504, f"backend {_label(request)} did not answer in time")
+            self._finish_request(keep_alive)
+            return
+        status, backend_reusable, client_keep_alive = result
+        if request.endpoint is not None:  # a BackendService's endpoint (the test saves a call per request)
+            self._settle_endpoint(request, status < 500)
+        self._backend_done(self.listener, request, conn, backend_reusable, status)
+        self._finish_request(client_keep_alive)
 
     def _backend_done(self, listener: ListenerRuntime, request: _Request, conn: BackendConnection, reusable: bool,
                       status: int) -> None:
@@ -514,7 +517,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             conn.exchange = None
             conn.close()
-        self.worker.counters.inc("mtlsgate_requests_total", listener.name, _STATUS_TEXT.get(status) or str(status))
+        self.worker.counters.request(listener.name, status)
 
     def _settle_endpoint(self, request: _Request, ok: bool | None) -> None:
         """The request's outcome at its BackendService endpoint (None: the client went away first): frees
@@ -593,22 +596,28 @@ class ClientConnection(asyncio.Protocol):
             self._resume_reading()
 
     def _upstream_head(self, request: _Request, listener: ListenerRuntime, verdict: Any) -> bytes:
-        certificate_headers = b""
-        if listener.mtls and verdict is not None:
-            header_set = request.upstream.header_set if request.upstream is not None else listener.header_set
-            if self._cert_header_lines is None or self._cert_header_verdict is not verdict \
-                    or self._cert_header_set is not header_set:
-                # rendered once per connection (again if revalidation replaced the verdict or a route has its own set)
-                self._cert_header_lines = b"".join(
-                    f"{name}: {value}\r\n".encode("latin-1") for name, value in header_set.render(verdict))
-                self._cert_header_verdict = verdict
-                self._cert_header_set = header_set
-            certificate_headers = self._cert_header_lines
-        xfcc = None
+        """The head for the backend. Our lines (X-Forwarded-*, certificate headers, XFCC) are made once per
+        connection, again only if revalidation replaced the verdict or a route has its own header set; a
+        request that brings X-Forwarded-For or XFCC of its own has them made for it (B2)."""
+        head = request.head
+        header_set = request.upstream.header_set if request.upstream is not None else listener.header_set
+        if self._ours_verdict is not verdict or self._ours_set is not header_set:
+            self._ours_verdict, self._ours_set, self._ours = verdict, header_set, None
+            self._certificate_lines = b"".join(
+                f"{name}: {value}\r\n".encode("latin-1") for name, value in header_set.render(verdict)
+            ) if listener.mtls and verdict is not None else b""
+        if head.forwarded_for or head.incoming_xfcc is not None:
+            return request_rules.render_head(head, self._our_headers(head, listener, verdict))
+        if self._ours is None:
+            self._ours = self._our_headers(head, listener, verdict)
+        return request_rules.render_head(head, self._ours)
+
+    def _our_headers(self, head: request_rules.RequestHead, listener: ListenerRuntime, verdict: Any) -> bytes:
+        xfcc = b""
         if listener.xfcc_mode != _XFCC_SANITIZE:
-            xfcc = functools.partial(self._xfcc_value, listener, verdict)
-        return request_rules.upstream_head(request.head, peer=self.peer_bytes,
-                                           certificate_headers=certificate_headers, xfcc=xfcc)
+            xfcc = self._xfcc_value(listener, verdict, head.incoming_xfcc or [])
+        return request_rules.our_headers(head.forwarded_for, peer=self.peer_bytes,
+                                         certificate_headers=self._certificate_lines, xfcc=xfcc)
 
     def _xfcc_value(self, listener: ListenerRuntime, verdict: Any, incoming: list[bytes]) -> bytes:
         if verdict is None:
@@ -728,7 +737,7 @@ class ClientConnection(asyncio.Protocol):
         connection = "" if keep_alive else "Connection: close\r\n"
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: text/plain\r\n"
                 f"Content-Length: {len(payload)}\r\n{connection}\r\n")
-        self.worker.counters.inc("mtlsgate_requests_total", self.listener.name, str(status))
+        self.worker.counters.request(self.listener.name, status)
         with contextlib.suppress(TlsFailed):
             self.send(head.encode() + payload)
 

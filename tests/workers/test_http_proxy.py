@@ -189,6 +189,18 @@ def test_xfcc_modes(ports: dict[str, int], demo_pki: DemoPki) -> None:
     assert "x-forwarded-client-cert" not in echoed_headers(body)  # SANITIZE (default)
 
 
+def test_forwarded_lines_of_one_request_never_reach_the_next(ports: dict[str, int], demo_pki: DemoPki) -> None:
+    """Our X-Forwarded-* and XFCC lines are made once per connection: a request that brings its own
+    X-Forwarded-For or XFCC gets them made for it, and neither leaks into the requests around it."""
+    spoof = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Client-Cert": "By=upstream;Hash=abc"}
+    with _connect(ports["append"], demo_pki) as sock:
+        seen = [echoed_headers(http_roundtrip(sock, f"/{i}", spoof if i == 1 else None)[2]) for i in range(3)]
+    assert [s["x-forwarded-for"] for s in seen] == ["127.0.0.1", "203.0.113.9, 127.0.0.1", "127.0.0.1"]
+    ours = seen[0]["x-forwarded-client-cert"]
+    assert ours.startswith("Hash=") and seen[2]["x-forwarded-client-cert"] == ours
+    assert seen[1]["x-forwarded-client-cert"] == "By=upstream;Hash=abc," + ours
+
+
 def test_backend_down_is_502_with_a_reason(ports: dict[str, int], demo_pki: DemoPki) -> None:
     status, _, body = https_get(ports["down"], client_context(demo_pki, "client"))
     assert status == 502 and b"cannot connect to backend" in body
