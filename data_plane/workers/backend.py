@@ -198,8 +198,6 @@ class Exchange:
 
     def received(self, data: bytes) -> None:
         self.got_bytes = True
-        if self.deadline:
-            self.deadline = time.monotonic() + self.idle_timeout
         if not self.started:
             self.raw += data
         try:
@@ -218,10 +216,12 @@ class Exchange:
             self._fail(self._head_too_large())  # and not one byte more is parsed of it
             return
         self._flush()
-        if self.complete:
-            self._finish(backend_reusable=self.reusable, client_keep_alive=self.client_keep_alive)
+        if self.complete:  # (status, backend reusable, client keep-alive): _finish's result, without its call
+            self._done((self.status, self.reusable, self.client_keep_alive))
         elif self.request.head.method == b"HEAD" and self.started and not self.finished:
             self._finish(backend_reusable=False, client_keep_alive=self.client_keep_alive)
+        elif self.deadline and not self.finished:
+            self.deadline = time.monotonic() + self.idle_timeout  # more to come: idle from now
 
     def backend_closed(self) -> None:
         if self.finished:

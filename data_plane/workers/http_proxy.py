@@ -413,7 +413,7 @@ class ClientConnection(asyncio.Protocol):
             self._send_error_and_close(request.refusal.status, request.refusal.reason)
             return
         self.in_flight = True
-        if not self._rejected_at_http():
+        if not listener.reject_at_http or not self._rejected_at_http():
             # A listener without routes pays one attribute test for routing (SPEC §15, B2).
             upstream = listener.upstream if listener.routes is None else self._route(request, listener)
             if upstream is None:
@@ -561,7 +561,8 @@ class ClientConnection(asyncio.Protocol):
         self.in_flight = False
         if self._pending:
             self._pending.popleft()
-        self._resume_reading()
+        if self._paused_reading:
+            self._resume_reading()
         if not keep_alive or self.worker.draining:
             self.close()
         elif self._pending:
@@ -729,7 +730,9 @@ class ClientConnection(asyncio.Protocol):
         if self._closing or self.tls is None or self.transport is None:
             raise TlsFailed("client connection closed")
         self.tls.write(data)
-        self._flush()
+        out = self.tls.outgoing()  # (_flush's work, without its call: once per response)
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
 
     def _respond_simple(self, status: int, body: str, keep_alive: bool) -> None:
         assert self.listener is not None
