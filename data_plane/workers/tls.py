@@ -287,17 +287,30 @@ class TlsConnection:
 
     def read(self) -> bytes:
         """All plaintext available. Sets `closed_by_peer` on close_notify."""
-        parts = []
         ssl_ptr = self._ssl._ssl
+        n = _lib.SSL_read(ssl_ptr, _BUFFER, _RECORD_SIZE)
+        if n > 0:
+            first = _ffi.unpack(_BUFFER, n)
+            # The usual read: one record, used up (a read short of the size asked for used it up: no
+            # SSL_pending call then), and no more records wait in the input BIO.
+            if (n < _RECORD_SIZE or not _lib.SSL_pending(ssl_ptr)) \
+                    and not _lib.BIO_get_mem_data(self._ssl._into_ssl, _NO_POINTER):
+                return first
+            return first + self._read_more(ssl_ptr)
+        return self._read_more(ssl_ptr, n)
+
+    def _read_more(self, ssl_ptr: Any, n: int | None = None) -> bytes:
+        """The rest of `read`: further records, or what an SSL_read that gave no plaintext (`n`) means."""
+        parts = []
         while True:
-            n = _lib.SSL_read(ssl_ptr, _BUFFER, _RECORD_SIZE)
+            if n is None:
+                n = _lib.SSL_read(ssl_ptr, _BUFFER, _RECORD_SIZE)
             if n > 0:
                 parts.append(_ffi.unpack(_BUFFER, n))
-                # More to read if the record was not used up (a read short of the size asked for used it
-                # up: no SSL_pending call then) or more records wait in the input BIO.
                 if (n < _RECORD_SIZE or not _lib.SSL_pending(ssl_ptr)) \
                         and not _lib.BIO_get_mem_data(self._ssl._into_ssl, _NO_POINTER):
                     break
+                n = None
                 continue
             error = _lib.SSL_get_error(ssl_ptr, n)
             if error == _lib.SSL_ERROR_WANT_READ:
@@ -340,13 +353,17 @@ class TlsConnection:
         """Bytes to send to the socket (records, alerts). A memory BIO gives all it holds up to the size
         asked for, so a read that fills less than the buffer has emptied it: one call in the usual case."""
         from_ssl = self._ssl._from_ssl
-        parts = []
+        n = _lib.BIO_read(from_ssl, _BUFFER, _BUFFER_SIZE)
+        if n <= 0:
+            return b""
+        first = _ffi.unpack(_BUFFER, n)
+        if n < _BUFFER_SIZE:
+            return first
+        parts = [first]
         while (n := _lib.BIO_read(from_ssl, _BUFFER, _BUFFER_SIZE)) > 0:
             parts.append(_ffi.unpack(_BUFFER, n))
             if n < _BUFFER_SIZE:
                 break
-        if len(parts) == 1:
-            return parts[0]
         return b"".join(parts)
 
     def shutdown(self) -> None:
