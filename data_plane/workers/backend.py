@@ -252,8 +252,8 @@ class Exchange:
             # Interim responses are not relayed, except the 100 Continue a client asked for (it holds
             # its body back until then); the final response follows on the same connection.
             self.interim = True
-            if self.status == 100 and self.request.expect_continue:
-                self.request.expect_continue = False
+            if self.status == 100 and self.request.head.expect_continue:
+                self.request.head.expect_continue = False
                 self.out.append(b"HTTP/1.1 100 Continue\r\n\r\n")
             return
         self._head(head)

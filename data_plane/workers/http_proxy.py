@@ -66,7 +66,6 @@ class _Request:
     head: request_rules.RequestHead
     body: asyncio.Queue[bytes | None] | None = None  # only for requests that have a body
     body_complete: bool = False
-    expect_continue: bool = False
     buffered: int = 0
     refusal: request_rules.Refusal | None = None  # answered by us, never forwarded; then the connection closes
     upstream: Upstream | None = None  # where it goes: the listener's default or its route's (set on dispatch)
@@ -364,7 +363,7 @@ class ClientConnection(asyncio.Protocol):
         if has_body and parser.should_upgrade():
             # llhttp would take the body for upgraded-protocol bytes and the next request from inside it
             raise ProtocolViolation(400, "a request with a body cannot ask for a protocol upgrade")
-        request = _Request(head, expect_continue=head.expect_continue)
+        request = _Request(head)
         if has_body:
             request.body = asyncio.Queue()
             self._set_phase(_BODY, self.bounds.body_idle_timeout)
