@@ -156,6 +156,9 @@ def wait_state(server: str, state: str, timeout: float = 30.0, name: str = "") -
     found: dict[str, Any] = {}
 
     def reached() -> bool:
+        # the latest status only: its JSON leaves out empty fields (a HALTED run's `reached`), so keys of
+        # an earlier poll must not survive into it
+        found.clear()
         found.update(rollout_status(server, name))
         return found.get("state") == state
 
