@@ -289,28 +289,24 @@ class TlsConnection:
         """All plaintext available. Sets `closed_by_peer` on close_notify."""
         ssl_ptr = self._ssl._ssl
         n = _lib.SSL_read(ssl_ptr, _BUFFER, _RECORD_SIZE)
-        if n > 0:
-            first = _ffi.unpack(_BUFFER, n)
-            # The usual read: one record, used up (a read short of the size asked for used it up: no
-            # SSL_pending call then), and no more records wait in the input BIO.
-            if (n < _RECORD_SIZE or not _lib.SSL_pending(ssl_ptr)) \
-                    and not _lib.BIO_get_mem_data(self._ssl._into_ssl, _NO_POINTER):
-                return first
-            return first + self._read_more(ssl_ptr)
-        return self._read_more(ssl_ptr, n)
+        # The usual read: one record, used up (short of the size asked for), and no more records wait in
+        # the input BIO. Anything else (more records, a full-size one, no plaintext) takes the loop.
+        if 0 < n < _RECORD_SIZE and not _lib.BIO_get_mem_data(self._ssl._into_ssl, _NO_POINTER):
+            return _ffi.unpack(_BUFFER, n)
+        return self._read_all(ssl_ptr, n)
 
-    def _read_more(self, ssl_ptr: Any, n: int | None = None) -> bytes:
-        """The rest of `read`: further records, or what an SSL_read that gave no plaintext (`n`) means."""
+    def _read_all(self, ssl_ptr: Any, n: int) -> bytes:
+        """The rest of `read`, from the result `n` of its SSL_read (whose plaintext is still in the buffer)."""
         parts = []
         while True:
-            if n is None:
-                n = _lib.SSL_read(ssl_ptr, _BUFFER, _RECORD_SIZE)
             if n > 0:
                 parts.append(_ffi.unpack(_BUFFER, n))
+                # More to read if the record was not used up (a read short of the size asked for used it
+                # up: no SSL_pending call then) or more records wait in the input BIO.
                 if (n < _RECORD_SIZE or not _lib.SSL_pending(ssl_ptr)) \
                         and not _lib.BIO_get_mem_data(self._ssl._into_ssl, _NO_POINTER):
                     break
-                n = None
+                n = _lib.SSL_read(ssl_ptr, _BUFFER, _RECORD_SIZE)
                 continue
             error = _lib.SSL_get_error(ssl_ptr, n)
             if error == _lib.SSL_ERROR_WANT_READ:
