@@ -128,7 +128,7 @@ def read_head(method: bytes, target: bytes, http_version: str, headers: Headers,
         chunked, content_length = framing
     if len(hosts) == 1 and target[:1] == b"/":
         host = hosts[0]  # the common case
-        if host.translate(None, _AUTHORITY_BYTES):
+        if host.lstrip(_AUTHORITY_BYTES):  # a byte outside the set is left over (cheaper than translate)
             return Refusal(400, "Host is not a valid authority")
     else:
         try:
@@ -178,7 +178,7 @@ def _host(target: bytes, hosts: list[bytes], http_version: str) -> bytes:
     if target[:1] != b"/" and target != b"*":
         # absolute-form: the target's authority wins over any Host (RFC 9112 §3.2.2)
         host = _authority(target)
-    if host.translate(None, _AUTHORITY_BYTES):
+    if host.lstrip(_AUTHORITY_BYTES):
         raise _Refused(400, "Host is not a valid authority")
     return host
 

@@ -29,7 +29,7 @@ class BackendConnection(asyncio.Protocol):
     def __init__(self, high_water: int) -> None:
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None  # while a request is in flight
-        self._exchange: Exchange | None = None  # made with the first request, begun again for each
+        self.responses = Exchange(self)  # this connection's response parser, begun again for each request
         self.closed = False
         self.failure = ""  # why the connection broke, when a layer below knows (TLS: the backend's alert)
         self._high_water = high_water
@@ -38,15 +38,6 @@ class BackendConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.transport.set_write_buffer_limits(high=self._high_water)
-
-    def begin(self, client: ClientConnection, request: _Request,
-              on_done: Callable[[ExchangeResult], None]) -> Exchange:
-        """The exchange for the next request on this connection."""
-        exchange = self._exchange
-        if exchange is None:
-            exchange = self._exchange = Exchange(self)
-        exchange.begin(client, request, on_done)
-        return exchange
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -152,7 +143,7 @@ class Exchange:
     callbacks). `on_done` is called once with (status, backend reusable, client keep-alive), or with
     BackendFailed when the backend closed or sent garbage before a response began, or TimeoutError.
 
-    A backend connection has one Exchange, begun again for each request it carries (`begin`): its parser
+    A backend connection has one Exchange (`responses`), begun again for each request it carries: its parser
     reads the connection's responses one after the other, as llhttp does on a kept-alive connection, and
     nothing is allocated per request (B2). A connection is only reused after a complete response that
     left the parser at a message boundary; every other outcome closes it."""
@@ -167,12 +158,14 @@ class Exchange:
         self.out: list[bytes] = []
         self.finished = True  # until begun
 
-    def begin(self, client: ClientConnection, request: _Request, on_done: Callable[[ExchangeResult], None]) -> None:
+    def begin(self, client: ClientConnection, request: _Request, on_done: Callable[[ExchangeResult], None],
+              sent: bool) -> None:
+        """The next request on this connection. `sent`: the request goes out whole right after this (a
+        bodiless one), so its response deadline starts now; else `request_sent()` starts it."""
         self.client = client
         self.request = request
         self.on_done = on_done
         self.finished = False
-        self.deadline = 0.0  # response idle deadline, armed once the request is out; the sweeper checks it
         self.status = 0
         # The response's bytes until its head is complete: the head is forwarded from them, not rebuilt
         # field by field (no on_header callbacks: B2), and its size is bounded like a request head's.
@@ -189,6 +182,8 @@ class Exchange:
         service = request.upstream.service if request.upstream is not None else None
         self.idle_timeout = (service.response_timeout if service is not None else None) \
             or client.bounds.response_idle_timeout
+        # the response idle deadline (the sweeper checks it), armed once the request is out
+        self.deadline = time.monotonic() + self.idle_timeout if sent else 0.0
         self.backend.exchange = self
 
     def request_sent(self) -> None:
@@ -216,8 +211,10 @@ class Exchange:
             self._fail(self._head_too_large())  # and not one byte more is parsed of it
             return
         self._flush()
-        if self.complete:  # (status, backend reusable, client keep-alive): _finish's result, without its call
-            self._done((self.status, self.reusable, self.client_keep_alive))
+        if self.complete:
+            if not self.finished:  # _finish's work, without its two calls: once per response (B2)
+                self.finished = True
+                self.on_done((self.status, self.reusable, self.client_keep_alive))
         elif self.request.head.method == b"HEAD" and self.started and not self.finished:
             self._finish(backend_reusable=False, client_keep_alive=self.client_keep_alive)
         elif self.deadline and not self.finished:

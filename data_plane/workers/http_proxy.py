@@ -477,9 +477,9 @@ class ClientConnection(asyncio.Protocol):
     def _start_exchange(self, request: _Request, listener: ListenerRuntime, conn: BackendConnection) -> None:
         assert conn.transport is not None and request.upstream is not None
         head = self._upstream_head(request, listener, self.verdict)
-        exchange = self._exchange = conn.begin(self, request, self._exchange_done)
+        exchange = self._exchange = conn.responses
+        exchange.begin(self, request, self._exchange_done, True)
         conn.transport.write(head)
-        exchange.request_sent()
 
     def _exchange_done(self, result: ExchangeResult) -> None:
         """How an exchange begun by _start_exchange ended (a bound method, not a closure made per request)."""
@@ -665,8 +665,8 @@ class ClientConnection(asyncio.Protocol):
             backend = _label(request)
             assert conn.transport is not None
             result: asyncio.Future[tuple[int, bool, bool]] = asyncio.get_running_loop().create_future()
-            exchange = conn.begin(self, request, functools.partial(settle, result))
-            self._exchange = exchange
+            exchange = self._exchange = conn.responses
+            exchange.begin(self, request, functools.partial(settle, result), False)
             conn.transport.write(head)
             try:
                 if request.body is not None:
