@@ -61,6 +61,8 @@ def forward_head(status: int, raw: bytes, *, request_method: bytes, request_http
     if status_line[:9] != b"HTTP/1.1 " or len(status_line) <= 13:  # HTTP/1.0, or no reason phrase
         status_line = _status_line(status, status_line[13:])
     has_length = lowered.find(_CONTENT_LENGTH_LINE) != -1  # (`in` would try an int first, and raise inside)
+    if has_length and keep_alive:  # the usual response: _framing's answer, without its call
+        return ResponseHead(status_line + block + b"\r\n", False, True)
     framing, chunked, keep_alive = _framing(status, has_length, request_method, request_http_version, keep_alive)
     return ResponseHead(status_line + block + framing, chunked, keep_alive)
 
