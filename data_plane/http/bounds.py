@@ -12,6 +12,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 ENVIRONMENT_VARIABLE = "MTLSGATE_PROXY_BOUNDS"
 
@@ -45,10 +46,11 @@ def _show(value: float | int) -> float | int | str:
     return "unlimited" if isinstance(value, float) and math.isinf(value) else value
 
 
-UNBOUNDED = Bounds(**{
+_LIFTED: dict[str, Any] = {  # (an int field lifted holds math.inf: a float that compares as unlimited)
     f.name: math.inf for f in dataclasses.fields(Bounds)
     if f.name.endswith("_timeout") or f.name.startswith("max_connections")
-})
+}
+UNBOUNDED = Bounds(**_LIFTED)
 
 
 class BoundsError(ValueError):
@@ -63,7 +65,7 @@ def from_environment(environ: Mapping[str, str]) -> Bounds:
     if text == "off":
         return UNBOUNDED
     fields = {f.name: f for f in dataclasses.fields(Bounds)}
-    overrides: dict[str, float | int] = {}
+    overrides: dict[str, Any] = {}  # each a float or an int, as its field is typed
     for item in text.split(","):
         name, sep, raw = item.partition("=")
         name = name.strip()

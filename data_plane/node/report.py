@@ -134,11 +134,11 @@ def build_report(node_id: str, sequence: int, now: float, interval: float, count
         for status_class, n in sorted(by_class.items()):
             listeners[name].requests.add(status_class=status_class, count=n)
     rows = list(clients)[-MAX_CLIENTS:]  # the tally keeps the oldest sighting first: newest kept
-    for listener, leaf, first, last, count, verified, accepted, error, allowlisted in rows:
+    for listener, leaf, first, last, count, was_verified, was_accepted, error, allowlisted in rows:
         leaf_info = details(leaf)
         seen = entry(listener).clients.add(
             fingerprint_sha256=leaf_info.fingerprint_sha256, subject=leaf_info.subject, issuer=leaf_info.issuer,
-            serial=leaf_info.serial, verified=verified, accepted=accepted, error=error[:MAX_STRING],
+            serial=leaf_info.serial, verified=was_verified, accepted=was_accepted, error=error[:MAX_STRING],
             count=count, allowlisted=allowlisted)
         if leaf_info.not_after:
             seen.not_after.CopyFrom(_ts(leaf_info.not_after))

@@ -8,7 +8,7 @@ import asyncio
 import collections
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -36,7 +36,7 @@ class BackendConnection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=self._high_water)
 
     def data_received(self, data: bytes) -> None:

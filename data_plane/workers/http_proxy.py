@@ -15,7 +15,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
@@ -35,6 +35,10 @@ from data_plane.workers.backend import (
 from data_plane.workers.listeners import XFCC, ListenerRuntime, Upstream
 from data_plane.workers.observability import REPORT_HANDSHAKES, WorkerCounters, log_event
 from data_plane.workers.tls import TlsConnection, TlsFailed
+
+if TYPE_CHECKING:
+    from data_plane.workers.client_tally import ClientTally
+    from data_plane.workers.shadow_tally import ShadowTally
 
 _XFCC_SANITIZE = int(XFCC.SANITIZE)
 _UNSET = object()
@@ -90,6 +94,8 @@ class WorkerContext(Protocol):
     bounds: Bounds
     worker_id: int
     draining: bool
+    clients: ClientTally
+    shadow: ShadowTally
 
 
 class ClientConnection(asyncio.Protocol):
@@ -132,7 +138,7 @@ class ClientConnection(asyncio.Protocol):
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = tcp = cast(asyncio.Transport, transport)
         self.listener = self._lookup()
         peer = transport.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
@@ -150,7 +156,7 @@ class ClientConnection(asyncio.Protocol):
             decision.evict.close()
         self.worker.admission.opened(self, self.peer[0])
         self.worker.connections.add(self)
-        self.transport.set_write_buffer_limits(high=self.bounds.high_water)
+        tcp.set_write_buffer_limits(high=self.bounds.high_water)
         self.tls = self.listener.tls.connection()
         self._set_phase(_HANDSHAKE, self.bounds.handshake_timeout)
 
@@ -422,6 +428,7 @@ class ClientConnection(asyncio.Protocol):
                 request.address = upstream.address
             else:
                 endpoint = upstream.service.pick(time.monotonic())
+                assert endpoint is not None  # a BackendService has at least one endpoint (validation)
                 request.endpoint = endpoint
                 request.address = endpoint.key
             if request.body is None:

@@ -196,7 +196,8 @@ class Worker:
         revalidates (the node's report says when revocations were enforced on live connections, B6)."""
         if not previous or not any(r.revalidate_on_update and r.mtls for r in runtimes.values()):
             return None
-        checked, closed, fingerprints = 0, 0, []
+        checked, closed = 0, 0
+        fingerprints: list[str] = []
         for conn in list(self.connections):
             old = conn.listener
             if old is None or conn.verdict is None or conn.tls is None or not conn.tls.handshake_done:
